@@ -1,0 +1,149 @@
+"""OpenAPI 3.1 document generated from the msgspec types that validate requests, and the
+offline Swagger UI page (its assets come from the `swagger-ui-bundle` package)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .. import __version__
+from .schemas import (
+    EmbeddingParameters,
+    ErrorBody,
+    HealthModels,
+    InferRequest,
+    InferResponse,
+    ModelInfo,
+    ModelList,
+    TextInput,
+)
+
+__all__ = ("DOCS_HTML", "document", "document_bytes", "swagger_assets_dir")
+
+_REF = "#/components/schemas/{name}"
+
+
+def swagger_assets_dir() -> str:
+    """The folder holding swagger-ui-bundle.js and swagger-ui.css."""
+    import swagger_ui_bundle
+
+    return str(Path(str(swagger_ui_bundle.swagger_ui_path)))
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": _REF.format(name="ErrorBody")}}},
+    }
+
+
+def _ok(name: str, description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": _REF.format(name=name)}}}}
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    """The OpenAPI document (built once)."""
+    types = [InferRequest, InferResponse, ErrorBody, ModelInfo, ModelList, HealthModels, TextInput, EmbeddingParameters]
+    _, components = msgspec.json.schema_components(types, ref_template=_REF)
+    req = components["InferRequest"]
+    req["properties"]["input_data"] = {
+        "description": "Task inputs; for txt2embed a TextInput.",
+        "oneOf": [{"$ref": _REF.format(name="TextInput")}],
+    }
+    req["properties"]["parameters"] = {
+        "description": "Task parameters; for txt2embed EmbeddingParameters.",
+        "oneOf": [{"$ref": _REF.format(name="EmbeddingParameters")}],
+        "default": {},
+    }
+    model_id = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    errors = {
+        "400": _error("Malformed JSON"),
+        "404": _error("Unknown model or version"),
+        "413": _error("Body over max_body_bytes"),
+        "422": _error("Invalid field; error.field names it"),
+        "429": _error("Model queue full (Retry-After)"),
+        "503": _error("Worker crashed, model failed to load, or unavailable (Retry-After)"),
+        "504": _error("Deadline passed"),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ModelMora",
+            "version": __version__,
+            "description": "Multi-model inference server for PyTorch / Hugging Face models.",
+        },
+        "paths": {
+            "/api/v1/infer/{model_id}": {
+                "post": {
+                    "summary": "Run inference on a model",
+                    "operationId": "infer",
+                    "parameters": [model_id],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": _REF.format(name="InferRequest")}}},
+                    },
+                    "responses": {"200": _ok("InferResponse"), **errors},
+                }
+            },
+            "/api/v1/models": {
+                "get": {
+                    "summary": "Installed models (the registry)",
+                    "operationId": "listModels",
+                    "parameters": [{"name": "task_type", "in": "query", "required": False, "schema": {"type": "string"}}],
+                    "responses": {"200": _ok("ModelList")},
+                }
+            },
+            "/api/v1/models/{model_id}": {
+                "get": {
+                    "summary": "One installed model",
+                    "operationId": "getModel",
+                    "parameters": [model_id],
+                    "responses": {"200": _ok("ModelInfo"), "404": _error("Unknown model")},
+                }
+            },
+            "/api/v1/status": {
+                "get": {"summary": "Runtime status: workers, states, queues", "responses": {"200": {"description": "OK"}}}
+            },
+            "/health/live": {"get": {"summary": "The process runs", "responses": {"200": {"description": "OK"}}}},
+            "/health/ready": {
+                "get": {
+                    "summary": "The server accepts requests (registry reachable)",
+                    "responses": {"200": {"description": "OK"}, "503": {"description": "Not ready"}},
+                }
+            },
+            "/health/models": {
+                "get": {
+                    "summary": "Per-model health",
+                    "responses": {"200": _ok("HealthModels"), "503": _ok("HealthModels", "Some model is unhealthy")},
+                }
+            },
+        },
+        "components": {"schemas": components},
+    }
+
+
+@functools.cache
+def document_bytes() -> bytes:
+    return msgspec.json.encode(document())
+
+
+DOCS_HTML = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>ModelMora API</title>
+  <link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/docs/assets/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true});
+  </script>
+</body>
+</html>
+"""

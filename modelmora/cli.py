@@ -1,0 +1,181 @@
+"""The `mm` command line: argument parsing, progress bars and tables; the work is elsewhere.
+
+`install`, `list`, `info` and `uninstall` work on the registry directly, whether or not a
+server runs; a model installed while a server runs is served at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+import cyclopts
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from . import __version__
+from .config import ConfigError, Settings, load_settings
+from .errors import ModelMoraError
+
+__all__ = ("app", "main")
+
+app = cyclopts.App(name="mm", help="ModelMora: a multi-model inference server.", version=__version__)
+console = Console()
+err_console = Console(stderr=True)
+
+Task = Literal["txt2embed", "img2embed", "img2txt", "txt2txt", "txt2img"]
+
+
+def _settings(config: Path | None, home: Path | None = None, **overrides: object) -> Settings:
+    return load_settings(config, home=str(home) if home else None, **overrides)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(1)
+
+
+@app.command
+def serve(
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    config: Path | None = None,
+    home: Path | None = None,
+) -> None:
+    """Run the server (REST on HTTP/1.1 and HTTP/2 cleartext).
+
+    Parameters
+    ----------
+    host
+        Address to listen on (default 127.0.0.1; binding others is explicit).
+    port
+        TCP port (default 8000; 0 picks a free one).
+    config
+        TOML configuration file.
+    home
+        Data directory (registry, model files); default $MODELMORA_HOME.
+    """
+    from .logs import configure_logging
+    from .server import run
+
+    settings = _settings(config, home, host=host, port=port)
+    configure_logging(settings.log_level, settings.log_format)
+    run(settings)
+
+
+@app.command
+def install(
+    source: str,
+    *,
+    id: Annotated[str | None, cyclopts.Parameter(name="--id")] = None,  # noqa: A002
+    task: Task | None = None,
+    version: str | None = None,
+    force: bool = False,
+    config: Path | None = None,
+    home: Path | None = None,
+) -> None:
+    """Register a model from a local directory or a Hugging Face repo.
+
+    Parameters
+    ----------
+    source
+        ./path, /abs/path, ~/path, file://path, or org/name[@revision] on Hugging Face.
+    id
+        Model id (default: the directory or repo name).
+    task
+        Task type; required when the files do not tell.
+    version
+        Semantic version of this install (default 1.0.0).
+    force
+        Reinstall an existing version.
+    """
+    from .registry import install as do_install
+    from .registry import open_store
+
+    settings = _settings(config, home)
+    store = open_store(settings.registry_url, settings.home_path)
+    with Progress(
+        TextColumn("[bold]copying"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err_console
+    ) as progress:
+        bar = progress.add_task("copy", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        rec = do_install(
+            store,
+            settings.home_path,
+            source,
+            model_id=id,
+            task=task,
+            version=version,
+            force=force,
+            progress=report,
+        )
+    v = rec.versions[-1]
+    console.print(
+        f"installed [bold]{rec.id}[/] {v.version} ({rec.task}, {len(v.files)} files, {v.size_bytes / 2**20:.1f} MiB)"
+        f" from {rec.source}",
+        highlight=False,
+    )
+
+
+@app.command(name="list")
+def list_(*, task: Task | None = None, config: Path | None = None, home: Path | None = None) -> None:
+    """List installed models."""
+    from .registry import open_store
+
+    settings = _settings(config, home)
+    recs = open_store(settings.registry_url, settings.home_path).list(task)
+    table = Table("id", "task", "active version", "versions", "size", "source")
+    for r in recs:
+        active = r.version_record()
+        size = f"{active.size_bytes / 2**20:.1f} MiB" if active else "-"
+        table.add_row(r.id, r.task, r.active_version, ", ".join(v.version for v in r.versions), size, r.source)
+    if not recs:
+        console.print("no models installed; add one with `mm install SOURCE`")
+    else:
+        console.print(table)
+
+
+@app.command
+def info(model_id: str, *, config: Path | None = None, home: Path | None = None) -> None:
+    """Show one installed model, its versions and files."""
+    from .registry import open_store
+
+    settings = _settings(config, home)
+    rec = open_store(settings.registry_url, settings.home_path).get(model_id)
+    if rec is None:
+        _fail(f"model {model_id!r} is not installed")
+        return
+    console.print(f"[bold]{rec.id}[/]  task={rec.task}  active={rec.active_version}  source={rec.source}")
+    for v in rec.versions:
+        when = datetime.fromtimestamp(v.created_at, UTC).isoformat(timespec="seconds")
+        table = Table("file", "sha256", title=f"version {v.version} ({when}) at {v.path} {v.revision}".strip())
+        for name, sha in sorted(v.files.items()):
+            table.add_row(name, sha)
+        console.print(table)
+
+
+@app.command
+def uninstall(model_id: str, *, config: Path | None = None, home: Path | None = None) -> None:
+    """Remove a model's registry entry and its copied files (never the original source)."""
+    from .registry import open_store
+    from .registry import uninstall as do_uninstall
+
+    settings = _settings(config, home)
+    rec = do_uninstall(open_store(settings.registry_url, settings.home_path), settings.home_path, model_id)
+    console.print(f"uninstalled {rec.id} ({', '.join(v.version for v in rec.versions)})")
+
+
+def main() -> None:
+    """Console entry point: expected errors become one clear line and exit status 1."""
+    try:
+        app()
+    except (ModelMoraError, ConfigError) as exc:
+        message = exc.message if isinstance(exc, ModelMoraError) else str(exc)
+        _fail(message)

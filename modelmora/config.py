@@ -1,0 +1,147 @@
+"""Settings: embedded defaults, a TOML file, then MODELMORA_* environment overrides.
+
+This is the only module that reads the environment for configuration. Resolution order
+(later wins): defaults < config file < environment. The file is `--config PATH`, else
+`MODELMORA_CONFIG`, else `$MODELMORA_HOME/config.toml` when it exists. Top-level keys are
+overridden by `MODELMORA_<KEY>`, nested ones by `MODELMORA_<SECTION>__<KEY>`. Unknown keys
+are an error naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+__all__ = ("ConfigError", "Settings", "TaskDefaults", "default_home", "load_settings")
+
+
+class ConfigError(Exception):
+    """The configuration file or environment holds an unknown key or a bad value."""
+
+
+class TaskDefaults(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Per-task-type request timeout defaults, in seconds."""
+
+    txt2embed: float = 30.0
+    img2embed: float = 30.0
+    img2txt: float = 120.0
+    txt2txt: float = 300.0
+    txt2img: float = 600.0
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Every server setting, with its unit in its name."""
+
+    home: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    registry_url: str = ""
+    """Empty: SQLite file `$MODELMORA_HOME/registry.sqlite3`."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_texts_per_request: int = 2048
+    max_text_chars: int = 100_000
+    queue_limit: int = 1024
+    max_batch_size: int = 32
+    max_wait_ms: float = 0.0
+    request_ring_mb: int = 16
+    response_ring_mb: int = 16
+    torch_threads: int = 0
+    """0: one thread per core (os.cpu_count())."""
+    worker_start_timeout_s: float = 300.0
+    worker_stop_grace_s: float = 5.0
+    shutdown_grace_s: float = 10.0
+    timeout_s: TaskDefaults = TaskDefaults()
+    pipelines: dict[str, str] = {}
+    """Task type -> "module:Class" overriding the built-in worker pipeline (custom pipelines)."""
+    log_level: str = "info"
+    log_format: str = "console"
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).expanduser() if self.home else default_home()
+
+    @property
+    def effective_torch_threads(self) -> int:
+        return self.torch_threads if self.torch_threads > 0 else (os.cpu_count() or 1)
+
+
+def default_home() -> Path:
+    """`$MODELMORA_HOME`, else `$XDG_DATA_HOME/modelmora`, else `~/.local/share/modelmora`."""
+    env = os.environ.get("MODELMORA_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "modelmora"
+
+
+_SECTIONS: dict[str, object] = {"timeout_s": TaskDefaults, "pipelines": dict}
+_SKIP_ENV = {"MODELMORA_CONFIG", "MODELMORA_TEST_PG_DSN", "MODELMORA_TEST_REDIS_URL", "MODELMORA_REQUIRE_SERVICES"}
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    fields = set(Settings.__struct_fields__)
+    for key, value in environ.items():
+        if not key.startswith("MODELMORA_") or key in _SKIP_ENV or key.startswith("MODELMORA_TEST_"):
+            continue
+        name = key.removeprefix("MODELMORA_").lower()
+        if "__" in name:
+            section, sub = name.split("__", 1)
+            if section not in _SECTIONS:
+                raise ConfigError(f"unknown configuration section in environment variable {key}")
+            out.setdefault(section, {})[sub] = value
+        elif name in fields:
+            out[name] = value
+        else:
+            raise ConfigError(f"unknown configuration key in environment variable {key}")
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the Settings; `overrides` (e.g. from CLI flags) win over everything.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, or a value of the wrong type.
+    """
+    env = dict(os.environ if environ is None else environ)
+    data: dict[str, Any] = {}
+    path: Path | None = None
+    if config_path is not None:
+        path = Path(config_path)
+    elif env.get("MODELMORA_CONFIG"):
+        path = Path(env["MODELMORA_CONFIG"])
+    else:
+        home = Path(env["MODELMORA_HOME"]).expanduser() if env.get("MODELMORA_HOME") else default_home()
+        candidate = home / "config.toml"
+        path = candidate if candidate.is_file() else None
+    if path is not None:
+        try:
+            data = tomllib.loads(path.expanduser().read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    data = _merge(data, _env_overrides(env))
+    data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc

@@ -1,0 +1,107 @@
+"""The ModelMoraError tree: one class per failure mode, each with its HTTP status and code.
+
+Errors are translated to responses in one place per protocol (`api.rest`); internal
+exception text never reaches a client.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "DeadlineExceeded",
+    "InvalidInput",
+    "MalformedRequest",
+    "ModelLoadFailed",
+    "ModelMoraError",
+    "ModelNotFound",
+    "ModelUnavailable",
+    "PayloadTooLarge",
+    "QueueFull",
+    "RegistryError",
+    "WorkerCrashed",
+)
+
+
+class ModelMoraError(Exception):
+    """Base of every expected error. `code` is the stable machine-readable name."""
+
+    http_status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.retry_after_s = retry_after_s
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, field={self.field!r})"
+
+
+class MalformedRequest(ModelMoraError):
+    """The body is not valid JSON (raised by the API decoders)."""
+
+    http_status = 400
+    code = "malformed_request"
+
+
+class ModelNotFound(ModelMoraError):
+    """No such model or version in the registry."""
+
+    http_status = 404
+    code = "model_not_found"
+
+
+class InvalidInput(ModelMoraError):
+    """Valid JSON but a field is wrong for the model's task; `field` names it."""
+
+    http_status = 422
+    code = "invalid_input"
+
+
+class PayloadTooLarge(ModelMoraError):
+    """The body (or an image) is over its configured limit."""
+
+    http_status = 413
+    code = "payload_too_large"
+
+
+class QueueFull(ModelMoraError):
+    """The model's queue is at its limit: refused at once, retry later."""
+
+    http_status = 429
+    code = "queue_full"
+
+
+class WorkerCrashed(ModelMoraError):
+    """The worker process died while holding the request."""
+
+    http_status = 503
+    code = "worker_crashed"
+
+
+class ModelLoadFailed(ModelMoraError):
+    """Starting the worker, loading the weights or the test inference failed."""
+
+    http_status = 503
+    code = "model_load_failed"
+
+
+class ModelUnavailable(ModelMoraError):
+    """The model cannot serve now (unloaded while queued, shutting down, no memory)."""
+
+    http_status = 503
+    code = "model_unavailable"
+
+
+class DeadlineExceeded(ModelMoraError):
+    """The request's deadline passed before its result was ready."""
+
+    http_status = 504
+    code = "deadline_exceeded"
+
+
+class RegistryError(ModelMoraError):
+    """An install/uninstall/registry operation was refused (duplicate id, bad source...)."""
+
+    http_status = 409
+    code = "registry_conflict"

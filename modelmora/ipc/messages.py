@@ -1,0 +1,131 @@
+"""Wire messages between the supervisor and a worker: one versioned tagged union.
+
+Both sides import this module. Control messages travel as msgpack frames on the worker's
+socket pair (see `control`); bulk bytes (texts, tensors, images) never do: a message only
+carries `Span` descriptors pointing into a shared-memory ring or a large segment.
+
+All messages are `array_like` (compact, positional). Schema evolution: new fields are appended with defaults; bump `PROTOCOL_VERSION` on any
+incompatible change. The worker announces its version in `Hello` and the supervisor
+refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = (
+    "PROTOCOL_VERSION",
+    "Error",
+    "Hello",
+    "Infer",
+    "Load",
+    "Loaded",
+    "Message",
+    "Result",
+    "Shutdown",
+    "Span",
+    "Tensor",
+    "Text",
+)
+
+PROTOCOL_VERSION = 1
+
+
+class Span(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """Where a payload lies: `seg` is "" for the sender's ring, else a large segment's name."""
+
+    seg: str
+    start: int
+    nbytes: int
+
+
+class Text(msgspec.Struct, tag="text", array_like=True, frozen=True, gc=False):
+    """A list of strings: their UTF-8 bytes back to back in `span`, split by `lengths`."""
+
+    span: Span
+    lengths: list[int]
+
+
+class Tensor(msgspec.Struct, tag="tensor", array_like=True, frozen=True, gc=False):
+    """A dense C-contiguous array: numpy dtype string (e.g. "<f4") and shape."""
+
+    span: Span
+    dtype: str
+    shape: tuple[int, ...]
+
+
+Input = Text | Tensor
+
+
+# -- supervisor -> worker -----------------------------------------------------------------
+
+
+class Load(msgspec.Struct, tag="load", array_like=True, frozen=True):
+    """First message to a worker: attach the segment and load the model."""
+
+    segment: str
+    request_ring_bytes: int
+    response_ring_bytes: int
+    model_id: str
+    version: str
+    path: str
+    task: str
+    pipeline: str
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int = 1
+    options: dict[str, Any] = {}
+
+
+class Infer(msgspec.Struct, tag="infer", array_like=True, frozen=True, gc=False):
+    """Run one batch. Inputs are in the request ring (or a large segment)."""
+
+    batch_id: int
+    inputs: dict[str, Input]
+    params: dict[str, Any] = {}
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", array_like=True, frozen=True):
+    """Finish the current batch and exit."""
+
+
+# -- worker -> supervisor -----------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
+    """First message from a worker."""
+
+    protocol: int
+    pid: int
+
+
+class Loaded(msgspec.Struct, tag="loaded", array_like=True, frozen=True):
+    """The model is loaded and its test inference passed."""
+
+    load_ms: float
+    warmup_ms: float
+    rss_bytes: int
+    device: str
+    info: dict[str, Any] = {}
+
+
+class Result(msgspec.Struct, tag="result", array_like=True, frozen=True, gc=False):
+    """Outputs of one batch, in the response ring."""
+
+    batch_id: int
+    outputs: dict[str, Input]
+    infer_ms: float
+
+
+class Error(msgspec.Struct, tag="error", array_like=True, frozen=True):
+    """A batch (or, with batch_id -1, the load) failed inside the worker."""
+
+    batch_id: int
+    code: str
+    message: str
+    field: str = ""
+
+
+Message = Load | Infer | Shutdown | Hello | Loaded | Result | Error

@@ -1,0 +1,405 @@
+"""WorkerHandle: one live worker process, seen from the supervisor.
+
+`WorkerHandle.open()` creates the shared segment (two rings), starts the process, does the
+Hello/Load/Loaded handshake under a deadline and, on exit, stops the process (Shutdown,
+then SIGKILL after a grace period) and unlinks every segment, however the worker ended.
+`read_loop()` must run in a task beside the user of `infer()`: it turns Result/Error
+messages into results and, when the channel closes, fails exactly the batches in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from ..errors import InvalidInput, ModelLoadFailed, ModelMoraError, WorkerCrashed
+from ..ipc import messages as m
+from ..ipc import segments
+from ..ipc.control import FrameDecoder, ProtocolError, encode_frame
+from ..ipc.ring import PayloadTooLarge, ShmRing
+
+__all__ = ("Outputs", "TensorData", "WorkerError", "WorkerHandle", "WorkerSpec")
+
+log = structlog.get_logger("modelmora.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What a worker should load."""
+
+    model_id: str
+    version: str
+    path: str
+    task: str
+    pipeline: str
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorData:
+    """An output array copied out of the response ring (the supervisor has no numpy)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    def rows(self) -> list[list[float]]:
+        """A 2-D float32 array as Python lists."""
+        if self.dtype != "<f4" or len(self.shape) != 2:
+            raise TypeError(f"expected a 2-D <f4 array, got {self.dtype} {self.shape}")
+        flat = memoryview(self.data).cast("f")
+        n, d = self.shape
+        return [flat[i * d : (i + 1) * d].tolist() for i in range(n)]
+
+    def row_bytes(self) -> list[bytes]:
+        n = self.shape[0] if self.shape else 0
+        size = len(self.data) // n if n else 0
+        return [self.data[i * size : (i + 1) * size] for i in range(n)]
+
+
+Outputs = dict[str, TensorData]
+
+
+class WorkerError(ModelMoraError):
+    """The worker reported that a batch failed (not a crash)."""
+
+    http_status = 500
+    code = "inference_failed"
+
+
+class _Slot:
+    __slots__ = ("error", "event", "large", "value")
+
+    def __init__(self, large: list[str]) -> None:
+        self.event = anyio.Event()
+        self.value: Outputs | None = None
+        self.error: BaseException | None = None
+        self.large = large
+
+
+class WorkerHandle:
+    """A running worker. Create with `WorkerHandle.open(...)`."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        process: anyio.abc.Process,
+        stream: anyio.abc.SocketStream,
+        shm: Any,
+        requests: ShmRing,
+        responses: ShmRing,
+        pool: segments.SegmentPool,
+    ) -> None:
+        self.spec = spec
+        self.process = process
+        self.pid = process.pid
+        self._stream = stream
+        self._shm = shm
+        self.requests = requests
+        self.responses = responses
+        self._pool = pool
+        self._decoder = FrameDecoder()
+        self._backlog: list[m.Message] = []
+        self._slots: dict[int, _Slot] = {}
+        self._next_batch = 0
+        self._progress = anyio.Event()
+        self._send_lock = anyio.Lock()
+        self.dead = False
+        self.crashed = False
+        self.loaded: m.Loaded | None = None
+        self.started_at = time.monotonic()
+        self.ready_at = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        spec: WorkerSpec,
+        *,
+        instance_id: str,
+        request_ring_bytes: int,
+        response_ring_bytes: int,
+        start_timeout_s: float,
+        stop_grace_s: float,
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> AsyncIterator[WorkerHandle]:
+        """Start a worker for `spec` and yield it once the model is ready.
+
+        Raises:
+            ModelLoadFailed: the process failed to start, load or warm up in time.
+        """
+        req_size = ShmRing.region_size(request_ring_bytes)
+        shm = segments.create(instance_id, "w", req_size + ShmRing.region_size(response_ring_bytes))
+        pool = segments.SegmentPool(instance_id, "big")
+        requests = ShmRing(shm.buf[:req_size], request_ring_bytes, init=True)
+        responses = ShmRing(shm.buf[req_size:], response_ring_bytes, init=True)
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        threads = str(max(1, spec.threads))
+        env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        process: anyio.abc.Process | None = None
+        stream: anyio.abc.SocketStream | None = None
+        handle: WorkerHandle | None = None
+        try:
+            cmd = [python, "-m", "modelmora_workers", "--fd", str(child_sock.fileno()), "--ppid", str(os.getpid())]
+            try:
+                process = await anyio.open_process(
+                    [*cmd, *extra_args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=None,
+                    stderr=None,
+                    pass_fds=(child_sock.fileno(),),
+                    env=env,
+                )
+            except OSError as exc:
+                raise ModelLoadFailed(f"model {spec.model_id!r}: cannot start a worker process") from exc
+            finally:
+                child_sock.close()
+            stream = await anyio.abc.UNIXSocketStream.from_socket(parent_sock)
+            handle = cls(spec, process, stream, shm, requests, responses, pool)
+            log.info("worker_starting", model=spec.model_id, version=spec.version, pid=process.pid)
+            try:
+                with anyio.fail_after(start_timeout_s):
+                    await handle._handshake(shm.name, request_ring_bytes, response_ring_bytes)
+            except TimeoutError as exc:
+                raise ModelLoadFailed(
+                    f"model {spec.model_id!r} did not become ready within {start_timeout_s:g} s"
+                ) from exc
+            yield handle
+        finally:
+            with anyio.CancelScope(shield=True):
+                if handle is not None:
+                    await handle._stop(stop_grace_s)
+                elif process is not None:
+                    process.kill()
+                    await process.wait()
+                if stream is not None:
+                    await stream.aclose()
+                else:
+                    parent_sock.close()
+                requests.close()
+                responses.close()
+                segments.unlink(shm)
+                pool.close()
+
+    async def _recv(self) -> m.Message | None:
+        while not self._backlog:
+            try:
+                data = await self._stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return None
+            self._backlog.extend(self._decoder.feed(data))
+        return self._backlog.pop(0)
+
+    async def _send(self, msg: m.Message) -> None:
+        async with self._send_lock:
+            await self._stream.send(encode_frame(msg))
+
+    async def _handshake(self, segment: str, req_bytes: int, resp_bytes: int) -> None:
+        spec = self.spec
+        hello = await self._recv()
+        if not isinstance(hello, m.Hello):
+            raise ModelLoadFailed(f"model {spec.model_id!r}: worker exited before saying hello")
+        if hello.protocol != m.PROTOCOL_VERSION:
+            raise ModelLoadFailed(
+                f"worker speaks protocol {hello.protocol}, supervisor {m.PROTOCOL_VERSION}: reinstall modelmora"
+            )
+        await self._send(
+            m.Load(
+                segment,
+                req_bytes,
+                resp_bytes,
+                spec.model_id,
+                spec.version,
+                spec.path,
+                spec.task,
+                spec.pipeline,
+                spec.device,
+                spec.dtype,
+                spec.threads,
+                spec.options,
+            )
+        )
+        reply = await self._recv()
+        if isinstance(reply, m.Error):
+            raise ModelLoadFailed(f"model {spec.model_id!r} failed to load: {reply.message}")
+        if not isinstance(reply, m.Loaded):
+            raise ModelLoadFailed(f"model {spec.model_id!r}: worker died while loading")
+        self.loaded = reply
+        self.ready_at = time.monotonic()
+        log.info(
+            "worker_ready",
+            model=spec.model_id,
+            pid=self.pid,
+            load_ms=round(reply.load_ms, 1),
+            warmup_ms=round(reply.warmup_ms, 1),
+            rss_mb=round(reply.rss_bytes / 2**20, 1),
+            device=reply.device,
+        )
+
+    async def _stop(self, grace_s: float) -> None:
+        """Ask the worker to exit, SIGKILL it after `grace_s`, reap it, fail what it held."""
+        if self.process.returncode is None:
+            try:
+                await self._send(m.Shutdown())
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+            with anyio.move_on_after(grace_s):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+        await self.process.wait()
+        self._mark_dead(crashed=False)
+        log.info("worker_stopped", model=self.spec.model_id, pid=self.pid, returncode=self.process.returncode)
+
+    def _mark_dead(self, *, crashed: bool) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        self.crashed = crashed
+        err = WorkerCrashed(
+            f"the worker of model {self.spec.model_id!r} exited while running this request", retry_after_s=1.0
+        )
+        for slot in self._slots.values():
+            if not slot.event.is_set():
+                slot.error = err
+                slot.event.set()
+        self._slots.clear()
+        self._progress.set()
+
+    async def read_loop(self) -> None:
+        """Deliver results until the worker's channel closes; then fail what is in flight."""
+        try:
+            while True:
+                msg = await self._recv()
+                if msg is None:
+                    break
+                self._dispatch(msg)
+                self._progress.set()
+                self._progress = anyio.Event()
+        except ProtocolError:
+            log.exception("worker_protocol_error", model=self.spec.model_id, pid=self.pid)
+            self.process.kill()
+        crashed = not self.dead
+        if crashed:
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(1.0):
+                    await self.process.wait()
+            log.warning(
+                "worker_crashed", model=self.spec.model_id, pid=self.pid, returncode=self.process.returncode
+            )
+        self._mark_dead(crashed=crashed)
+
+    def _dispatch(self, msg: m.Message) -> None:
+        match msg:
+            case m.Result(batch_id=bid, outputs=outputs):
+                data = {}
+                for name, item in outputs.items():
+                    if not isinstance(item, m.Tensor):
+                        raise ProtocolError("worker returned a non-tensor output")
+                    data[name] = TensorData(item.dtype, tuple(item.shape), self.responses.read(item.span))
+                    self.responses.release(item.span)
+                self._resolve(bid, data, None)
+            case m.Error(batch_id=bid, code=code, message=message, field=fld):
+                err: ModelMoraError
+                if code == "invalid_input":
+                    err = InvalidInput(message, field=fld or None)
+                else:
+                    err = WorkerError(f"model {self.spec.model_id!r}: {code}")
+                    log.error("worker_batch_failed", model=self.spec.model_id, code=code, detail=message)
+                self._resolve(bid, None, err)
+            case _:
+                raise ProtocolError(f"unexpected message from worker: {type(msg).__name__}")
+
+    def _resolve(self, batch_id: int, value: Outputs | None, error: BaseException | None) -> None:
+        slot = self._slots.pop(batch_id, None)
+        if slot is None:
+            return
+        for name in slot.large:
+            self._pool.release(name)
+        slot.value, slot.error = value, error
+        slot.event.set()
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def _place(self, chunks: list[bytes]) -> tuple[m.Span, str | None]:
+        total = sum(len(c) for c in chunks)
+        if total > self.requests.capacity:
+            name, view = self._pool.acquire(total)
+            pos = 0
+            for c in chunks:
+                view[pos : pos + len(c)] = c
+                pos += len(c)
+            view.release()
+            return m.Span(name, 0, total), name
+        while not self.requests.fits(total):
+            if self.dead:
+                raise WorkerCrashed(f"the worker of model {self.spec.model_id!r} is gone", retry_after_s=1.0)
+            await self._progress.wait()
+        try:
+            return self.requests.write_nowait(*chunks), None
+        except PayloadTooLarge as exc:  # pragma: no cover - checked above
+            raise AssertionError from exc
+
+    async def infer(self, texts: dict[str, list[str]], params: dict[str, Any]) -> Outputs:
+        """Run one batch of text inputs; returns the worker's output arrays.
+
+        Raises:
+            WorkerCrashed: the worker died (before or) while running the batch.
+            InvalidInput: the pipeline refused the inputs.
+            WorkerError: the pipeline failed.
+        """
+        if self.dead:
+            raise WorkerCrashed(f"the worker of model {self.spec.model_id!r} is gone", retry_after_s=1.0)
+        inputs: dict[str, m.Input] = {}
+        large: list[str] = []
+        for name, values in texts.items():
+            encoded = [t.encode("utf-8") for t in values]
+            span, big = await self._place(encoded)
+            if big:
+                large.append(big)
+            inputs[name] = m.Text(span, [len(b) for b in encoded])
+        self._next_batch += 1
+        bid = self._next_batch
+        slot = self._slots[bid] = _Slot(large)
+        try:
+            await self._send(m.Infer(bid, inputs, params))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._slots.pop(bid, None)
+            raise WorkerCrashed(f"the worker of model {self.spec.model_id!r} is gone", retry_after_s=1.0) from exc
+        await slot.event.wait()  # if cancelled, the slot stays until the worker answers; the result is dropped
+        if slot.error is not None:
+            raise slot.error
+        assert slot.value is not None
+        return slot.value
+
+    def statistics(self) -> dict[str, Any]:
+        loaded = self.loaded
+        return {
+            "pid": self.pid,
+            "in_flight_batches": len(self._slots),
+            "rss_mb": round(loaded.rss_bytes / 2**20, 1) if loaded else None,
+            "device": loaded.device if loaded else None,
+            "load_ms": round(loaded.load_ms, 1) if loaded else None,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "request_ring_used_bytes": self.requests.statistics().used_bytes,
+        }
+
+

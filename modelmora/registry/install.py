@@ -1,0 +1,230 @@
+"""Installing and uninstalling models: sources, task detection, file copies, checksums.
+
+A source is a local directory (`/...`, `./...`, `../...`, `~...`, `file://...`) or a
+Hugging Face repo `org/name[@revision]`. Files land in
+`$MODELMORA_HOME/models/<id>/<version>/` through a temporary directory and a rename, so a
+failed install leaves nothing half-written; the user's directory is never modified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidInput, ModelNotFound, RegistryError
+from .store import ModelRecord, ModelStore, VersionRecord
+
+__all__ = (
+    "MODEL_ID_RE",
+    "TASKS",
+    "InstallPlan",
+    "Progress",
+    "detect_task",
+    "install",
+    "parse_source",
+    "uninstall",
+)
+
+TASKS = ("txt2embed", "img2embed", "img2txt", "txt2txt", "txt2img")
+MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SEMVER_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes done, bytes total) while files are copied."""
+
+# Files a task's loader needs from a Hugging Face repo: configs, tokenizer, safetensors.
+_HF_ALLOW = ["*.json", "*.txt", "*.model", "*.safetensors", "*/*.json", "*/*.txt", "*/*.safetensors"]
+_HF_IGNORE = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite", "*.bin", "*.pt"]
+_HF_IGNORE_WITH_BIN = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite"]
+
+
+@dataclass(frozen=True, slots=True)
+class InstallPlan:
+    """A parsed source."""
+
+    kind: str  # "local" | "hf"
+    location: str  # resolved directory, or repo id
+    revision: str | None = None
+
+
+def parse_source(source: str) -> InstallPlan:
+    """Classify a source string.
+
+    Raises:
+        InvalidInput: neither a local path nor an `org/name` repo id (s3/http sources are
+            not supported yet).
+    """
+    if source.startswith(("/", "./", "../", "~", "file://")) or source in (".", ".."):
+        path = source.removeprefix("file://")
+        return InstallPlan("local", str(Path(path).expanduser().resolve()))
+    if source.startswith(("s3://", "http://", "https://")):
+        raise InvalidInput(f"source {source!r}: s3:// and http(s):// sources are not supported yet", field="source")
+    repo, _, revision = source.partition("@")
+    if not HF_REPO_RE.match(repo):
+        raise InvalidInput(
+            f"source {source!r} is neither a local path (start it with / ./ ../ ~ or file://)"
+            " nor a Hugging Face repo id 'org/name[@revision]'",
+            field="source",
+        )
+    return InstallPlan("hf", repo, revision or None)
+
+
+def detect_task(files: list[str]) -> str | None:
+    """Guess the task from a model's file names (only sentence-transformers is certain)."""
+    names = {f.rsplit("/", 1)[-1] for f in files}
+    if "modules.json" in names or "sentence_bert_config.json" in names:
+        return "txt2embed"
+    if "model_index.json" in names:
+        return "txt2img"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _list_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and ".git" not in p.relative_to(root).parts)
+
+
+def _copy_tree(src: Path, dst: Path, progress: Progress | None) -> None:
+    files = _list_files(src)
+    total = sum(p.stat().st_size for p in files)
+    done = 0
+    if progress:
+        progress(0, total)
+    for p in files:
+        target = dst / p.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with p.open("rb") as fin, target.open("wb") as fout:
+            while chunk := fin.read(4 << 20):
+                fout.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+
+
+def install(
+    store: ModelStore,
+    home: Path,
+    source: str,
+    *,
+    model_id: str | None = None,
+    task: str | None = None,
+    version: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    hf_progress: bool = True,
+) -> ModelRecord:
+    """Register a model from `source`, copying its files under `home/models`.
+
+    Raises:
+        InvalidInput: bad id, version, task or source; the task cannot be detected.
+        RegistryError: the id is taken by another source, or this version exists (no `force`).
+    """
+    plan = parse_source(source)
+    if plan.kind == "local":
+        src = Path(plan.location)
+        if not src.is_dir():
+            raise InvalidInput(f"source directory {src} does not exist or is not a directory", field="source")
+        default_id = src.name
+    else:
+        default_id = plan.location.rsplit("/", 1)[-1]
+    mid = model_id or default_id
+    if not MODEL_ID_RE.match(mid):
+        raise InvalidInput(f"model id {mid!r} must match {MODEL_ID_RE.pattern}", field="id")
+    ver = version or "1.0.0"
+    if not SEMVER_RE.match(ver):
+        raise InvalidInput(f"version {ver!r} is not a semantic version (e.g. 1.0.0)", field="version")
+    if task is not None and task not in TASKS:
+        raise InvalidInput(f"task {task!r} is not one of {', '.join(TASKS)}", field="task")
+    canonical = plan.location if plan.kind == "hf" else f"file://{plan.location}"
+
+    existing = store.get(mid)
+    if existing is not None:
+        if existing.source != canonical:
+            raise RegistryError(
+                f"model id {mid!r} is already used by {existing.source}; cannot also give it to {canonical}"
+                " (choose another id with --id)"
+            )
+        if existing.version_record(ver) is not None and not force:
+            raise RegistryError(f"model {mid!r} version {ver} is already installed (use --force to reinstall)")
+        if task is not None and task != existing.task:
+            raise RegistryError(f"model {mid!r} is registered with task {existing.task}, not {task}")
+
+    models_dir = home / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=models_dir))
+    try:
+        revision = ""
+        if plan.kind == "local":
+            _copy_tree(Path(plan.location), staging, progress)
+        else:
+            from .hf import download_snapshot, list_repo_files  # huggingface_hub is slow to import
+
+            remote = list_repo_files(plan.location, revision=plan.revision)
+            has_st = any(f.endswith(".safetensors") for f in remote)
+            revision = download_snapshot(
+                plan.location,
+                staging,
+                revision=plan.revision,
+                allow_patterns=_HF_ALLOW + ([] if has_st else ["*.bin", "*/*.bin"]),
+                ignore_patterns=_HF_IGNORE if has_st else _HF_IGNORE_WITH_BIN,
+                progress=hf_progress,
+            )
+        files = _list_files(staging)
+        if not files:
+            raise InvalidInput(f"source {source!r} holds no files", field="source")
+        rel = [p.relative_to(staging).as_posix() for p in files]
+        resolved_task = task or (existing.task if existing else None) or detect_task(rel)
+        if resolved_task is None:
+            raise InvalidInput(
+                f"cannot tell the task of {source!r} from its files; pass --task ({', '.join(TASKS)})", field="task"
+            )
+        checksums = {r: _sha256(p) for r, p in zip(rel, files, strict=True)}
+        size = sum(p.stat().st_size for p in files)
+        final = models_dir / mid / ver
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    record = VersionRecord(ver, str(final), revision, checksums, size, time.time())
+    try:
+        return store.add_version(mid, resolved_task, canonical, record, replace=force)
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+
+
+def uninstall(store: ModelStore, home: Path, model_id: str) -> ModelRecord:
+    """Remove a model's registry row and its copied files (never the original source).
+
+    Raises:
+        ModelNotFound: no such model.
+    """
+    rec = store.remove(model_id)
+    if rec is None:
+        raise ModelNotFound(f"model {model_id!r} is not installed")
+    models_dir = (home / "models").resolve()
+    for v in rec.versions:
+        p = Path(v.path).resolve()
+        if models_dir in p.parents:  # only our own copies
+            shutil.rmtree(p, ignore_errors=True)
+    mdir = models_dir / model_id
+    if mdir.is_dir() and not any(mdir.iterdir()):
+        mdir.rmdir()
+    return rec

