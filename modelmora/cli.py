@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import cyclopts
 from rich.console import Console
@@ -29,7 +29,7 @@ err_console = Console(stderr=True)
 Task = Literal["txt2embed", "img2embed", "img2txt", "txt2txt", "txt2img"]
 
 
-def _settings(config: Path | None, home: Path | None = None, **overrides: object) -> Settings:
+def _settings(config: Path | None, home: Path | None = None, **overrides: Any) -> Settings:
     return load_settings(config, home=str(home) if home else None, **overrides)
 
 
@@ -71,7 +71,7 @@ def serve(
 def install(
     source: str,
     *,
-    id: Annotated[str | None, cyclopts.Parameter(name="--id")] = None,  # noqa: A002
+    id: Annotated[str | None, cyclopts.Parameter(name="--id")] = None,
     task: Task | None = None,
     version: str | None = None,
     force: bool = False,
@@ -172,10 +172,10 @@ def uninstall(model_id: str, *, config: Path | None = None, home: Path | None = 
     console.print(f"uninstalled {rec.id} ({', '.join(v.version for v in rec.versions)})")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: expected errors become one clear line and exit status 1."""
     try:
-        app()
+        app(sys.argv[1:] if argv is None else argv)
     except (ModelMoraError, ConfigError) as exc:
         message = exc.message if isinstance(exc, ModelMoraError) else str(exc)
         _fail(message)

@@ -17,6 +17,7 @@ __all__ = (
     "PayloadTooLarge",
     "QueueFull",
     "RegistryError",
+    "SourceError",
     "WorkerCrashed",
 )
 
@@ -98,6 +99,13 @@ class DeadlineExceeded(ModelMoraError):
 
     http_status = 504
     code = "deadline_exceeded"
+
+
+class SourceError(ModelMoraError):
+    """A model source (e.g. the Hugging Face hub) could not be reached or refused access."""
+
+    http_status = 502
+    code = "source_error"
 
 
 class RegistryError(ModelMoraError):

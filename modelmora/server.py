@@ -112,4 +112,12 @@ async def _signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
 
 def run(settings: Settings, *, backend: str = "asyncio") -> None:
     """Blocking entry point used by `mm serve`."""
-    anyio.run(serve, settings, backend=backend)
+    options: dict[str, Any] = {}
+    if backend == "asyncio":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+            pass
+        else:
+            options["use_uvloop"] = True
+    anyio.run(serve, settings, backend=backend, backend_options=options)

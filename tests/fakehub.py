@@ -76,9 +76,7 @@ DEFAULT_LFS_PATTERNS: tuple[str, ...] = (
 
 # Paths are matched before percent-decoding, so that an encoded `/` (as in the
 # revision `refs%2Fpr%2F1`) stays inside its segment.
-_RESOLVE_RE = re.compile(
-    r"^/(?P<repo>(?:[^/]+/)?[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$"
-)
+_RESOLVE_RE = re.compile(r"^/(?P<repo>(?:[^/]+/)?[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 _API_RE = re.compile(
     r"^/api/models/(?P<repo>(?:[^/]+/)?[^/]+?)"
     r"(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+)(?:/(?P<path>.+))?)?$"
@@ -130,10 +128,7 @@ def _lfs_patterns_from_gitattributes(directory: Path) -> list[str] | None:
 def _matches_any(path: str, patterns: Sequence[str]) -> bool:
     """Roughly gitattributes matching: a pattern without `/` matches the basename."""
     basename = path.rsplit("/", 1)[-1]
-    return any(
-        fnmatch.fnmatchcase(path if "/" in pattern else basename, pattern)
-        for pattern in patterns
-    )
+    return any(fnmatch.fnmatchcase(path if "/" in pattern else basename, pattern) for pattern in patterns)
 
 
 @dataclass(frozen=True)
@@ -155,13 +150,8 @@ class _File:
         if not lfs:
             return cls(repo_id, path, source, size, _git_blob_sha1(source.read_bytes()))
         sha256 = _sha256_file(source)
-        pointer = (
-            "version https://git-lfs.github.com/spec/v1\n"
-            f"oid sha256:{sha256}\nsize {size}\n"
-        ).encode()
-        return cls(
-            repo_id, path, source, size, _git_blob_sha1(pointer), sha256, len(pointer)
-        )
+        pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n").encode()
+        return cls(repo_id, path, source, size, _git_blob_sha1(pointer), sha256, len(pointer))
 
 
 @dataclass(frozen=True)
@@ -355,9 +345,7 @@ class FakeHub:
         with self._lock:
             return {name for repo, name in self.downloads if repo == repo_id}
 
-    def fail(
-        self, path_pattern: str, status: int = 500, *, method: str | None = None
-    ) -> None:
+    def fail(self, path_pattern: str, status: int = 500, *, method: str | None = None) -> None:
         """From now on, answer matching requests with a bare `status` error.
 
         Args:
@@ -426,17 +414,11 @@ class FakeHub:
         with self._lock:
             repo = self._repos.get(repo_id)
         if repo is None:
-            raise _HttpError(
-                HTTPStatus.NOT_FOUND, "Repository not found", code="RepoNotFound"
-            )
+            raise _HttpError(HTTPStatus.NOT_FOUND, "Repository not found", code="RepoNotFound")
         if repo.token is not None and authorization != f"Bearer {repo.token}":
             if authorization is None:
-                raise _HttpError(
-                    HTTPStatus.UNAUTHORIZED, "Repository not found", code="RepoNotFound"
-                )
-            raise _HttpError(
-                HTTPStatus.UNAUTHORIZED, "Invalid credentials in Authorization header"
-            )
+                raise _HttpError(HTTPStatus.UNAUTHORIZED, "Repository not found", code="RepoNotFound")
+            raise _HttpError(HTTPStatus.UNAUTHORIZED, "Invalid credentials in Authorization header")
         return repo
 
     def _lfs_file(self, sha256: str) -> _File | None:
@@ -638,9 +620,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.dumps({"error": err.message}).encode()
         self._send_body(err.status, body, headers)
 
-    def _send_body(
-        self, status: HTTPStatus, body: bytes, headers: Mapping[str, str]
-    ) -> None:
+    def _send_body(self, status: HTTPStatus, body: bytes, headers: Mapping[str, str]) -> None:
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)

@@ -19,7 +19,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def mm(*args: str, home: Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def mm(
+    *args: str, home: Path, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run the `mm` CLI in a subprocess."""
     full = {**os.environ, **(env or {}), "MODELMORA_HOME": str(home), "COLUMNS": "200"}
     proc = subprocess.run(

@@ -8,7 +8,7 @@ __all__ = ("resolve_device", "torch_dtype")
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when a GPU is usable, else "cpu"; explicit names pass through."""
+    """ "auto" -> "cuda" when a GPU is usable, else "cpu"; explicit names pass through."""
     import torch
 
     if device in ("", "auto"):

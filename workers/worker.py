@@ -8,6 +8,7 @@ supervisor dies (PR_SET_PDEATHSIG on Linux).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import os
@@ -23,7 +24,7 @@ import numpy as np
 from modelmora.ipc import messages as m
 from modelmora.ipc.control import FrameDecoder, recv_message, send_message
 from modelmora.ipc.ring import PayloadTooLarge, RingFull, ShmRing
-from modelmora.ipc.segments import attach
+from modelmora.ipc.segments import AttachedSegments, attach
 
 from .pipelines.base import InputError, Pipeline
 
@@ -46,7 +47,8 @@ def die_with_parent(expected_ppid: int) -> None:
 
 def _log(event: str, **fields: Any) -> None:
     kv = " ".join(f"{k}={v}" for k, v in fields.items())
-    print(f"[worker {os.getpid()}] {event} {kv}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"[worker {os.getpid()}] {event} {kv}\n")
+    sys.stderr.flush()
 
 
 def load_pipeline(spec: str, load: m.Load) -> Pipeline:
@@ -81,7 +83,7 @@ class Worker:
         self.responses = ShmRing(
             buf[req_size : req_size + ShmRing.region_size(load.response_ring_bytes)], load.response_ring_bytes
         )
-        self.large: dict[str, Any] = {}
+        self.large = AttachedSegments()
 
     def run(self) -> int:
         self.send(m.Hello(m.PROTOCOL_VERSION, os.getpid()))
@@ -120,10 +122,7 @@ class Worker:
     def _view(self, span: m.Span) -> memoryview:
         if not span.seg:
             return self.requests.view(span)
-        shm = self.large.get(span.seg)
-        if shm is None:
-            shm = self.large[span.seg] = attach(span.seg)
-        return shm.buf[span.start : span.start + span.nbytes]
+        return self.large.get(span.seg)[span.start : span.start + span.nbytes]
 
     def _decode(self, item: m.Input) -> Any:
         if isinstance(item, m.Text):
@@ -184,8 +183,7 @@ class Worker:
         if self.shm is not None:
             self.requests.close()
             self.responses.close()
-            for shm in self.large.values():
-                shm.close()
+            self.large.close()
             self.shm.close()
 
 
@@ -204,8 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     except (BrokenPipeError, ConnectionResetError):
         return 0
     finally:
-        try:
+        with contextlib.suppress(BufferError):
             worker.close()
-        except BufferError:
-            pass
         sock.close()

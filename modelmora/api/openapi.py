@@ -93,7 +93,9 @@ def document() -> dict[str, Any]:
                 "get": {
                     "summary": "Installed models (the registry)",
                     "operationId": "listModels",
-                    "parameters": [{"name": "task_type", "in": "query", "required": False, "schema": {"type": "string"}}],
+                    "parameters": [
+                        {"name": "task_type", "in": "query", "required": False, "schema": {"type": "string"}}
+                    ],
                     "responses": {"200": _ok("ModelList")},
                 }
             },
@@ -106,7 +108,10 @@ def document() -> dict[str, Any]:
                 }
             },
             "/api/v1/status": {
-                "get": {"summary": "Runtime status: workers, states, queues", "responses": {"200": {"description": "OK"}}}
+                "get": {
+                    "summary": "Runtime status: workers, states, queues",
+                    "responses": {"200": {"description": "OK"}},
+                }
             },
             "/health/live": {"get": {"summary": "The process runs", "responses": {"200": {"description": "OK"}}}},
             "/health/ready": {

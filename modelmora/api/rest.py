@@ -132,7 +132,8 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
     started = time.time()
 
     async def infer(request: HTTPRequest) -> Response:
-        t0 = anyio.current_time()
+        t0 = time.perf_counter()
+        start = anyio.current_time()
         model_id = request.path_params["model_id"]
         body = await _read_body(request, settings.max_body_bytes)
         try:
@@ -164,9 +165,9 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
         timeout_s = env.timeout_seconds or settings.timeout_s.txt2embed
         key = ModelKey(rec.id, version)
         rt = scheduler.runtime(key, task=rec.task, path=vrec.path, settings=rec.settings)
-        req = Request(key, texts, {"normalize": params.normalize}, Priority.parse(env.priority), t0 + timeout_s)
+        req = Request(key, texts, {"normalize": params.normalize}, Priority.parse(env.priority), start + timeout_s)
         scheduler.submit(rt, req)
-        with anyio.move_on_after(timeout_s - (anyio.current_time() - t0)):
+        with anyio.CancelScope(deadline=req.deadline):
             await req.done.wait()
         if not req.done.is_set():
             req.cancel()
@@ -178,8 +179,8 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
         if params.encoding == "base64":
             rows = [base64.b64encode(b).decode("ascii") for b in emb.row_bytes()]
         else:
-            rows = emb.rows()
-        end = anyio.current_time()
+            rows = [*emb.rows()]
+        end = time.perf_counter()
         timing = Timing(
             round((req.dispatched_at - req.enqueued_at) * 1e3, 3),
             round((req.finished_at - req.dispatched_at) * 1e3, 3),

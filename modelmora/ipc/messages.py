@@ -4,9 +4,9 @@ Both sides import this module. Control messages travel as msgpack frames on the 
 socket pair (see `control`); bulk bytes (texts, tensors, images) never do: a message only
 carries `Span` descriptors pointing into a shared-memory ring or a large segment.
 
-All messages are `array_like` (compact, positional). Schema evolution: new fields are appended with defaults; bump `PROTOCOL_VERSION` on any
-incompatible change. The worker announces its version in `Hello` and the supervisor
-refuses a mismatch.
+All messages are `array_like` (compact, positional). Schema evolution: new fields are
+appended with defaults; bump `PROTOCOL_VERSION` on any incompatible change. The worker
+announces its version in `Hello` and the supervisor refuses a mismatch.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ __all__ = (
     "PoolStatistics",
     "SegmentPool",
     "attach",
+    "close",
     "create",
     "new_instance_id",
     "our_segments",
@@ -80,7 +81,7 @@ def attach(name: str) -> shared_memory.SharedMemory:
         try:
             return shared_memory.SharedMemory(name=name, create=False)
         finally:
-            resource_tracker.register = register  # type: ignore[assignment]
+            resource_tracker.register = register
 
 
 def _skip_shared_memory(register: Callable[[str, str], None]) -> Callable[[str, str], None]:
@@ -97,10 +98,33 @@ def unlink(shm: shared_memory.SharedMemory) -> None:
     When views of the segment are still alive its mapping stays until they are gone, but
     the name is removed at once.
     """
-    with contextlib.suppress(BufferError):
-        shm.close()
+    close(shm)
     with contextlib.suppress(FileNotFoundError):
         shm.unlink()
+
+
+def close(shm: shared_memory.SharedMemory) -> bool:
+    """Close a segment's mapping in this process; never raises.
+
+    `SharedMemory.close` raises BufferError while views of the buffer are exported (a
+    memoryview slice, a numpy array or torch tensor over it). Then the mapping is left to
+    those views (it is unmapped when the last one dies) and the segment object is detached
+    from it, so that neither a later `close` nor garbage collection raises.
+
+    Returns:
+        Whether the mapping was unmapped now.
+    """
+    try:
+        shm.close()
+    except BufferError:
+        shm._buf = None  # type: ignore[attr-defined]
+        shm._mmap = None  # type: ignore[attr-defined]
+        fd: int = shm._fd  # type: ignore[attr-defined]
+        if fd >= 0:
+            os.close(fd)
+            shm._fd = -1  # type: ignore[attr-defined]
+        return False
+    return True
 
 
 def our_segments(instance_id: str | None = None) -> list[str]:
@@ -132,6 +156,13 @@ def remove_stale() -> list[str]:
             (SHM_DIR / name).unlink()
             removed.append(name)
     return removed
+
+
+def _buffer(shm: shared_memory.SharedMemory) -> memoryview:
+    buf = shm.buf
+    if buf is None:
+        raise ValueError(f"segment {shm.name} is closed")
+    return buf
 
 
 def _release_views(views: list[memoryview]) -> None:
@@ -254,7 +285,7 @@ class SegmentPool:
     def _view(self, entry: _Pooled, nbytes: int) -> memoryview:
         if not 0 <= nbytes <= entry.size:
             raise ValueError(f"{nbytes} bytes do not fit a segment of {entry.size}")
-        view = entry.shm.buf[:nbytes]
+        view = _buffer(entry.shm)[:nbytes]
         entry.views.append(view)
         return view
 
@@ -308,7 +339,6 @@ class AttachedSegments:
 
     def __init__(self) -> None:
         self._attached: dict[str, shared_memory.SharedMemory] = {}
-        self._lingering: list[shared_memory.SharedMemory] = []
 
     def get(self, name: str) -> memoryview:
         """The buffer of segment `name`, attaching it on first use.
@@ -319,7 +349,7 @@ class AttachedSegments:
         shm = self._attached.get(name)
         if shm is None:
             shm = self._attached[name] = attach(name)
-        return shm.buf
+        return _buffer(shm)
 
     def __contains__(self, name: object) -> bool:
         return name in self._attached
@@ -331,25 +361,18 @@ class AttachedSegments:
         """Close the attachment of `name` if there is one (e.g. the owner unlinked it)."""
         shm = self._attached.pop(name, None)
         if shm is not None:
-            self._close(shm)
+            close(shm)
 
     def close(self) -> None:
         """Close every attachment (idempotent).
 
-        A segment whose buffer is still exported (a view or array derived from `get` is
-        alive) stays mapped; a later `close` retries it.
+        The buffers `get` returned are released. A segment still exported by a view or an
+        array derived from one stays mapped until that view or array dies.
         """
-        pending, self._lingering = self._lingering, []
-        pending += self._attached.values()
+        attached = list(self._attached.values())
         self._attached.clear()
-        for shm in pending:
-            self._close(shm)
-
-    def _close(self, shm: shared_memory.SharedMemory) -> None:
-        try:
-            shm.close()
-        except BufferError:
-            self._lingering.append(shm)
+        for shm in attached:
+            close(shm)
 
     def __enter__(self) -> AttachedSegments:
         return self

@@ -9,6 +9,7 @@ messages into results and, when the channel closes, fails exactly the batches in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.abc
@@ -63,7 +64,7 @@ class TensorData:
             raise TypeError(f"expected a 2-D <f4 array, got {self.dtype} {self.shape}")
         flat = memoryview(self.data).cast("f")
         n, d = self.shape
-        return [flat[i * d : (i + 1) * d].tolist() for i in range(n)]
+        return [cast("list[float]", flat[i * d : (i + 1) * d].tolist()) for i in range(n)]
 
     def row_bytes(self) -> list[bytes]:
         n = self.shape[0] if self.shape else 0
@@ -149,8 +150,10 @@ class WorkerHandle:
         req_size = ShmRing.region_size(request_ring_bytes)
         shm = segments.create(instance_id, "w", req_size + ShmRing.region_size(response_ring_bytes))
         pool = segments.SegmentPool(instance_id, "big")
-        requests = ShmRing(shm.buf[:req_size], request_ring_bytes, init=True)
-        responses = ShmRing(shm.buf[req_size:], response_ring_bytes, init=True)
+        buf = shm.buf
+        assert buf is not None
+        requests = ShmRing(buf[:req_size], request_ring_bytes, init=True)
+        responses = ShmRing(buf[req_size:], response_ring_bytes, init=True)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         threads = str(max(1, spec.threads))
         env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
@@ -257,10 +260,8 @@ class WorkerHandle:
     async def _stop(self, grace_s: float) -> None:
         """Ask the worker to exit, SIGKILL it after `grace_s`, reap it, fail what it held."""
         if self.process.returncode is None:
-            try:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 await self._send(m.Shutdown())
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
             with anyio.move_on_after(grace_s):
                 await self.process.wait()
             if self.process.returncode is None:
@@ -302,9 +303,7 @@ class WorkerHandle:
             with anyio.CancelScope(shield=True):
                 with anyio.move_on_after(1.0):
                     await self.process.wait()
-            log.warning(
-                "worker_crashed", model=self.spec.model_id, pid=self.pid, returncode=self.process.returncode
-            )
+            log.warning("worker_crashed", model=self.spec.model_id, pid=self.pid, returncode=self.process.returncode)
         self._mark_dead(crashed=crashed)
 
     def _dispatch(self, msg: m.Message) -> None:
@@ -401,5 +400,3 @@ class WorkerHandle:
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "request_ring_used_bytes": self.requests.statistics().used_bytes,
         }
-
-

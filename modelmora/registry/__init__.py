@@ -26,4 +26,3 @@ def open_store(registry_url: str, home: Path) -> ModelStore:
     if registry_url.startswith("sqlite:///"):
         return SQLiteStore(Path(registry_url.removeprefix("sqlite:///")))
     raise ValueError(f"unsupported registry_url {registry_url!r} (only sqlite:///PATH for now)")
-

@@ -146,8 +146,7 @@ def download_snapshot(
         if commit is None or not _COMMIT_RE.fullmatch(commit):
             raise HubError(
                 "network",
-                f"the Hub at {_endpoint(endpoint)} gave no commit sha for "
-                f"{_repo_at(repo_id, revision)}",
+                f"the Hub at {_endpoint(endpoint)} gave no commit sha for {_repo_at(repo_id, revision)}",
                 repo_id=repo_id,
                 revision=revision,
             )
@@ -267,9 +266,7 @@ def _remove_download_metadata(dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def _hub_errors(
-    repo_id: str, revision: str | None, endpoint: str | None
-) -> Iterator[None]:
+def _hub_errors(repo_id: str, revision: str | None, endpoint: str | None) -> Iterator[None]:
     """Re-raise `huggingface_hub` and HTTP client errors as `HubError`."""
     try:
         yield
@@ -282,9 +279,7 @@ def _hub_errors(
         raise error from exc
 
 
-def _translate(
-    exc: BaseException, repo_id: str, revision: str | None, endpoint: str | None
-) -> HubError | None:
+def _translate(exc: BaseException, repo_id: str, revision: str | None, endpoint: str | None) -> HubError | None:
     """Map an error from `huggingface_hub` to a `HubError`; None for other errors."""
     if isinstance(exc, LocalEntryNotFoundError):
         # Raised when a request failed and nothing usable was on disk: the request's
@@ -301,9 +296,7 @@ def _translate(
     return HubError(kind, message, repo_id=repo_id, revision=revision)
 
 
-def _classify(
-    exc: BaseException, repo_id: str, revision: str | None, hub: str
-) -> tuple[HubErrorKind, str] | None:
+def _classify(exc: BaseException, repo_id: str, revision: str | None, hub: str) -> tuple[HubErrorKind, str] | None:
     """The kind and message of the `HubError` for `exc`, or None if it is not one."""
     repo = _repo_at(repo_id, revision)
     # Order matters: the specific HTTP errors subclass HfHubHTTPError, which itself
@@ -313,14 +306,10 @@ def _classify(
         return "revision_not_found", f"{what} not found in {repo_id!r}"
     if isinstance(exc, GatedRepoError):
         return "unauthorized", (
-            f"{repo_id!r} is gated: accept its conditions on the Hub, "
-            "and use a token of an account that did"
+            f"{repo_id!r} is gated: accept its conditions on the Hub, and use a token of an account that did"
         )
     if isinstance(exc, RepositoryNotFoundError):
-        return "not_found", (
-            f"model repo {repo_id!r} not found on {hub} "
-            "(a private or gated repo needs a valid token)"
-        )
+        return "not_found", (f"model repo {repo_id!r} not found on {hub} (a private or gated repo needs a valid token)")
     if isinstance(exc, RemoteEntryNotFoundError):
         return "not_found", f"a file of {repo} is missing: {exc.response.url}"
     if isinstance(exc, DisabledRepoError):
@@ -328,16 +317,12 @@ def _classify(
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code
         if status in (401, 403):
-            return "unauthorized", (
-                f"the Hub refused access to {repo} (HTTP {status}): check the token"
-            )
+            return "unauthorized", (f"the Hub refused access to {repo} (HTTP {status}): check the token")
         return "network", f"the Hub at {hub} failed on {repo} (HTTP {status})"
     if isinstance(exc, OfflineModeIsEnabled):
         return "network", f"cannot fetch {repo}: offline mode is on (HF_HUB_OFFLINE)"
     if isinstance(exc, (httpx2.HTTPError, httpx2.InvalidURL)):
-        return "network", (
-            f"cannot reach the Hub at {hub}: {type(exc).__name__}: {_first_line(exc)}"
-        )
+        return "network", (f"cannot reach the Hub at {hub}: {type(exc).__name__}: {_first_line(exc)}")
     if isinstance(exc, FileMetadataError):
         return "network", f"{hub} does not answer like a Hub: {_first_line(exc)}"
     if isinstance(exc, LocalEntryNotFoundError):

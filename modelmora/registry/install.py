@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidInput, ModelNotFound, RegistryError
+from ..errors import InvalidInput, ModelNotFound, RegistryError, SourceError
 from .store import ModelRecord, ModelStore, VersionRecord
 
 __all__ = (
@@ -115,6 +115,26 @@ def _copy_tree(src: Path, dst: Path, progress: Progress | None) -> None:
                     progress(done, total)
 
 
+def _download_hf(plan: InstallPlan, dest: Path, progress: bool) -> str:
+    from .hf import HubError, download_snapshot, list_repo_files  # huggingface_hub is slow to import
+
+    try:
+        remote = list_repo_files(plan.location, revision=plan.revision)
+        has_st = any(f.endswith(".safetensors") for f in remote)
+        return download_snapshot(
+            plan.location,
+            dest,
+            revision=plan.revision,
+            allow_patterns=_HF_ALLOW + ([] if has_st else ["*.bin", "*/*.bin"]),
+            ignore_patterns=_HF_IGNORE if has_st else _HF_IGNORE_WITH_BIN,
+            progress=progress,
+        )
+    except HubError as exc:
+        if exc.kind in ("not_found", "revision_not_found"):
+            raise ModelNotFound(str(exc), field="source") from exc
+        raise SourceError(str(exc), field="source") from exc
+
+
 def install(
     store: ModelStore,
     home: Path,
@@ -171,18 +191,7 @@ def install(
         if plan.kind == "local":
             _copy_tree(Path(plan.location), staging, progress)
         else:
-            from .hf import download_snapshot, list_repo_files  # huggingface_hub is slow to import
-
-            remote = list_repo_files(plan.location, revision=plan.revision)
-            has_st = any(f.endswith(".safetensors") for f in remote)
-            revision = download_snapshot(
-                plan.location,
-                staging,
-                revision=plan.revision,
-                allow_patterns=_HF_ALLOW + ([] if has_st else ["*.bin", "*/*.bin"]),
-                ignore_patterns=_HF_IGNORE if has_st else _HF_IGNORE_WITH_BIN,
-                progress=hf_progress,
-            )
+            revision = _download_hf(plan, staging, hf_progress)
         files = _list_files(staging)
         if not files:
             raise InvalidInput(f"source {source!r} holds no files", field="source")

@@ -9,6 +9,7 @@ and the `mm` CLI) share the file safely: WAL mode and a busy timeout.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -56,7 +57,7 @@ class ModelStore:
     def get(self, model_id: str) -> ModelRecord | None:
         raise NotImplementedError
 
-    def list(self, task: str | None = None) -> list[ModelRecord]:
+    def list(self, task: str | None = None) -> builtins.list[ModelRecord]:
         raise NotImplementedError
 
     def add_version(
@@ -76,7 +77,7 @@ class ModelStore:
     async def aget(self, model_id: str) -> ModelRecord | None:
         return await anyio.to_thread.run_sync(self.get, model_id)
 
-    async def alist(self, task: str | None = None) -> list[ModelRecord]:
+    async def alist(self, task: str | None = None) -> builtins.list[ModelRecord]:
         return await anyio.to_thread.run_sync(self.list, task)
 
     async def aping(self) -> None:
@@ -117,7 +118,7 @@ class SQLiteStore(ModelStore):
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
 
-    def _records(self, rows: list[tuple[Any, ...]]) -> list[ModelRecord]:
+    def _records(self, rows: builtins.list[tuple[Any, ...]]) -> builtins.list[ModelRecord]:
         out = []
         for mid, task, source, active, settings, created in rows:
             vrows = self._db.execute(
@@ -135,7 +136,7 @@ class SQLiteStore(ModelStore):
             recs = self._records(rows)
         return recs[0] if recs else None
 
-    def list(self, task: str | None = None) -> list[ModelRecord]:
+    def list(self, task: str | None = None) -> builtins.list[ModelRecord]:
         with self._lock:
             if task is None:
                 rows = self._db.execute("SELECT * FROM models ORDER BY id").fetchall()

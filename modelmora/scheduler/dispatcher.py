@@ -186,7 +186,7 @@ class Scheduler:
                 await self._run_batch(rt, worker, batch)
 
     async def _run_batch(self, rt: ModelRuntime, worker: WorkerHandle, batch: list[Request]) -> None:
-        now = self.clock()
+        now = time.perf_counter()
         texts: list[str] = []
         for req in batch:
             req.dispatched_at = now
@@ -217,7 +217,7 @@ class Scheduler:
     @staticmethod
     def _deliver(batch: list[Request], outputs: dict[str, TensorData]) -> None:
         emb = outputs["embeddings"]
-        n, dim = emb.shape
+        dim = emb.shape[1]
         row = dim * 4
         pos = 0
         for req in batch:
@@ -246,5 +246,3 @@ class Scheduler:
                 entry["worker"] = rt.worker.statistics()
             out.append(entry)
         return out
-
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Callable
 
 import anyio
@@ -41,7 +42,7 @@ class ModelQueue:
                 f"the queue of model {req.key.model_id!r} is full ({self.limit} requests waiting)",
                 retry_after_s=1.0,
             )
-        req.enqueued_at = self._clock()
+        req.enqueued_at = time.perf_counter()
         heapq.heappush(self._heap, (int(req.priority), req.deadline, req.seq, req))
         self._nonempty.set()
 

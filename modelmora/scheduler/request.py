@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,7 @@ class Request:
     deadline: float
     """anyio clock time after which the request is dropped."""
     enqueued_at: float = 0.0
+    """Timing stamps (enqueued/dispatched/finished) are `time.perf_counter()` values."""
     dispatched_at: float = 0.0
     finished_at: float = 0.0
     seq: int = field(default_factory=lambda: next(_seq))
@@ -70,13 +72,13 @@ class Request:
     def set_result(self, value: Any) -> None:
         if not self.done.is_set():
             self.result = value
-            self.finished_at = anyio.current_time()
+            self.finished_at = time.perf_counter()
             self.done.set()
 
     def set_error(self, error: ModelMoraError) -> None:
         if not self.done.is_set():
             self.error = error
-            self.finished_at = anyio.current_time()
+            self.finished_at = time.perf_counter()
             self.done.set()
 
     def cancel(self) -> None:

@@ -71,7 +71,12 @@ async def test_concurrent_requests_each_get_their_own_result(echo_app: AppUnderT
         ({"input_data": {"text": []}}, 422, "invalid_input", "$.input_data.text"),
         ({"input_data": {"text": ["a", 3]}}, 422, "invalid_input", "$.input_data.text[1]"),
         ({"input_data": {"image": "x"}}, 422, "invalid_input", "$.input_data"),
-        ({"input_data": {"text": "a"}, "parameters": {"normalize": "yes"}}, 422, "invalid_input", "$.parameters.normalize"),
+        (
+            {"input_data": {"text": "a"}, "parameters": {"normalize": "yes"}},
+            422,
+            "invalid_input",
+            "$.parameters.normalize",
+        ),
         ({"input_data": {"text": "a"}, "priority": 9}, 422, "invalid_input", "$.priority"),
         ({"input_data": {"text": "a"}, "timeout_seconds": -1}, 422, "invalid_input", "$.timeout_seconds"),
         ({"text": "a"}, 422, "invalid_input", "$"),
@@ -145,7 +150,7 @@ async def test_load_failure_then_recovery(echo_app: AppUnderTest) -> None:
     rec = echo_app.store.get("echo")
     assert rec is not None
     flag = os.path.join(rec.versions[0].path, "FAIL_WARMUP")
-    open(flag, "w").close()
+    await anyio.Path(flag).touch()
     status, body = await infer(echo_app, {"input_data": {"text": "a"}})
     assert status == 503 and body["error"]["code"] == "model_load_failed"
     r = await echo_app.client.get("/health/models")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from modelmora.ipc import segments
+
 from serverproc import ServerProcess, mm
 
 MODEL = "all-MiniLM-L6-v2"

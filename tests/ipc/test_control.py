@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import struct
@@ -36,9 +37,9 @@ ints = st.integers(-(2**63), 2**64 - 1)
 scalars = st.none() | st.booleans() | ints | st.floats(allow_nan=False) | names
 params = st.dictionaries(names, scalars | st.lists(scalars, max_size=3), max_size=4)
 spans = st.builds(Span, names, st.integers(0, 2**62), st.integers(0, 2**40))
-inputs = st.builds(Tensor, spans, st.sampled_from(["<f4", "<f2", "|u1", "<i8"]), st.tuples(st.integers(0, 9))) | st.builds(
-    Text, spans, st.lists(st.integers(0, 1000), max_size=5)
-)
+inputs = st.builds(
+    Tensor, spans, st.sampled_from(["<f4", "<f2", "|u1", "<i8"]), st.tuples(st.integers(0, 9))
+) | st.builds(Text, spans, st.lists(st.integers(0, 1000), max_size=5))
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Infer, st.integers(0, 2**31), st.dictionaries(names, inputs, max_size=3), params),
     st.builds(Result, st.integers(-1, 2**31), st.dictionaries(names, inputs, max_size=3), st.floats(0, 1e6)),
@@ -59,7 +60,7 @@ def test_any_chunking_yields_the_same_messages(msgs: list[Message], data: st.Dat
     bounds = [0, *cuts, len(stream)]
     decoder = FrameDecoder()
     out: list[Message] = []
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         chunk = stream[a:b]
         out += decoder.feed(data.draw(st.sampled_from([bytes, bytearray, memoryview]))(chunk))
     assert out == msgs

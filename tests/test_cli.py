@@ -1,0 +1,152 @@
+"""The `mm` CLI on the registry: install, list, info, uninstall (in process and as a subprocess)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from modelmora.cli import main
+from modelmora.registry import SQLiteStore
+
+from fakehub import FakeHub
+from serverproc import mm
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setenv("COLUMNS", "250")
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    h = tmp_path / "home"
+    for key in [k for k in __import__("os").environ if k.startswith("MODELMORA_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MODELMORA_HOME", str(h))
+    return h
+
+
+@pytest.fixture
+def st_dir(tmp_path: Path) -> Path:
+    """A small sentence-transformers-shaped directory (the task is detectable)."""
+    d = tmp_path / "my-model"
+    (d / "1_Pooling").mkdir(parents=True)
+    (d / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type": "x"}]))
+    (d / "config.json").write_text("{}")
+    (d / "1_Pooling" / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    return d
+
+
+def test_install_list_info_uninstall(
+    home: Path, st_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, _ = run_cli(capsys, monkeypatch, "install", str(st_dir))
+    assert code == 0, out
+    assert "installed my-model 1.0.0 (txt2embed, 4 files" in out
+    copy = home / "models" / "my-model" / "1.0.0"
+    assert (copy / "1_Pooling" / "config.json").is_file()
+    assert (copy / "model.safetensors").read_bytes() == (st_dir / "model.safetensors").read_bytes()
+
+    code, out, _ = run_cli(capsys, monkeypatch, "list")
+    assert code == 0 and "my-model" in out and "txt2embed" in out and "1.0.0" in out
+
+    code, out, _ = run_cli(capsys, monkeypatch, "info", "my-model")
+    want = hashlib.sha256((st_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert code == 0 and want in out and "model.safetensors" in out
+
+    code, out, _ = run_cli(capsys, monkeypatch, "uninstall", "my-model")
+    assert code == 0 and "uninstalled my-model" in out
+    assert not (home / "models" / "my-model").exists()
+    assert (st_dir / "model.safetensors").is_file()  # the user's directory is never touched
+    code, out, _ = run_cli(capsys, monkeypatch, "list")
+    assert "no models installed" in out
+
+
+def test_versions_force_and_conflicts(
+    home: Path, st_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run_cli(capsys, monkeypatch, "install", str(st_dir), "--id", "m")[0] == 0
+    code, _, err = run_cli(capsys, monkeypatch, "install", str(st_dir), "--id", "m")
+    assert code == 1 and "already installed" in err and "--force" in err
+    assert run_cli(capsys, monkeypatch, "install", str(st_dir), "--id", "m", "--force")[0] == 0
+    assert run_cli(capsys, monkeypatch, "install", str(st_dir), "--id", "m", "--version", "1.1.0")[0] == 0
+    rec = SQLiteStore(home / "registry.sqlite3").get("m")
+    assert rec is not None and rec.active_version == "1.0.0"
+    assert [v.version for v in rec.versions] == ["1.0.0", "1.1.0"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "modules.json").write_text("[]")
+    code, _, err = run_cli(capsys, monkeypatch, "install", str(other), "--id", "m")
+    assert code == 1 and str(st_dir) in err and str(other) in err  # names both sources
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["install", "/definitely/not/here"], "does not exist"),
+        (["install", "s3://bucket/model"], "not supported"),
+        (["install", "just-a-word"], "neither a local path"),
+        (["install", "{src}", "--id", "bad id!"], "model id"),
+        (["install", "{src}", "--version", "one"], "semantic version"),
+        (["install", "{plain}"], "--task"),
+        (["info", "nope"], "not installed"),
+        (["uninstall", "nope"], "not installed"),
+    ],
+)
+def test_errors_are_one_clear_line(
+    home: Path,
+    st_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    needle: str,
+) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "weights.bin").write_bytes(b"x")
+    args = [a.format(src=st_dir, plain=plain) for a in args]
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 1
+    assert needle in err and "Traceback" not in err
+    assert not list((home / "models").glob(".staging-*")) if (home / "models").exists() else True
+
+
+def test_bad_configuration_is_reported(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELMORA_NO_SUCH_KEY", "1")
+    code, _, err = run_cli(capsys, monkeypatch, "list")
+    assert code == 1 and "MODELMORA_NO_SUCH_KEY" in err
+
+
+def test_install_from_hugging_face(tmp_path: Path, minilm_path: Path) -> None:
+    """`mm install org/name` in a subprocess, against a local hub endpoint (HF_ENDPOINT)."""
+    home = tmp_path / "home"
+    with FakeHub() as hub:
+        sha = hub.add_repo("sentence-transformers/all-MiniLM-L6-v2", minilm_path)
+        env = hub.subprocess_env(tmp_path / "hf")
+        env.pop("MODELMORA_HOME", None)
+        proc = mm("install", "sentence-transformers/all-MiniLM-L6-v2", home=home, env=env)
+        assert "installed all-MiniLM-L6-v2 1.0.0 (txt2embed" in proc.stdout
+        fetched = hub.downloaded("sentence-transformers/all-MiniLM-L6-v2")
+        assert "model.safetensors" in fetched and "README.md" not in fetched
+        rec = SQLiteStore(home / "registry.sqlite3").get("all-MiniLM-L6-v2")
+        assert rec is not None and rec.source == "sentence-transformers/all-MiniLM-L6-v2"
+        v = rec.versions[0]
+        assert v.revision == sha
+        for name, digest in v.files.items():
+            assert hashlib.sha256((minilm_path / name).read_bytes()).hexdigest() == digest
+        bad = mm("install", "sentence-transformers/nope", home=home, env=env, check=False)
+        assert bad.returncode == 1 and "sentence-transformers/nope" in bad.stderr and "Traceback" not in bad.stderr
