@@ -32,6 +32,12 @@ def mm(
     return proc
 
 
+def _mm_command() -> list[str]:
+    """The `mm` console script of this environment (what `uv run mm` runs), else `python -m modelmora`."""
+    script = Path(sys.executable).with_name("mm")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "modelmora"]
+
+
 class ServerProcess:
     """`mm serve` on a free port with its own MODELMORA_HOME."""
 
@@ -47,7 +53,7 @@ class ServerProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "modelmora", "serve", "--port", str(self.port)],
+                [*_mm_command(), "serve", "--port", str(self.port)],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
