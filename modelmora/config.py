@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
-__all__ = ("ConfigError", "Settings", "TaskDefaults", "default_home", "load_settings")
+__all__ = ("ConfigError", "ModelSettings", "Settings", "TaskDefaults", "default_home", "load_settings")
 
 
 class ConfigError(Exception):
@@ -33,6 +33,16 @@ class TaskDefaults(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     txt2img: float = 600.0
 
 
+class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
+    """Per-model overrides kept in the registry; None means "the server's default"."""
+
+    max_batch_size: Annotated[int, msgspec.Meta(ge=1, le=4096)] | None = None
+    max_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] | None = None
+    queue_limit: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    device: Literal["auto", "cpu", "cuda"] | Annotated[str, msgspec.Meta(pattern=r"^cuda:\d+$")] | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Every server setting, with its unit in its name."""
 
@@ -47,6 +57,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     queue_limit: int = 1024
     max_batch_size: int = 32
     max_wait_ms: float = 0.0
+    """An idle worker waits this long for a fuller batch (0: dispatch at once)."""
+    priority_aging_ms: float = 5000.0
+    """A waiting request moves up one priority class every this many ms (0: no ageing)."""
     request_ring_mb: int = 16
     response_ring_mb: int = 16
     torch_threads: int = 0

@@ -18,7 +18,7 @@ from modelmora_workers.pipelines.base import InputError
 
 
 class Echo:
-    """Embeds each text as [len(text), sum of code points, index in batch, 1.0]; options drive faults."""
+    """Embeds each text as [len(text), sum of code points, index in batch, batch size]; texts drive faults."""
 
     def __init__(self, path: str, *, device: str, dtype: str, options: dict[str, Any]) -> None:
         self.device = "cpu"
@@ -42,5 +42,5 @@ class Echo:
                 raise InputError("this text is refused", f"$.input_data.text[{i}]")
             if t.startswith("__sleep__"):
                 time.sleep(float(t.removeprefix("__sleep__")))
-            rows.append([float(len(t)), float(sum(map(ord, t))), float(i), 1.0])
+            rows.append([float(len(t)), float(sum(map(ord, t))), float(i), float(len(texts))])
         return {"embeddings": np.asarray(rows, dtype=np.float32).reshape(len(texts), 4)}

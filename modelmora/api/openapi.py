@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from .. import __version__
+from ..config import ModelSettings
 from .schemas import (
     EmbeddingParameters,
     ErrorBody,
@@ -47,7 +48,17 @@ def _ok(name: str, description: str = "OK") -> dict[str, Any]:
 @functools.cache
 def document() -> dict[str, Any]:
     """The OpenAPI document (built once)."""
-    types = [InferRequest, InferResponse, ErrorBody, ModelInfo, ModelList, HealthModels, TextInput, EmbeddingParameters]
+    types = [
+        InferRequest,
+        InferResponse,
+        ErrorBody,
+        ModelInfo,
+        ModelList,
+        HealthModels,
+        TextInput,
+        EmbeddingParameters,
+        ModelSettings,
+    ]
     _, components = msgspec.json.schema_components(types, ref_template=_REF)
     req = components["InferRequest"]
     req["properties"]["input_data"] = {
@@ -105,7 +116,22 @@ def document() -> dict[str, Any]:
                     "operationId": "getModel",
                     "parameters": [model_id],
                     "responses": {"200": _ok("ModelInfo"), "404": _error("Unknown model")},
-                }
+                },
+                "put": {
+                    "summary": "Replace a model's settings (left-out fields take the server defaults)",
+                    "operationId": "putModelSettings",
+                    "parameters": [model_id],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": _REF.format(name="ModelSettings")}}},
+                    },
+                    "responses": {
+                        "200": _ok("ModelInfo"),
+                        "400": _error("Malformed JSON"),
+                        "404": _error("Unknown model"),
+                        "422": _error("Invalid setting"),
+                    },
+                },
             },
             "/api/v1/status": {
                 "get": {

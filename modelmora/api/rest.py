@@ -23,7 +23,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..config import Settings
+from ..config import ModelSettings, Settings
 from ..errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -59,6 +59,7 @@ log = structlog.get_logger("modelmora.api")
 T = TypeVar("T")
 
 _envelope_decoder = msgspec.json.Decoder(InferRequest)
+_settings_decoder = msgspec.json.Decoder(ModelSettings)
 _encoder = msgspec.json.Encoder()
 _CATALOG_TTL_S = 1.0
 
@@ -91,6 +92,7 @@ def _model_info(rec: ModelRecord) -> ModelInfo:
         rec.source,
         rec.active_version,
         [ModelVersionInfo(v.version, v.revision, v.size_bytes, len(v.files), v.created_at) for v in rec.versions],
+        msgspec.convert(rec.settings, ModelSettings),
     )
 
 
@@ -99,19 +101,27 @@ class _Catalog:
 
     def __init__(self, store: ModelStore) -> None:
         self.store = store
-        self._cache: dict[str, tuple[float, ModelRecord]] = {}
+        self._cache: dict[str, tuple[float, ModelRecord, ModelSettings]] = {}
 
-    async def get(self, model_id: str) -> ModelRecord:
+    async def get(self, model_id: str) -> tuple[ModelRecord, ModelSettings]:
+        """The model's record and its parsed settings (the same settings object while unchanged)."""
         hit = self._cache.get(model_id)
         now = time.monotonic()
         if hit is not None and now - hit[0] < _CATALOG_TTL_S:
-            return hit[1]
+            return hit[1], hit[2]
         rec = await self.store.aget(model_id)
         if rec is None:
             self._cache.pop(model_id, None)
             raise ModelNotFound(f"model {model_id!r} is not installed")
-        self._cache[model_id] = (now, rec)
-        return rec
+        if hit is not None and hit[1].settings == rec.settings:
+            parsed = hit[2]
+        else:
+            parsed = msgspec.convert(rec.settings, ModelSettings)
+        self._cache[model_id] = (now, rec, parsed)
+        return rec, parsed
+
+    def forget(self, model_id: str) -> None:
+        self._cache.pop(model_id, None)
 
 
 async def _read_body(request: HTTPRequest, limit: int) -> bytes:
@@ -143,7 +153,7 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
             raise InvalidInput(message, field=field) from None
         except msgspec.DecodeError:
             raise MalformedRequest("request body is not valid JSON") from None
-        rec = await catalog.get(model_id)
+        rec, model_settings = await catalog.get(model_id)
         version = env.version or rec.active_version
         vrec = rec.version_record(version)
         if vrec is None:
@@ -164,13 +174,21 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
                 raise InvalidInput(f"text of {len(t)} characters exceeds {settings.max_text_chars}", field=where)
         timeout_s = env.timeout_seconds or settings.timeout_s.txt2embed
         key = ModelKey(rec.id, version)
-        rt = scheduler.runtime(key, task=rec.task, path=vrec.path, settings=rec.settings)
+        rt = scheduler.runtime(key, task=rec.task, path=vrec.path, settings=model_settings)
         req = Request(key, texts, {"normalize": params.normalize}, Priority.parse(env.priority), start + timeout_s)
         scheduler.submit(rt, req)
-        with anyio.CancelScope(deadline=req.deadline):
-            await req.done.wait()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_disconnect, request, tg.cancel_scope)
+                with anyio.CancelScope(deadline=req.deadline):
+                    await req.done.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            if not req.done.is_set():
+                scheduler.withdraw(rt, req)  # deadline, disconnect or shutdown: it leaves the queue now
         if not req.done.is_set():
-            req.cancel()
+            if _disconnected(request):
+                return Response(status_code=499)  # nobody is listening; for the access log only
             raise DeadlineExceeded(f"model {model_id!r} did not answer within {timeout_s:g} s")
         if req.error is not None:
             raise req.error
@@ -199,6 +217,23 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
         if rec is None:
             raise ModelNotFound(f"model {model_id!r} is not installed")
         return _json(_model_info(rec))
+
+    async def put_model(request: HTTPRequest) -> Response:
+        """Replace a model's settings (fields left out take the server's defaults)."""
+        model_id = request.path_params["model_id"]
+        body = await _read_body(request, settings.max_body_bytes)
+        try:
+            update = _settings_decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            message, field = _split_validation(exc, "$")
+            raise InvalidInput(message, field=field) from None
+        except msgspec.DecodeError:
+            raise MalformedRequest("request body is not valid JSON") from None
+        new = await store.aupdate_settings(model_id, msgspec.to_builtins(update))
+        if new is None:
+            raise ModelNotFound(f"model {model_id!r} is not installed")
+        catalog.forget(model_id)
+        return _json(_model_info(new))
 
     async def status(request: HTTPRequest) -> Response:
         proc = psutil.Process()
@@ -243,6 +278,7 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
         Route("/api/v1/infer/{model_id}", infer, methods=["POST"]),
         Route("/api/v1/models", list_models, methods=["GET"]),
         Route("/api/v1/models/{model_id}", get_model, methods=["GET"]),
+        Route("/api/v1/models/{model_id}", put_model, methods=["PUT"]),
         Route("/api/v1/status", status, methods=["GET"]),
         Route("/health/live", live, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
@@ -260,6 +296,20 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
             Exception: _handle_unexpected,
         },
     )
+
+
+async def _watch_disconnect(request: HTTPRequest, scope: anyio.CancelScope) -> None:
+    """Cancel `scope` when the client goes away (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            request.state.disconnected = True
+            scope.cancel()
+            return
+
+
+def _disconnected(request: HTTPRequest) -> bool:
+    return bool(getattr(request.state, "disconnected", False))
 
 
 def _error_response(exc: ModelMoraError) -> Response:

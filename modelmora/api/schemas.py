@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from ..config import ModelSettings
+
 __all__ = (
     "EmbeddingOutput",
     "EmbeddingParameters",
@@ -96,6 +98,7 @@ class ModelInfo(msgspec.Struct):
     source: str
     active_version: str
     versions: list[ModelVersionInfo]
+    settings: ModelSettings
 
 
 class ModelList(msgspec.Struct):

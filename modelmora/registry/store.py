@@ -68,6 +68,10 @@ class ModelStore:
     def remove(self, model_id: str) -> ModelRecord | None:
         raise NotImplementedError
 
+    def update_settings(self, model_id: str, settings: dict[str, Any]) -> ModelRecord | None:
+        """Replace a model's per-model settings; None when the model does not exist."""
+        raise NotImplementedError
+
     def ping(self) -> None:
         raise NotImplementedError
 
@@ -79,6 +83,9 @@ class ModelStore:
 
     async def alist(self, task: str | None = None) -> builtins.list[ModelRecord]:
         return await anyio.to_thread.run_sync(self.list, task)
+
+    async def aupdate_settings(self, model_id: str, settings: dict[str, Any]) -> ModelRecord | None:
+        return await anyio.to_thread.run_sync(self.update_settings, model_id, settings)
 
     async def aping(self) -> None:
         await anyio.to_thread.run_sync(self.ping)
@@ -189,6 +196,11 @@ class SQLiteStore(ModelStore):
         with self._lock:
             self._db.execute("DELETE FROM models WHERE id = ?", (model_id,))
         return rec
+
+    def update_settings(self, model_id: str, settings: dict[str, Any]) -> ModelRecord | None:
+        with self._lock:
+            cur = self._db.execute("UPDATE models SET settings = ? WHERE id = ?", (json.dumps(settings), model_id))
+        return self.get(model_id) if cur.rowcount else None
 
     def ping(self) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from ..config import Settings
+from ..config import ModelSettings, Settings
 from ..errors import ModelLoadFailed, ModelMoraError, ModelUnavailable, WorkerCrashed
 from ..lifecycle import ModelState, TensorData, WorkerHandle, WorkerSpec
 from .queues import ModelQueue
@@ -41,6 +41,7 @@ class ModelRuntime:
     key: ModelKey
     spec: WorkerSpec
     queue: ModelQueue
+    model_settings: ModelSettings
     state: ModelState = ModelState.CACHED
     worker: WorkerHandle | None = None
     last_used: float = 0.0
@@ -48,6 +49,8 @@ class ModelRuntime:
     loads: int = 0
     crashes: int = 0
     served: int = 0
+    batches: int = 0
+    cancelled: int = 0
     history: list[tuple[float, str]] = field(default_factory=list)
 
     def set_state(self, state: ModelState, reason: str = "") -> None:
@@ -97,9 +100,16 @@ class Scheduler:
                     rt.queue.fail_all(ModelUnavailable("the server is shutting down"))
                 tg.cancel_scope.cancel()
 
-    def runtime(self, key: ModelKey, *, task: str, path: str, settings: dict[str, Any]) -> ModelRuntime:
-        """The runtime of a model version, created (and its task started) on first use."""
+    def runtime(self, key: ModelKey, *, task: str, path: str, settings: ModelSettings) -> ModelRuntime:
+        """The runtime of a model version, created (and its task started) on first use.
+
+        `settings` are the model's registry overrides; batching and queue settings apply
+        from the next batch, device and dtype from the next worker start.
+        """
         rt = self.models.get(key)
+        if rt is not None and rt.model_settings is not settings:
+            rt.model_settings = settings
+            rt.queue.limit = settings.queue_limit or self.settings.queue_limit
         if rt is None:
             if self._tg is None or self._closing:
                 raise ModelUnavailable("the server is not accepting requests")
@@ -112,11 +122,14 @@ class Scheduler:
                 path,
                 task,
                 pipeline,
-                device=str(settings.get("device", "auto")),
-                dtype=str(settings.get("dtype", "auto")),
+                device=settings.device or "auto",
+                dtype=settings.dtype or "auto",
                 threads=self.settings.effective_torch_threads,
             )
-            rt = ModelRuntime(key, spec, ModelQueue(self.settings.queue_limit, self.clock))
+            queue = ModelQueue(
+                settings.queue_limit or self.settings.queue_limit, self.clock, self.settings.priority_aging_ms / 1000
+            )
+            rt = ModelRuntime(key, spec, queue, settings)
             self.models[key] = rt
             self._tg.start_soon(self._serve, rt, name=f"model {key}")
         return rt
@@ -131,6 +144,14 @@ class Scheduler:
             raise ModelUnavailable("the server is shutting down")
         rt.queue.put_nowait(req)
         rt.last_used = time.time()
+
+    @staticmethod
+    def withdraw(rt: ModelRuntime, req: Request) -> None:
+        """The caller gave up (deadline, disconnect): drop it from the queue, or drop its result."""
+        if not req.done.is_set():
+            req.cancel()
+            rt.queue.discard(req)
+            rt.cancelled += 1
 
     # -- per-model task -----------------------------------------------------------------
 
@@ -175,24 +196,28 @@ class Scheduler:
         scope.cancel()  # the worker is gone: stop dispatching to it
 
     async def _dispatch(self, rt: ModelRuntime, worker: WorkerHandle) -> None:
-        max_items = self.settings.max_batch_size
-        max_wait_s = self.settings.max_wait_ms / 1000
+        """Continuous batching: take what is waiting whenever the worker is free."""
         while not worker.dead:
             await rt.queue.wait_nonempty()
-            if max_wait_s > 0 and len(rt.queue) < max_items:
-                await anyio.sleep(max_wait_s)
+            max_items = rt.model_settings.max_batch_size or self.settings.max_batch_size
+            max_wait_ms = rt.model_settings.max_wait_ms
+            max_wait_s = (self.settings.max_wait_ms if max_wait_ms is None else max_wait_ms) / 1000
+            if max_wait_s > 0 and rt.queue.items < max_items:
+                with anyio.move_on_after(max_wait_s):
+                    await rt.queue.wait_fuller(max_items)
             batch = rt.queue.take_batch(max_items)
             if batch:
-                await self._run_batch(rt, worker, batch)
+                await self._run_batch(rt, worker, batch, max_items)
 
-    async def _run_batch(self, rt: ModelRuntime, worker: WorkerHandle, batch: list[Request]) -> None:
+    async def _run_batch(self, rt: ModelRuntime, worker: WorkerHandle, batch: list[Request], max_items: int) -> None:
         now = time.perf_counter()
         texts: list[str] = []
         for req in batch:
             req.dispatched_at = now
             texts.extend(req.texts)
         params = dict(batch[0].params)
-        params["batch_size"] = self.settings.max_batch_size
+        params["batch_size"] = max_items
+        rt.batches += 1
         try:
             outputs = await worker.infer({"text": texts}, params)
             self._deliver(batch, outputs)
@@ -238,9 +263,12 @@ class Scheduler:
                 "queue_depth": len(rt.queue),
                 "last_used": rt.last_used or None,
                 "last_error": rt.last_error,
+                "queued_items": rt.queue.items,
                 "loads": rt.loads,
                 "crashes": rt.crashes,
                 "served": rt.served,
+                "batches": rt.batches,
+                "cancelled": rt.cancelled,
             }
             if rt.worker is not None:
                 entry["worker"] = rt.worker.statistics()

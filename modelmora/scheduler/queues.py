@@ -1,17 +1,32 @@
-"""Per-model bounded queue: priority class, then earliest deadline, then arrival."""
+"""Per-model bounded queue: priority class, then earliest deadline, with ageing.
+
+Order: the lowest (aged) priority class first; within a class the earliest deadline, then
+arrival. Ageing: a waiting request moves up one class every `aging_s` (CRITICAL is the
+top), so LOW work is never starved forever.
+
+Data structures: one heap per current class, keyed by (deadline, seq), with lazy deletion
+(an entry is stale when its request moved to another class or left the queue); and one
+FIFO per original class, in arrival order, which finds the requests due for promotion:
+within one original class everyone ages at the same rate, so the requests that reached
+level k form a prefix of that FIFO. Each request is promoted at most three times, so
+put/take stay O(log n) amortised.
+"""
 
 from __future__ import annotations
 
 import heapq
 import time
+from collections import deque
 from collections.abc import Callable
 
 import anyio
 
 from ..errors import DeadlineExceeded, ModelMoraError, QueueFull
-from .request import Request
+from .request import Priority, Request
 
 __all__ = ("ModelQueue",)
+
+_CLASSES = tuple(int(p) for p in Priority)
 
 
 class ModelQueue:
@@ -19,17 +34,34 @@ class ModelQueue:
 
     Args:
         limit: most requests waiting; `put_nowait` refuses beyond it.
-        clock: the time source (anyio's clock by default; tests may inject one).
+        clock: the time source for deadlines and ageing (anyio's clock by default).
+        aging_s: seconds after which a waiting request moves up one class (0: never).
     """
 
-    def __init__(self, limit: int, clock: Callable[[], float] = anyio.current_time) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float] = anyio.current_time, aging_s: float = 0.0) -> None:
         self.limit = limit
-        self._heap: list[tuple[int, float, int, Request]] = []
+        self.aging_s = aging_s
         self._clock = clock
-        self._nonempty = anyio.Event()
+        self._heaps: dict[int, list[tuple[float, int, Request]]] = {c: [] for c in _CLASSES}
+        self._arrivals: dict[int, deque[Request]] = {c: deque() for c in _CLASSES[1:]}
+        self._base: dict[int, int] = dict.fromkeys(_CLASSES[1:], 0)
+        self._aged: dict[int, list[int]] = {c: [0] * (c - 1) for c in _CLASSES[1:]}
+        self._count = 0
+        self._items = 0
+        self._changed = anyio.Event()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        """Requests waiting (cancelled ones leave at once through `discard`)."""
+        return self._count
+
+    @property
+    def items(self) -> int:
+        """Items (texts, images) waiting."""
+        return self._items
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
     def put_nowait(self, req: Request) -> None:
         """Queue `req`.
@@ -37,24 +69,74 @@ class ModelQueue:
         Raises:
             QueueFull: `limit` requests are already waiting.
         """
-        if len(self._heap) >= self.limit:
+        if self._count >= self.limit:
             raise QueueFull(
                 f"the queue of model {req.key.model_id!r} is full ({self.limit} requests waiting)",
                 retry_after_s=1.0,
             )
         req.enqueued_at = time.perf_counter()
-        heapq.heappush(self._heap, (int(req.priority), req.deadline, req.seq, req))
-        self._nonempty.set()
+        req.queued_at = self._clock()
+        req.cls = int(req.priority)
+        heapq.heappush(self._heaps[req.cls], (req.deadline, req.seq, req))
+        if req.cls > 1:
+            self._arrivals[req.cls].append(req)
+        self._count += 1
+        self._items += req.size
+        self._notify()
+
+    def discard(self, req: Request) -> None:
+        """Forget a waiting request (its caller went away); its heap entry goes stale."""
+        if req.cls != 0:
+            self._leave(req)
+
+    def _leave(self, req: Request) -> None:
+        req.cls = 0
+        self._count -= 1
+        self._items -= req.size
 
     async def wait_nonempty(self) -> None:
-        while not self._heap:
-            self._nonempty = anyio.Event()
-            await self._nonempty.wait()
+        """Return once a request is waiting."""
+        while not self._count:
+            await self._changed.wait()
 
-    def _pop_live(self) -> Request | None:
+    async def wait_fuller(self, items: int) -> None:
+        """Return once `items` items, or a CRITICAL request, are waiting."""
+        while self._items < items and not self._heaps[1]:
+            await self._changed.wait()
+
+    def _age(self) -> None:
+        if self.aging_s <= 0:
+            return
         now = self._clock()
-        while self._heap:
-            req = heapq.heappop(self._heap)[3]
+        for c, fifo in self._arrivals.items():
+            base = self._base[c]
+            aged = self._aged[c]
+            for k in range(1, c):  # level k: moved up k classes
+                threshold = now - k * self.aging_s
+                i = max(aged[k - 1], base)
+                while i - base < len(fifo) and fifo[i - base].queued_at <= threshold:
+                    req = fifo[i - base]
+                    if req.cls > c - k:
+                        req.cls = c - k
+                        heapq.heappush(self._heaps[c - k], (req.deadline, req.seq, req))
+                    i += 1
+                aged[k - 1] = i
+            while fifo and (fifo[0].cls == 0 or base < aged[c - 2]):
+                fifo.popleft()  # left the queue, or reached the top class: nothing more to do
+                base += 1
+            self._base[c] = base
+
+    def _pop(self, cls: int) -> Request | None:
+        """Pop the best live request of class `cls`, failing the expired ones on the way."""
+        heap = self._heaps[cls]
+        now = self._clock()
+        while heap:
+            req = heap[0][2]
+            if req.cls != cls:
+                heapq.heappop(heap)  # stale: moved up, or left the queue
+                continue
+            heapq.heappop(heap)
+            self._leave(req)
             if req.cancelled or req.done.is_set():
                 continue
             if req.deadline <= now:
@@ -63,31 +145,47 @@ class ModelQueue:
             return req
         return None
 
+    def _pop_best(self) -> Request | None:
+        for cls in _CLASSES:
+            req = self._pop(cls)
+            if req is not None:
+                return req
+        return None
+
+    def _push_back(self, req: Request, cls: int) -> None:
+        req.cls = cls
+        self._count += 1
+        self._items += req.size
+        heapq.heappush(self._heaps[cls], (req.deadline, req.seq, req))
+
     def take_batch(self, max_items: int) -> list[Request]:
         """Take the best live request and compatible followers, up to `max_items` items.
 
         Requests share a batch only when their parameters are equal. A request larger than
         `max_items` goes alone (the worker splits it into passes).
         """
-        first = self._pop_live()
+        self._age()
+        first = self._pop_best()
         if first is None:
             return []
-        batch, items, skipped = [first], first.size, []
-        while self._heap and items < max_items:
-            req = self._pop_live()
-            if req is None:
-                break
-            if req.params != first.params or items + req.size > max_items:
-                skipped.append(req)
-                if len(skipped) > 64:
+        batch, items = [first], first.size
+        skipped: list[tuple[Request, int]] = []
+        for cls in _CLASSES:
+            while items < max_items and len(skipped) <= 64:
+                req = self._pop(cls)
+                if req is None:
                     break
-                continue
-            batch.append(req)
-            items += req.size
-        for req in skipped:
-            heapq.heappush(self._heap, (int(req.priority), req.deadline, req.seq, req))
+                if req.params != first.params or items + req.size > max_items:
+                    skipped.append((req, cls))
+                    continue
+                batch.append(req)
+                items += req.size
+        for req, cls in skipped:
+            self._push_back(req, cls)
         return batch
 
     def fail_all(self, error: ModelMoraError) -> None:
-        while self._heap:
-            heapq.heappop(self._heap)[3].set_error(error)
+        """Fail every waiting request (model unloaded, failed, or shutting down)."""
+        for cls in _CLASSES:
+            while (req := self._pop(cls)) is not None:
+                req.set_error(error)

@@ -60,6 +60,10 @@ class Request:
     dispatched_at: float = 0.0
     finished_at: float = 0.0
     seq: int = field(default_factory=lambda: next(_seq))
+    queued_at: float = 0.0
+    """Queue clock time of enqueueing (ageing counts from it)."""
+    cls: int = 0
+    """Current (aged) priority class while queued; 0 once it left the queue."""
     result: Any = None
     error: ModelMoraError | None = None
     cancelled: bool = False
@@ -80,6 +84,11 @@ class Request:
             self.error = error
             self.finished_at = time.perf_counter()
             self.done.set()
+
+    @property
+    def waiting(self) -> bool:
+        """Still in its queue and wanted."""
+        return self.cls != 0 and not self.cancelled and not self.done.is_set()
 
     def cancel(self) -> None:
         """The caller gave up (deadline or disconnect): skip it, drop its result."""

@@ -103,3 +103,64 @@ def test_priority_names() -> None:
     assert Priority.parse(2) is Priority.HIGH
     with pytest.raises(ValueError):
         Priority.parse(7)
+
+
+async def test_ageing_moves_waiting_requests_up_one_class_per_period() -> None:
+    clock = Clock()
+    q = ModelQueue(1000, clock, aging_s=10.0)
+    low = req(["low"], Priority.LOW)
+    q.put_nowait(low)
+    clock.now += 5
+    high = req(["high"], Priority.HIGH)
+    q.put_nowait(high)
+    assert q.take_batch(1) == [high]  # low has not aged yet
+    q.put_nowait(high2 := req(["h2"], Priority.HIGH))
+    clock.now += 6  # low waited 11 s: NORMAL now, still behind HIGH
+    assert q.take_batch(1) == [high2]
+    clock.now += 10  # low waited 21 s: HIGH now; equal deadlines go by arrival
+    q.put_nowait(high3 := req(["h3"], Priority.HIGH))
+    assert q.take_batch(1) == [low]
+    assert q.take_batch(1) == [high3]
+
+
+async def test_ageing_reaches_critical_and_starvation_is_bounded() -> None:
+    clock = Clock()
+    q = ModelQueue(10_000, clock, aging_s=1.0)
+    low = req(["low"], Priority.LOW)
+    q.put_nowait(low)
+    served = []
+    for _ in range(10):  # a steady stream of HIGH work
+        q.put_nowait(req(["h"], Priority.HIGH))
+        served.extend(q.take_batch(1))
+        clock.now += 0.5
+    assert low in served
+    # promoted three times at most: 3 s of waiting makes it CRITICAL, so it went within ~6 takes
+    assert served.index(low) <= 6
+
+
+async def test_discard_frees_a_slot_at_once() -> None:
+    q = ModelQueue(1, Clock())
+    r = req(["a"])
+    q.put_nowait(r)
+    r.cancel()
+    q.discard(r)
+    assert len(q) == 0 and q.items == 0
+    q.put_nowait(other := req(["b"]))
+    assert q.take_batch(5) == [other]
+
+
+async def test_wait_fuller_returns_on_items_or_critical() -> None:
+    import anyio
+
+    q = ModelQueue(100, Clock())
+    q.put_nowait(req(["a"]))
+    with anyio.move_on_after(0.05) as scope:
+        await q.wait_fuller(3)
+    assert scope.cancelled_caught
+    q.put_nowait(req(["b", "c"]))
+    with anyio.fail_after(1):
+        await q.wait_fuller(3)
+    q2 = ModelQueue(100, Clock())
+    q2.put_nowait(req(["x"], Priority.CRITICAL))
+    with anyio.fail_after(1):
+        await q2.wait_fuller(10)

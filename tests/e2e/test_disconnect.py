@@ -1,0 +1,60 @@
+"""A client that closes its connection while its request is queued: the request leaves the
+queue and never runs (real Hypercorn server, real worker with the Echo pipeline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from conftest import TESTS_DIR
+from serverproc import ServerProcess, mm
+
+
+def test_disconnect_cancels_the_queued_request(tmp_path: Path, echo_dir: Path) -> None:
+    home = tmp_path / "home"
+    mm("install", str(echo_dir), "--id", "echo", "--task", "txt2embed", home=home)
+    env = {
+        "MODELMORA_PIPELINES__TXT2EMBED": "worker_pipelines:Echo",
+        "MODELMORA_MAX_BATCH_SIZE": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    srv = ServerProcess(home, env).start()
+    try:
+        url = f"{srv.url}/api/v1/infer/echo"
+        assert httpx.post(url, json={"input_data": {"text": "warm"}}, timeout=60).status_code == 200
+        busy = threading.Thread(
+            target=httpx.post, args=(url,), kwargs={"json": {"input_data": {"text": "__sleep__1.0"}}, "timeout": 60}
+        )
+        busy.start()
+        time.sleep(0.2)
+        body = json.dumps({"input_data": {"text": "never runs"}}).encode()
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            sock.sendall(
+                b"POST /api/v1/infer/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            deadline = time.monotonic() + 10
+            while httpx.get(f"{srv.url}/api/v1/status").json()["models"][0]["queue_depth"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        # the connection is closed: the request leaves the queue before the worker is free
+        deadline = time.monotonic() + 10
+        while True:
+            model = httpx.get(f"{srv.url}/api/v1/status").json()["models"][0]
+            if model["cancelled"] == 1:
+                break
+            assert time.monotonic() < deadline, model
+            time.sleep(0.01)
+        assert model["queue_depth"] == 0
+        busy.join(30)
+        served = httpx.get(f"{srv.url}/api/v1/status").json()["models"][0]["served"]
+        assert served == 2  # "warm" and the sleeper: the disconnected request never ran
+    finally:
+        assert srv.stop() == 0
