@@ -71,7 +71,7 @@ class Scheduler:
         *,
         pipelines: dict[str, str] | None = None,
         worker_env: dict[str, str] | None = None,
-        clock: Callable[[], float] = anyio.current_time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.settings = settings
         self.instance_id = instance_id

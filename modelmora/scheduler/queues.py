@@ -29,26 +29,37 @@ __all__ = ("ModelQueue",)
 _CLASSES = tuple(int(p) for p in Priority)
 
 
+def _event_loop_clock() -> Callable[[], float]:
+    """anyio's clock; on asyncio the loop's own `time` (the same values, 7x cheaper to call)."""
+    import asyncio
+
+    try:
+        return asyncio.get_running_loop().time
+    except RuntimeError:
+        return anyio.current_time
+
+
 class ModelQueue:
     """Bounded priority queue of one model's requests.
 
     Args:
         limit: most requests waiting; `put_nowait` refuses beyond it.
-        clock: the time source for deadlines and ageing (anyio's clock by default).
+        clock: the time source for deadlines and ageing (the event loop's clock by default,
+            as `anyio.current_time` reads it).
         aging_s: seconds after which a waiting request moves up one class (0: never).
     """
 
-    def __init__(self, limit: int, clock: Callable[[], float] = anyio.current_time, aging_s: float = 0.0) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float] | None = None, aging_s: float = 0.0) -> None:
         self.limit = limit
         self.aging_s = aging_s
-        self._clock = clock
+        self._clock = clock or _event_loop_clock()
         self._heaps: dict[int, list[tuple[float, int, Request]]] = {c: [] for c in _CLASSES}
         self._arrivals: dict[int, deque[Request]] = {c: deque() for c in _CLASSES[1:]}
         self._base: dict[int, int] = dict.fromkeys(_CLASSES[1:], 0)
         self._aged: dict[int, list[int]] = {c: [0] * (c - 1) for c in _CLASSES[1:]}
         self._count = 0
         self._items = 0
-        self._changed = anyio.Event()
+        self._changed: anyio.Event | None = None  # created by waiters only: puts stay cheap
 
     def __len__(self) -> int:
         """Requests waiting (cancelled ones leave at once through `discard`)."""
@@ -60,8 +71,14 @@ class ModelQueue:
         return self._items
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def _wait_change(self) -> None:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
 
     def put_nowait(self, req: Request) -> None:
         """Queue `req`.
@@ -97,17 +114,14 @@ class ModelQueue:
     async def wait_nonempty(self) -> None:
         """Return once a request is waiting."""
         while not self._count:
-            await self._changed.wait()
+            await self._wait_change()
 
     async def wait_fuller(self, items: int) -> None:
         """Return once `items` items, or a CRITICAL request, are waiting."""
         while self._items < items and not self._heaps[1]:
-            await self._changed.wait()
+            await self._wait_change()
 
-    def _age(self) -> None:
-        if self.aging_s <= 0:
-            return
-        now = self._clock()
+    def _age(self, now: float) -> None:
         for c, fifo in self._arrivals.items():
             base = self._base[c]
             aged = self._aged[c]
@@ -126,10 +140,9 @@ class ModelQueue:
                 base += 1
             self._base[c] = base
 
-    def _pop(self, cls: int) -> Request | None:
+    def _pop(self, cls: int, now: float) -> Request | None:
         """Pop the best live request of class `cls`, failing the expired ones on the way."""
         heap = self._heaps[cls]
-        now = self._clock()
         while heap:
             req = heap[0][2]
             if req.cls != cls:
@@ -145,11 +158,12 @@ class ModelQueue:
             return req
         return None
 
-    def _pop_best(self) -> Request | None:
+    def _pop_best(self, now: float) -> Request | None:
         for cls in _CLASSES:
-            req = self._pop(cls)
-            if req is not None:
-                return req
+            if self._heaps[cls]:
+                req = self._pop(cls, now)
+                if req is not None:
+                    return req
         return None
 
     def _push_back(self, req: Request, cls: int) -> None:
@@ -164,15 +178,17 @@ class ModelQueue:
         Requests share a batch only when their parameters are equal. A request larger than
         `max_items` goes alone (the worker splits it into passes).
         """
-        self._age()
-        first = self._pop_best()
+        now = self._clock()
+        if self.aging_s > 0:
+            self._age(now)
+        first = self._pop_best(now)
         if first is None:
             return []
         batch, items = [first], first.size
         skipped: list[tuple[Request, int]] = []
         for cls in _CLASSES:
-            while items < max_items and len(skipped) <= 64:
-                req = self._pop(cls)
+            while items < max_items and len(skipped) <= 64 and self._heaps[cls]:
+                req = self._pop(cls, now)
                 if req is None:
                     break
                 if req.params != first.params or items + req.size > max_items:
@@ -186,6 +202,7 @@ class ModelQueue:
 
     def fail_all(self, error: ModelMoraError) -> None:
         """Fail every waiting request (model unloaded, failed, or shutting down)."""
+        now = self._clock()
         for cls in _CLASSES:
-            while (req := self._pop(cls)) is not None:
+            while (req := self._pop(cls, now)) is not None:
                 req.set_error(error)
