@@ -124,6 +124,72 @@ def install(
     )
 
 
+@app.command(name="set")
+def set_(
+    model_id: str,
+    *,
+    pinned: bool | None = None,
+    preload: bool | None = None,
+    keep_alive: str | None = None,
+    device: str | None = None,
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None,
+    max_batch_size: int | None = None,
+    max_wait_ms: float | None = None,
+    queue_limit: int | None = None,
+    reset: bool = False,
+    config: Path | None = None,
+    home: Path | None = None,
+) -> None:
+    """Change a model's settings (a running server applies them within a second).
+
+    Parameters
+    ----------
+    model_id
+        The model.
+    pinned
+        Never evict it to make room for other models.
+    preload
+        Load it when the server starts.
+    keep_alive
+        Idle time before its worker stops: 10m, 30s, 0 (right after use), -1 (never).
+    device
+        auto, cpu, cuda or cuda:N.
+    reset
+        Drop every setting first (back to the server's defaults).
+    """
+    import msgspec
+
+    from .config import ModelSettings
+    from .errors import InvalidInput, ModelNotFound
+    from .registry import open_store
+
+    settings = _settings(config, home)
+    store = open_store(settings.registry_url, settings.home_path)
+    rec = store.get(model_id)
+    if rec is None:
+        raise ModelNotFound(f"model {model_id!r} is not installed")
+    given = {
+        "pinned": pinned,
+        "preload": preload,
+        "keep_alive": keep_alive,
+        "device": device,
+        "dtype": dtype,
+        "max_batch_size": max_batch_size,
+        "max_wait_ms": max_wait_ms,
+        "queue_limit": queue_limit,
+    }
+    merged = {} if reset else dict(rec.settings)
+    merged.update({k: v for k, v in given.items() if v is not None})
+    try:
+        parsed = msgspec.convert(merged, ModelSettings)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(f"invalid setting: {exc}") from None
+    new = store.update_settings(model_id, msgspec.to_builtins(parsed))
+    assert new is not None
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(new.settings.items())) or "server defaults"
+    console.print(f"{model_id}: {shown}")
+
+
 @app.command(name="list")
 def list_(*, task: Task | None = None, config: Path | None = None, home: Path | None = None) -> None:
     """List installed models."""

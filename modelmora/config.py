@@ -23,6 +23,9 @@ class ConfigError(Exception):
     """The configuration file or environment holds an unknown key or a bad value."""
 
 
+KEEP_ALIVE_PATTERN = r"^(-1|0|\d+(\.\d+)?(ms|s|m|h)?)$"
+
+
 class TaskDefaults(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Per-task-type request timeout defaults, in seconds."""
 
@@ -41,6 +44,12 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omi
     queue_limit: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
     device: Literal["auto", "cpu", "cuda"] | Annotated[str, msgspec.Meta(pattern=r"^cuda:\d+$")] | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
+    pinned: bool | None = None
+    """Never evicted to make room for another model (still unloaded on request)."""
+    preload: bool | None = None
+    """Loaded when the server starts."""
+    keep_alive: Annotated[str, msgspec.Meta(pattern=KEEP_ALIVE_PATTERN)] | None = None
+    """Idle time before the worker is stopped: "10m", "30s", "0" (right after use), "-1" (never)."""
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -60,12 +69,33 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """An idle worker waits this long for a fuller batch (0: dispatch at once)."""
     priority_aging_ms: float = 5000.0
     """A waiting request moves up one priority class every this many ms (0: no ageing)."""
+    memory_budget_mb: float = 0.0
+    """MiB for all workers and the zygote (PSS). 0: 75% of the machine's RAM; negative: unlimited."""
+    vram_budget_mb: float = 0.0
+    """MiB of GPU memory for workers (reported; enforced by admission once GPU workers report VRAM)."""
+    admission_factor: float = 1.5
+    """An unmeasured model is estimated as worker base + weights x this factor."""
+    worker_base_mb: float = 0.0
+    """Memory of an empty worker for estimates; 0: learned from the first measured worker (400 until then)."""
+    keep_alive: Annotated[str, msgspec.Meta(pattern=KEEP_ALIVE_PATTERN)] = "30m"
+    """Default idle time before a worker is stopped (per model: the `keep_alive` setting)."""
+    load_retry_base_s: float = 1.0
+    load_retry_cap_s: float = 60.0
+    load_retry_attempts: int = 5
+    """Consecutive failed loads after which a model stays failed until an explicit load."""
+    unload_grace_s: float = 30.0
+    """An explicit unload drains queued requests for at most this long, then fails the rest."""
+    memory_poll_ms: float = 500.0
     request_ring_mb: int = 16
     response_ring_mb: int = 16
     torch_threads: int = 0
     """0: one thread per core (os.cpu_count())."""
     worker_start_timeout_s: float = 300.0
     worker_stop_grace_s: float = 5.0
+    zygote: bool = True
+    """Fork workers from a zygote that imported `zygote_preload` once (false: spawn each worker)."""
+    zygote_preload: tuple[str, ...] = ("numpy", "torch", "transformers", "sentence_transformers")
+    """Modules the zygote imports (a spawned worker imports them first); env: comma-separated."""
     shutdown_grace_s: float = 10.0
     timeout_s: TaskDefaults = TaskDefaults()
     pipelines: dict[str, str] = {}
@@ -76,6 +106,17 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     @property
     def home_path(self) -> Path:
         return Path(self.home).expanduser() if self.home else default_home()
+
+    @property
+    def effective_memory_budget_mb(self) -> float:
+        """The worker budget in MiB; -1 for unlimited."""
+        if self.memory_budget_mb > 0:
+            return self.memory_budget_mb
+        if self.memory_budget_mb < 0:
+            return -1.0
+        import psutil
+
+        return float(psutil.virtual_memory().total) / 2**20 * 0.75
 
     @property
     def effective_torch_threads(self) -> int:
@@ -93,6 +134,8 @@ def default_home() -> Path:
 
 
 _SECTIONS: dict[str, object] = {"timeout_s": TaskDefaults, "pipelines": dict}
+_LIST_KEYS = {"zygote_preload"}
+"""Top-level keys whose environment value is a comma-separated list."""
 _SKIP_ENV = {"MODELMORA_CONFIG", "MODELMORA_TEST_PG_DSN", "MODELMORA_TEST_REDIS_URL", "MODELMORA_REQUIRE_SERVICES"}
 
 
@@ -108,6 +151,8 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             if section not in _SECTIONS:
                 raise ConfigError(f"unknown configuration section in environment variable {key}")
             out.setdefault(section, {})[sub] = value
+        elif name in _LIST_KEYS:
+            out[name] = [item.strip() for item in value.split(",") if item.strip()]
         elif name in fields:
             out[name] = value
         else:

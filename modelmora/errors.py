@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = (
     "DeadlineExceeded",
+    "InsufficientMemory",
     "InvalidInput",
     "MalformedRequest",
     "ModelLoadFailed",
@@ -92,6 +93,13 @@ class ModelUnavailable(ModelMoraError):
 
     http_status = 503
     code = "model_unavailable"
+
+
+class InsufficientMemory(ModelMoraError):
+    """No room in the memory budget for the model's worker before the request's deadline."""
+
+    http_status = 503
+    code = "insufficient_memory"
 
 
 class DeadlineExceeded(ModelMoraError):

@@ -1,13 +1,15 @@
 """The supervisor's root: one task group owning the scheduler (and so every worker) and the
-HTTP server (Hypercorn: HTTP/1.1 and HTTP/2 cleartext on one port). Runs on asyncio in
-production; the same code runs on trio."""
+HTTP server (Hypercorn: HTTP/1.1 and HTTP/2 cleartext on one port), inside the zygote's
+owner (`ZygoteLauncher.running`), which so outlives every worker it forked. Runs on asyncio
+in production; the same code runs on trio."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
@@ -18,10 +20,11 @@ from hypercorn.config import Config as HypercornConfig
 from .api import create_app
 from .config import Settings
 from .ipc import segments
+from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
 from .registry import open_store
 from .scheduler import Scheduler
 
-__all__ = ("bind_socket", "run", "serve")
+__all__ = ("bind_socket", "make_launcher", "run", "serve")
 
 log = structlog.get_logger("modelmora.server")
 
@@ -35,6 +38,26 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.listen(1024)
     sock.set_inheritable(True)
     return sock
+
+
+def make_launcher(settings: Settings, worker_env: Mapping[str, str] | None = None) -> SpawnLauncher | ZygoteLauncher:
+    """How workers start: forked from a zygote (`zygote = true`), else spawned.
+
+    The zygote's environment is the one every worker would be spawned with (`worker_env`,
+    default ours, plus the thread counts); both import `zygote_preload` before a pipeline.
+    """
+    if not settings.zygote:
+        return SpawnLauncher(preload=settings.zygote_preload)
+    return ZygoteLauncher(
+        env=worker_environment(worker_env, settings.effective_torch_threads),
+        preload=settings.zygote_preload,
+        ready_timeout_s=settings.worker_start_timeout_s,
+        stop_grace_s=settings.worker_stop_grace_s,
+    )
+
+
+def _owned(launcher: SpawnLauncher | ZygoteLauncher) -> AbstractAsyncContextManager[object]:
+    return launcher.running() if isinstance(launcher, ZygoteLauncher) else contextlib.nullcontext()
 
 
 def _on_asyncio() -> bool:
@@ -75,7 +98,8 @@ async def serve(
     home.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.registry_url, home)
     instance_id = segments.new_instance_id()
-    scheduler = Scheduler(settings, instance_id, pipelines=pipelines, worker_env=worker_env)
+    launcher = make_launcher(settings, worker_env)
+    scheduler = Scheduler(settings, instance_id, pipelines=pipelines, worker_env=worker_env, launcher=launcher)
     app = create_app(settings, store, scheduler)
     sock = sock or bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
@@ -87,13 +111,17 @@ async def serve(
     config.keep_alive_timeout = 75
     stop = stop or anyio.Event()
     try:
-        async with anyio.create_task_group() as tg:
+        async with _owned(launcher), anyio.create_task_group() as tg:
             await tg.start(scheduler.run)
             signal_scope = anyio.CancelScope()
             tg.start_soon(_signals, stop, signal_scope)
             log.info("listening", url=f"http://{settings.host}:{port}", home=str(home), instance=instance_id)
             task_status.started(port)
-            await _hypercorn(app, config, stop.wait)
+            # In a task of its own: on asyncio, Hypercorn's shutdown (an asyncio.TaskGroup
+            # aborted by its ShutdownError, Python 3.11) can leave a cancel request on the
+            # task that ran it, which would then leak out of the zygote owner's cancel scope.
+            async with anyio.create_task_group() as http:
+                http.start_soon(_hypercorn, app, config, stop.wait, name="http")
             log.info("stopping")
             signal_scope.cancel()
             scheduler.close()

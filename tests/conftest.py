@@ -16,6 +16,7 @@ import pytest
 from modelmora.api import create_app
 from modelmora.config import Settings, load_settings
 from modelmora.ipc import segments
+from modelmora.lifecycle import Launcher, ZygoteLauncher, worker_environment
 from modelmora.registry import SQLiteStore, install
 from modelmora.scheduler import Scheduler
 
@@ -65,7 +66,22 @@ class AppUnderTest:
 
 
 @pytest.fixture
-async def echo_app(tmp_path: Path, echo_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[AppUnderTest]:
+async def echo_launcher(request: pytest.FixtureRequest) -> AsyncIterator[Launcher | None]:
+    """How echo_app's workers start: spawned (default), or forked from a zygote that preloads
+    only light modules (`@pytest.mark.zygote(**ZygoteLauncher kwargs)`)."""
+    mark = request.node.get_closest_marker("zygote")
+    if mark is None:
+        yield None
+        return
+    launcher = ZygoteLauncher(env=worker_environment(worker_env(), 1), **{"preload": ("numpy",), **mark.kwargs})
+    async with launcher.running():
+        yield launcher
+
+
+@pytest.fixture
+async def echo_app(
+    tmp_path: Path, echo_dir: Path, echo_launcher: Launcher | None, request: pytest.FixtureRequest
+) -> AsyncIterator[AppUnderTest]:
     """The REST app in process, over a real scheduler whose workers run the Echo pipeline."""
     marker = request.node.get_closest_marker("settings")
     overrides = marker.kwargs if marker else {}
@@ -73,7 +89,9 @@ async def echo_app(tmp_path: Path, echo_dir: Path, request: pytest.FixtureReques
     settings = make_settings(home, **overrides)
     store = SQLiteStore(home / "registry.sqlite3")
     install(store, home, str(echo_dir), model_id="echo", task="txt2embed")
-    scheduler = Scheduler(settings, segments.new_instance_id(), pipelines=ECHO, worker_env=worker_env())
+    scheduler = Scheduler(
+        settings, segments.new_instance_id(), pipelines=ECHO, worker_env=worker_env(), launcher=echo_launcher
+    )
     app = create_app(settings, store, scheduler)
     async with anyio.create_task_group() as tg:
         await tg.start(scheduler.run)
@@ -95,4 +113,5 @@ def _no_leaked_segments() -> Iterator[None]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "settings(**kw): settings overrides for the echo_app fixture")
+    config.addinivalue_line("markers", "zygote(**kw): echo_app forks its workers from a zygote (ZygoteLauncher kwargs)")
     sys.path.insert(0, str(TESTS_DIR))

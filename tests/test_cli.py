@@ -150,3 +150,23 @@ def test_install_from_hugging_face(tmp_path: Path, minilm_path: Path) -> None:
             assert hashlib.sha256((minilm_path / name).read_bytes()).hexdigest() == digest
         bad = mm("install", "sentence-transformers/nope", home=home, env=env, check=False)
         assert bad.returncode == 1 and "sentence-transformers/nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_set_changes_model_settings(
+    home: Path, st_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run_cli(capsys, monkeypatch, "install", str(st_dir), "--id", "m")[0] == 0
+    code, out, _ = run_cli(capsys, monkeypatch, "set", "m", "--pinned", "--keep-alive", "10m", "--max-batch-size", "8")
+    assert code == 0 and "keep_alive=10m" in out and "pinned=True" in out
+    code, out, _ = run_cli(capsys, monkeypatch, "set", "m", "--preload")
+    rec = SQLiteStore(home / "registry.sqlite3").get("m")
+    assert rec is not None
+    assert rec.settings == {"pinned": True, "keep_alive": "10m", "max_batch_size": 8, "preload": True}
+    code, _, err = run_cli(capsys, monkeypatch, "set", "m", "--keep-alive", "soon")
+    assert code == 1 and "keep_alive" in err
+    code, _, err = run_cli(capsys, monkeypatch, "set", "m", "--max-batch-size", "0")
+    assert code == 1 and "max_batch_size" in err
+    code, out, _ = run_cli(capsys, monkeypatch, "set", "m", "--reset")
+    assert code == 0 and "server defaults" in out
+    code, _, err = run_cli(capsys, monkeypatch, "set", "nope", "--pinned")
+    assert code == 1 and "not installed" in err

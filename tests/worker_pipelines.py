@@ -25,6 +25,8 @@ class Echo:
         self.path = Path(path)
         if (self.path / "FAIL_LOAD").exists():
             raise RuntimeError("load failure requested by the test")
+        weights = self.path / "weights.bin"
+        self.weights = weights.read_bytes() if weights.exists() else b""  # resident, like real weights
 
     def warmup(self) -> None:
         if (self.path / "FAIL_WARMUP").exists():

@@ -2,8 +2,14 @@
 
 One worker process serves one model version. Inference runs on this process's main
 thread (one dedicated thread, torch thread count set explicitly). The worker exits when
-told to (`Shutdown`), when the supervisor closes the control channel, or when the
-supervisor dies (PR_SET_PDEATHSIG on Linux).
+told to (`Shutdown`), when the supervisor closes the control channel, or when its parent
+dies (PR_SET_PDEATHSIG on Linux): the supervisor for a spawned worker
+(`python -m modelmora_workers`), the zygote for a forked one (`modelmora_workers.zygote`),
+which itself dies with the supervisor.
+
+Start-up, as reported in `Loaded`: `import_ms` (the preloaded libraries and the pipeline's
+module; near zero in a worker forked from the zygote, which imported them already),
+`load_ms` (constructing the pipeline: reading the weights) and `warmup_ms` (the test inference).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,13 +35,17 @@ from modelmora.ipc.segments import AttachedSegments, attach
 
 from .pipelines.base import InputError, Pipeline
 
-__all__ = ("Worker", "die_with_parent", "main")
+__all__ = ("Worker", "die_with_parent", "main", "pipeline_class", "preload", "serve")
 
 _RING_WAIT_MAX_S = 0.005
 
 
 def die_with_parent(expected_ppid: int) -> None:
-    """Ask the kernel to SIGKILL us when the supervisor dies; exit now if it already has."""
+    """Ask the kernel to SIGKILL us when our parent dies; exit now if it already has.
+
+    The parent is the supervisor for the zygote and for a spawned worker, the zygote for a
+    forked one: a supervisor's death takes the zygote down, and so every forked worker.
+    """
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -51,19 +62,38 @@ def _log(event: str, **fields: Any) -> None:
     sys.stderr.flush()
 
 
-def load_pipeline(spec: str, load: m.Load) -> Pipeline:
-    """Import "module:Class" and construct it for the model."""
+def preload(modules: Iterable[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """Import `modules` in order; a module that fails is reported, not fatal.
+
+    Returns:
+        The milliseconds each import took, and the error of each module that failed.
+    """
+    times: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for name in modules:
+        t0 = time.perf_counter()
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # an optional library missing must not take the worker down
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            _log("preload_failed", module=name, error=repr(exc))
+        times[name] = (time.perf_counter() - t0) * 1e3
+    return times, failed
+
+
+def pipeline_class(spec: str) -> Any:
+    """Import the module of "module:Class" and return the class."""
     module_name, _, cls_name = spec.partition(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    pipeline: Pipeline = cls(load.path, device=load.device, dtype=load.dtype, options=load.options)
-    return pipeline
+    return getattr(importlib.import_module(module_name), cls_name)
 
 
 class Worker:
     """Serves one model over a control socket and a shared segment holding two rings."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, preload: Sequence[str] = (), forked: bool = False) -> None:
         self.sock = sock
+        self.preload = tuple(preload)
+        self.forked = forked
         self.decoder = FrameDecoder()
         self.backlog: list[m.Message] = []
         self.shm: Any = None
@@ -93,12 +123,15 @@ class Worker:
         try:
             self.setup(first)
             t0 = time.perf_counter()
-            self.pipeline = load_pipeline(first.pipeline, first)
+            preload(self.preload)
+            cls = pipeline_class(first.pipeline)
+            t1 = time.perf_counter()
+            self.pipeline = cls(first.path, device=first.device, dtype=first.dtype, options=first.options)
             if "torch" in sys.modules:  # inference runs on this thread with an explicit thread count
                 sys.modules["torch"].set_num_threads(max(1, first.threads))
-            t1 = time.perf_counter()
-            self.pipeline.warmup()
             t2 = time.perf_counter()
+            self.pipeline.warmup()
+            t3 = time.perf_counter()
         except Exception as exc:  # the supervisor reports it; we exit
             _log("load_failed", model=first.model_id, error=repr(exc))
             traceback.print_exc()
@@ -107,7 +140,8 @@ class Worker:
         import psutil
 
         rss = psutil.Process().memory_info().rss
-        self.send(m.Loaded((t1 - t0) * 1e3, (t2 - t1) * 1e3, rss, self.pipeline.device))
+        info = {"import_ms": (t1 - t0) * 1e3, "forked": self.forked}
+        self.send(m.Loaded((t2 - t1) * 1e3, (t3 - t2) * 1e3, rss, self.pipeline.device, info))
         _log("ready", model=first.model_id, version=first.version, device=self.pipeline.device)
         while True:
             msg = self.recv()
@@ -187,16 +221,21 @@ class Worker:
             self.shm.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: `python -m modelmora_workers --fd N --ppid P`."""
-    args = sys.argv[1:] if argv is None else argv
-    opts = dict(zip(args[::2], args[1::2], strict=False))
-    die_with_parent(int(opts.get("--ppid", os.getppid())))
+def serve(fd: int, *, ppid: int, preload: Sequence[str] = (), forked: bool = False) -> int:
+    """Serve the control socket `fd` until told to stop; returns the exit status.
+
+    Args:
+        fd: the worker's end of its control socket pair (this function closes it).
+        ppid: the pid of the parent the worker must die with (supervisor or zygote).
+        preload: modules to import before the pipeline (timed as `import_ms`).
+        forked: whether this process was forked from the zygote (reported in `Loaded.info`).
+    """
+    die_with_parent(ppid)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
-    sock = socket.socket(fileno=int(opts["--fd"]))
+    sock = socket.socket(fileno=fd)
     sock.setblocking(True)
-    worker = Worker(sock)
+    worker = Worker(sock, preload=preload, forked=forked)
     try:
         return worker.run()
     except (BrokenPipeError, ConnectionResetError):
@@ -205,3 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(BufferError):
             worker.close()
         sock.close()
+
+
+def parse_args(argv: Sequence[str]) -> dict[str, str]:
+    """`--key value` pairs (the launcher writes them; no user ever does)."""
+    return dict(zip(argv[::2], argv[1::2], strict=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: `python -m modelmora_workers --fd N --ppid P [--preload mod1,mod2]`."""
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    modules = [name for name in opts.get("--preload", "").split(",") if name]
+    return serve(int(opts["--fd"]), ppid=int(opts.get("--ppid", os.getppid())), preload=modules)

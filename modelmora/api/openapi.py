@@ -133,6 +133,26 @@ def document() -> dict[str, Any]:
                     },
                 },
             },
+            "/api/v1/models/{model_id}/load": {
+                "post": {
+                    "summary": "Load the model and run its test inference (warm-up); waits until ready",
+                    "operationId": "loadModel",
+                    "parameters": [model_id],
+                    "responses": {
+                        "200": {"description": "Ready: the model's runtime status"},
+                        "404": _error("Unknown model or version"),
+                        "503": _error("Load or test inference failed, or insufficient memory"),
+                    },
+                }
+            },
+            "/api/v1/models/{model_id}/unload": {
+                "post": {
+                    "summary": "Drain the queue (up to unload_grace_s), stop the worker, free its memory",
+                    "operationId": "unloadModel",
+                    "parameters": [model_id],
+                    "responses": {"200": {"description": "Unloaded"}, "404": _error("Unknown model")},
+                }
+            },
             "/api/v1/status": {
                 "get": {
                     "summary": "Runtime status: workers, states, queues",

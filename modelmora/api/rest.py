@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 from ..config import ModelSettings, Settings
 from ..errors import (
     DeadlineExceeded,
+    InsufficientMemory,
     InvalidInput,
     MalformedRequest,
     ModelMoraError,
@@ -35,7 +36,7 @@ from ..errors import (
 )
 from ..lifecycle import ModelState, TensorData
 from ..registry import ModelRecord, ModelStore
-from ..scheduler import ModelKey, Priority, Request, Scheduler
+from ..scheduler import ModelKey, ModelRuntime, Priority, Request, Scheduler
 from . import openapi
 from .schemas import (
     EmbeddingOutput,
@@ -174,7 +175,9 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
                 raise InvalidInput(f"text of {len(t)} characters exceeds {settings.max_text_chars}", field=where)
         timeout_s = env.timeout_seconds or settings.timeout_s.txt2embed
         key = ModelKey(rec.id, version)
-        rt = scheduler.runtime(key, task=rec.task, path=vrec.path, settings=model_settings)
+        rt = scheduler.runtime(
+            key, task=rec.task, path=vrec.path, settings=model_settings, weights_bytes=vrec.size_bytes
+        )
         req = Request(key, texts, {"normalize": params.normalize}, Priority.parse(env.priority), start + timeout_s)
         scheduler.submit(rt, req)
         try:
@@ -189,6 +192,12 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
         if not req.done.is_set():
             if _disconnected(request):
                 return Response(status_code=499)  # nobody is listening; for the access log only
+            if rt.waiting_for_memory:
+                raise InsufficientMemory(
+                    f"model {model_id!r} could not be loaded within {timeout_s:g} s: the memory budget is full"
+                    " and no loaded model can be evicted",
+                    retry_after_s=5,
+                )
             raise DeadlineExceeded(f"model {model_id!r} did not answer within {timeout_s:g} s")
         if req.error is not None:
             raise req.error
@@ -235,6 +244,38 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
         catalog.forget(model_id)
         return _json(_model_info(new))
 
+    async def _runtime_of(request: HTTPRequest) -> ModelRuntime:
+        model_id = request.path_params["model_id"]
+        rec, model_settings = await catalog.get(model_id)
+        version = request.query_params.get("version") or rec.active_version
+        vrec = rec.version_record(version)
+        if vrec is None:
+            raise ModelNotFound(f"model {model_id!r} has no version {version!r}", field="version")
+        return scheduler.runtime(
+            ModelKey(rec.id, version),
+            task=rec.task,
+            path=vrec.path,
+            settings=model_settings,
+            weights_bytes=vrec.size_bytes,
+        )
+
+    async def load_model(request: HTTPRequest) -> Response:
+        """Load (and warm up) a model now; waits until it is ready."""
+        rt = await _runtime_of(request)
+        await scheduler.load(rt, settings.worker_start_timeout_s)
+        return _json(_runtime_status(rt))
+
+    async def unload_model(request: HTTPRequest) -> Response:
+        """Drain the model's queue, stop its worker, give its memory back."""
+        rt = await _runtime_of(request)
+        await scheduler.unload(rt, settings.unload_grace_s)
+        return _json(_runtime_status(rt))
+
+    def _runtime_status(rt: ModelRuntime) -> dict[str, Any]:
+        return next(
+            s for s in scheduler.status() if s["model_id"] == rt.key.model_id and s["version"] == rt.key.version
+        )
+
     async def status(request: HTTPRequest) -> Response:
         proc = psutil.Process()
         return _json(
@@ -245,6 +286,8 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
                     "uptime_s": round(time.time() - started, 1),
                     "torch_imported": "torch" in sys.modules,
                 },
+                "zygote": scheduler.launcher.statistics() if scheduler.launcher is not None else None,
+                "budget": scheduler.budget_status(),
                 "models": scheduler.status(),
             }
         )
@@ -279,6 +322,8 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
         Route("/api/v1/models", list_models, methods=["GET"]),
         Route("/api/v1/models/{model_id}", get_model, methods=["GET"]),
         Route("/api/v1/models/{model_id}", put_model, methods=["PUT"]),
+        Route("/api/v1/models/{model_id}/load", load_model, methods=["POST"]),
+        Route("/api/v1/models/{model_id}/unload", unload_model, methods=["POST"]),
         Route("/api/v1/status", status, methods=["GET"]),
         Route("/health/live", live, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),

@@ -1,21 +1,23 @@
 """WorkerHandle: one live worker process, seen from the supervisor.
 
-`WorkerHandle.open()` creates the shared segment (two rings), starts the process, does the
-Hello/Load/Loaded handshake under a deadline and, on exit, stops the process (Shutdown,
-then SIGKILL after a grace period) and unlinks every segment, however the worker ended.
+`WorkerHandle.open()` creates the shared segment (two rings), starts the process through a
+`Launcher` (spawn, or a fork of the zygote: see `launch`), does the Hello/Load/Loaded
+handshake under a deadline and, on exit, stops the process (Shutdown, then SIGKILL after a
+grace period) and unlinks every segment, however the worker ended.
 `read_loop()` must run in a task beside the user of `infer()`: it turns Result/Error
 messages into results and, when the channel closes, fails exactly the batches in flight.
+
+`start_ms` in `statistics()` splits the cold start: `launch` (spawn or fork call),
+`boot` (until the worker's Hello: interpreter start-up, or the child's set-up after a fork),
+`import`, `load` and `warmup` (as the worker measured them), and `total` (launch to ready).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -29,6 +31,7 @@ from ..ipc import messages as m
 from ..ipc import segments
 from ..ipc.control import FrameDecoder, ProtocolError, encode_frame
 from ..ipc.ring import PayloadTooLarge, ShmRing
+from .launch import Launcher, SpawnLauncher, WorkerProcess, worker_environment
 
 __all__ = ("Outputs", "TensorData", "WorkerError", "WorkerHandle", "WorkerSpec")
 
@@ -98,7 +101,7 @@ class WorkerHandle:
     def __init__(
         self,
         spec: WorkerSpec,
-        process: anyio.abc.Process,
+        process: WorkerProcess,
         stream: anyio.abc.SocketStream,
         shm: Any,
         requests: ShmRing,
@@ -124,6 +127,9 @@ class WorkerHandle:
         self.loaded: m.Loaded | None = None
         self.started_at = time.monotonic()
         self.ready_at = 0.0
+        self.start_ms: dict[str, float] = {}
+        self.forked = False
+        self._hello_at = 0.0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -138,15 +144,25 @@ class WorkerHandle:
         response_ring_bytes: int,
         start_timeout_s: float,
         stop_grace_s: float,
-        python: str = sys.executable,
-        env: dict[str, str] | None = None,
-        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        launcher: Launcher | None = None,
     ) -> AsyncIterator[WorkerHandle]:
         """Start a worker for `spec` and yield it once the model is ready.
+
+        Args:
+            spec: what to load.
+            instance_id: the server instance owning the segments.
+            request_ring_bytes: capacity of the supervisor->worker ring.
+            response_ring_bytes: capacity of the worker->supervisor ring.
+            start_timeout_s: deadline for starting, loading and warming up.
+            stop_grace_s: how long a worker may take to exit after Shutdown before SIGKILL.
+            env: the worker's environment (default: ours), with OMP/MKL thread counts added.
+            launcher: how to start the process (default: spawn).
 
         Raises:
             ModelLoadFailed: the process failed to start, load or warm up in time.
         """
+        launcher = launcher or SpawnLauncher()
         req_size = ShmRing.region_size(request_ring_bytes)
         shm = segments.create(instance_id, "w", req_size + ShmRing.region_size(response_ring_bytes))
         pool = segments.SegmentPool(instance_id, "big")
@@ -155,36 +171,29 @@ class WorkerHandle:
         requests = ShmRing(buf[:req_size], request_ring_bytes, init=True)
         responses = ShmRing(buf[req_size:], response_ring_bytes, init=True)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        threads = str(max(1, spec.threads))
-        env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        process: anyio.abc.Process | None = None
+        worker_env = worker_environment(env, spec.threads)
+        process: WorkerProcess | None = None
         stream: anyio.abc.SocketStream | None = None
         handle: WorkerHandle | None = None
         try:
-            cmd = [python, "-m", "modelmora_workers", "--fd", str(child_sock.fileno()), "--ppid", str(os.getpid())]
-            try:
-                process = await anyio.open_process(
-                    [*cmd, *extra_args],
-                    stdin=subprocess.DEVNULL,
-                    stdout=None,
-                    stderr=None,
-                    pass_fds=(child_sock.fileno(),),
-                    env=env,
-                )
-            except OSError as exc:
-                raise ModelLoadFailed(f"model {spec.model_id!r}: cannot start a worker process") from exc
-            finally:
-                child_sock.close()
-            stream = await anyio.abc.UNIXSocketStream.from_socket(parent_sock)
-            handle = cls(spec, process, stream, shm, requests, responses, pool)
-            log.info("worker_starting", model=spec.model_id, version=spec.version, pid=process.pid)
+            t0 = time.perf_counter()
             try:
                 with anyio.fail_after(start_timeout_s):
+                    try:
+                        process = await launcher.launch(child_sock, worker_env, spec)
+                    finally:
+                        child_sock.close()
+                    t_launched = time.perf_counter()
+                    stream = await anyio.abc.UNIXSocketStream.from_socket(parent_sock)
+                    handle = cls(spec, process, stream, shm, requests, responses, pool)
+                    log.info("worker_starting", model=spec.model_id, version=spec.version, pid=process.pid)
                     await handle._handshake(shm.name, request_ring_bytes, response_ring_bytes)
             except TimeoutError as exc:
                 raise ModelLoadFailed(
                     f"model {spec.model_id!r} did not become ready within {start_timeout_s:g} s"
                 ) from exc
+            assert handle is not None
+            handle._record_start(t0, t_launched)
             yield handle
         finally:
             with anyio.CancelScope(shield=True):
@@ -193,6 +202,8 @@ class WorkerHandle:
                 elif process is not None:
                     process.kill()
                     await process.wait()
+                if process is not None:
+                    process.close()
                 if stream is not None:
                     await stream.aclose()
                 else:
@@ -201,6 +212,20 @@ class WorkerHandle:
                 responses.close()
                 segments.unlink(shm)
                 pool.close()
+
+    def _record_start(self, t0: float, t_launched: float) -> None:
+        loaded = self.loaded
+        assert loaded is not None
+        total = (time.perf_counter() - t0) * 1e3
+        self.start_ms = {
+            "launch": (t_launched - t0) * 1e3,
+            "boot": (self._hello_at - t_launched) * 1e3,
+            "import": float(loaded.info.get("import_ms", 0.0)),
+            "load": loaded.load_ms,
+            "warmup": loaded.warmup_ms,
+            "total": total,
+        }
+        self.forked = bool(loaded.info.get("forked", False))
 
     async def _recv(self) -> m.Message | None:
         while not self._backlog:
@@ -218,6 +243,7 @@ class WorkerHandle:
     async def _handshake(self, segment: str, req_bytes: int, resp_bytes: int) -> None:
         spec = self.spec
         hello = await self._recv()
+        self._hello_at = time.perf_counter()
         if not isinstance(hello, m.Hello):
             raise ModelLoadFailed(f"model {spec.model_id!r}: worker exited before saying hello")
         if hello.protocol != m.PROTOCOL_VERSION:
@@ -251,6 +277,8 @@ class WorkerHandle:
             "worker_ready",
             model=spec.model_id,
             pid=self.pid,
+            forked=bool(reply.info.get("forked", False)),
+            import_ms=round(float(reply.info.get("import_ms", 0.0)), 1),
             load_ms=round(reply.load_ms, 1),
             warmup_ms=round(reply.warmup_ms, 1),
             rss_mb=round(reply.rss_bytes / 2**20, 1),
@@ -258,15 +286,15 @@ class WorkerHandle:
         )
 
     async def _stop(self, grace_s: float) -> None:
-        """Ask the worker to exit, SIGKILL it after `grace_s`, reap it, fail what it held."""
-        if self.process.returncode is None:
+        """Ask the worker to exit, SIGKILL it after `grace_s`, wait for it, fail what it held."""
+        if not self.dead:
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 await self._send(m.Shutdown())
-            with anyio.move_on_after(grace_s):
-                await self.process.wait()
-            if self.process.returncode is None:
-                self.process.kill()
-        await self.process.wait()
+        with anyio.move_on_after(grace_s) as scope:
+            await self.process.wait()
+        if scope.cancelled_caught:
+            self.process.kill()
+            await self.process.wait()
         self._mark_dead(crashed=False)
         log.info("worker_stopped", model=self.spec.model_id, pid=self.pid, returncode=self.process.returncode)
 
@@ -397,6 +425,8 @@ class WorkerHandle:
             "rss_mb": round(loaded.rss_bytes / 2**20, 1) if loaded else None,
             "device": loaded.device if loaded else None,
             "load_ms": round(loaded.load_ms, 1) if loaded else None,
+            "forked": self.forked,
+            "start_ms": {k: round(v, 1) for k, v in self.start_ms.items()},
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "request_ring_used_bytes": self.requests.statistics().used_bytes,
         }

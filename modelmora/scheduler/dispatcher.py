@@ -1,14 +1,28 @@
-"""The scheduler: one queue and one dispatch task per model version.
+"""The scheduler: one queue and one task per model version, within a memory budget.
 
-`Scheduler.run()` owns a task group (started inside the server's); the first request for
-a model version starts that version's task, which starts its worker (lazily), then forms
-batches from the queue and sends them to the worker one at a time (continuous batching:
-while the worker is busy, arrivals accumulate into the next batch). A worker that dies
-fails exactly the batch it held; queued requests stay and start a fresh worker.
+`Scheduler.run()` owns a task group (inside the server's). The first request for a model
+version (or a load request, or preload) starts that version's task, which:
+
+1. waits for work (queued requests, an explicit load, or a background retry after a
+   failed load);
+2. admits the load: reserves the worker's estimated footprint in the `MemoryBudget`,
+   evicting least-recently-used idle, unpinned models first (a victim finishes its
+   running batch, then its worker is stopped and reaped before the reservation is made);
+   when nothing can be evicted it waits for memory within its requests' deadlines;
+3. starts the worker (load + test inference), measures its PSS, and dispatches batches to
+   it (continuous batching: while the worker is busy, arrivals accumulate into the next
+   batch), until the worker crashes, the model is evicted or unloaded, or it was idle for
+   its `keep_alive`;
+4. stops the worker and releases the reservation; queued requests stay and bring it back.
+
+A failed load marks the model FAILED: requests fail fast (503 with Retry-After) while a
+background retry runs with exponential backoff; a success clears the state; when the
+attempts run out it stays failed until an explicit load.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,17 +30,27 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 import structlog
 
 from ..config import ModelSettings, Settings
-from ..errors import ModelLoadFailed, ModelMoraError, ModelUnavailable, WorkerCrashed
+from ..errors import (
+    InsufficientMemory,
+    ModelLoadFailed,
+    ModelMoraError,
+    ModelUnavailable,
+    WorkerCrashed,
+)
 from ..lifecycle import ModelState, TensorData, WorkerHandle, WorkerSpec
+from ..lifecycle.budget import MemoryBudget, parse_keep_alive, pss_bytes
+from ..registry import ModelStore
 from .queues import ModelQueue
 from .request import ModelKey, Request
 
-__all__ = ("PIPELINES", "Scheduler")
+__all__ = ("PIPELINES", "ModelRuntime", "Scheduler")
 
 log = structlog.get_logger("modelmora.scheduler")
+_MB = 2**20
 
 PIPELINES: dict[str, str] = {
     "txt2embed": "modelmora_workers.pipelines.text_embedding:TextEmbedding",
@@ -42,23 +66,51 @@ class ModelRuntime:
     spec: WorkerSpec
     queue: ModelQueue
     model_settings: ModelSettings
+    weights_bytes: int = 0
     state: ModelState = ModelState.CACHED
     worker: WorkerHandle | None = None
+    busy: bool = False
+    """A batch is running in the worker (it pins the model)."""
+    stop_reason: str | None = None
+    """Why the worker should stop: "evict", "unload" (drain first) or "unload-now"."""
+    load_requested: bool = False
+    waiting_for_memory: bool = False
+    failures: int = 0
+    retry_at: float | None = None
     last_used: float = 0.0
     last_error: str | None = None
+    measured_mb: float | None = None
     loads: int = 0
     crashes: int = 0
+    evictions: int = 0
     served: int = 0
     batches: int = 0
     cancelled: int = 0
-    history: list[tuple[float, str]] = field(default_factory=list)
+    history: list[tuple[float, str, str]] = field(default_factory=list)
+    changed: anyio.Event = field(default_factory=anyio.Event)
+    """Set (and replaced) on every state change and control request."""
 
     def set_state(self, state: ModelState, reason: str = "") -> None:
         if state != self.state:
             log.info("model_state", model=str(self.key), state=str(state), previous=str(self.state), reason=reason)
             self.state = state
-            self.history.append((time.time(), str(state)))
-            del self.history[:-20]
+            self.history.append((time.time(), str(state), reason))
+            del self.history[:-50]
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake whoever waits on this model (its task, load/unload callers)."""
+        self.changed.set()
+        self.changed = anyio.Event()
+        self.queue.interrupt()
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.model_settings.pinned)
+
+    @property
+    def loaded(self) -> bool:
+        return self.worker is not None and not self.worker.dead
 
 
 class Scheduler:
@@ -72,25 +124,35 @@ class Scheduler:
         pipelines: dict[str, str] | None = None,
         worker_env: dict[str, str] | None = None,
         clock: Callable[[], float] | None = None,
+        launcher: Any = None,
     ) -> None:
         self.settings = settings
         self.instance_id = instance_id
         self.pipelines = {**PIPELINES, **settings.pipelines, **(pipelines or {})}
         self.worker_env = worker_env
         self.clock = clock
+        self.launcher = launcher
+        self.budget = MemoryBudget(
+            settings.effective_memory_budget_mb,
+            settings.admission_factor,
+            settings.worker_base_mb or 400.0,
+        )
+        self._learn_base = settings.worker_base_mb <= 0
         self.models: dict[ModelKey, ModelRuntime] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False
         self._stop = anyio.Event()
+        self._capacity = anyio.Event()
 
     def close(self) -> None:
         """Stop accepting requests and make `run()` stop every worker and return."""
         self._stop.set()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Own the per-model tasks until cancelled; then stop every worker."""
+        """Own the per-model tasks and the memory monitor until `close()`; then stop every worker."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            tg.start_soon(self._monitor, name="memory monitor")
             task_status.started()
             try:
                 await self._stop.wait()
@@ -100,7 +162,11 @@ class Scheduler:
                     rt.queue.fail_all(ModelUnavailable("the server is shutting down"))
                 tg.cancel_scope.cancel()
 
-    def runtime(self, key: ModelKey, *, task: str, path: str, settings: ModelSettings) -> ModelRuntime:
+    # -- entry points --------------------------------------------------------------------
+
+    def runtime(
+        self, key: ModelKey, *, task: str, path: str, settings: ModelSettings, weights_bytes: int = 0
+    ) -> ModelRuntime:
         """The runtime of a model version, created (and its task started) on first use.
 
         `settings` are the model's registry overrides; batching and queue settings apply
@@ -110,6 +176,7 @@ class Scheduler:
         if rt is not None and rt.model_settings is not settings:
             rt.model_settings = settings
             rt.queue.limit = settings.queue_limit or self.settings.queue_limit
+            rt.poke()
         if rt is None:
             if self._tg is None or self._closing:
                 raise ModelUnavailable("the server is not accepting requests")
@@ -129,7 +196,7 @@ class Scheduler:
             queue = ModelQueue(
                 settings.queue_limit or self.settings.queue_limit, self.clock, self.settings.priority_aging_ms / 1000
             )
-            rt = ModelRuntime(key, spec, queue, settings)
+            rt = ModelRuntime(key, spec, queue, settings, weights_bytes)
             self.models[key] = rt
             self._tg.start_soon(self._serve, rt, name=f"model {key}")
         return rt
@@ -139,9 +206,12 @@ class Scheduler:
 
         Raises:
             QueueFull: the model's queue is at its limit.
+            ModelLoadFailed: the model is failed (503 at once; a retry may be scheduled).
         """
         if self._closing:
             raise ModelUnavailable("the server is shutting down")
+        if rt.state == ModelState.FAILED:
+            raise self._failed_error(rt)
         rt.queue.put_nowait(req)
         rt.last_used = time.time()
 
@@ -153,61 +223,295 @@ class Scheduler:
             rt.queue.discard(req)
             rt.cancelled += 1
 
-    # -- per-model task -----------------------------------------------------------------
+    async def preload(self, store: ModelStore) -> list[str]:
+        """Start loading (without waiting) every model whose settings say `preload`."""
+        started = []
+        for rec in await store.alist():
+            model_settings = msgspec.convert(rec.settings, ModelSettings)
+            vrec = rec.version_record()
+            if not model_settings.preload or vrec is None or rec.task not in self.pipelines:
+                continue
+            rt = self.runtime(
+                ModelKey(rec.id, vrec.version),
+                task=rec.task,
+                path=vrec.path,
+                settings=model_settings,
+                weights_bytes=vrec.size_bytes,
+            )
+            rt.load_requested = True
+            rt.poke()
+            started.append(str(rt.key))
+        if started:
+            log.info("preloading", models=started)
+        return started
+
+    async def load(self, rt: ModelRuntime, timeout_s: float) -> None:
+        """Load a model version (lazy load ahead of time) and wait until it is ready.
+
+        Resets a failed model's retry attempts.
+
+        Raises:
+            ModelLoadFailed: the load or its test inference failed.
+            InsufficientMemory: no room within `timeout_s`.
+        """
+        if rt.loaded and rt.state == ModelState.READY:
+            return
+        rt.failures = 0
+        rt.retry_at = None
+        if rt.state == ModelState.FAILED:
+            rt.set_state(ModelState.CACHED, "load requested")
+        rt.load_requested = True
+        rt.poke()
+        with anyio.move_on_after(timeout_s):
+            while True:
+                if rt.loaded and rt.state == ModelState.READY:
+                    return
+                if rt.state == ModelState.FAILED:
+                    raise self._failed_error(rt)
+                await rt.changed.wait()
+        if rt.waiting_for_memory:
+            raise InsufficientMemory(self._no_memory_message(rt), retry_after_s=5)
+        raise ModelUnavailable(f"model {rt.key.model_id!r} did not become ready within {timeout_s:g} s")
+
+    async def unload(self, rt: ModelRuntime, grace_s: float) -> None:
+        """Drain the queue (up to `grace_s`; then fail what is left), stop the worker, wait for it."""
+        rt.load_requested = False
+        if not rt.loaded and rt.state != ModelState.LOADING:
+            return
+        worker = rt.worker
+        rt.stop_reason = "unload"
+        rt.poke()
+        with anyio.move_on_after(grace_s):
+            while len(rt.queue) or rt.busy:
+                await rt.changed.wait()
+        if len(rt.queue):
+            rt.queue.fail_all(ModelUnavailable(f"model {rt.key.model_id!r} was unloaded while this request waited"))
+        rt.stop_reason = "unload-now"
+        rt.poke()
+        # wait for that worker to be gone (a request arriving meanwhile may start a new one)
+        while (worker is not None and rt.worker is worker) or rt.state == ModelState.UNLOADING:
+            await rt.changed.wait()
+
+    # -- the model's task ------------------------------------------------------------------
 
     async def _serve(self, rt: ModelRuntime) -> None:
-        settings = self.settings
         while True:
-            await rt.queue.wait_nonempty()
-            rt.set_state(ModelState.LOADING, "request waiting")
+            await self._wait_for_work(rt)
             try:
-                async with WorkerHandle.open(
-                    rt.spec,
-                    instance_id=self.instance_id,
-                    request_ring_bytes=settings.request_ring_mb * 2**20,
-                    response_ring_bytes=settings.response_ring_mb * 2**20,
-                    start_timeout_s=settings.worker_start_timeout_s,
-                    stop_grace_s=settings.worker_stop_grace_s,
-                    env=self.worker_env,
-                ) as worker:
-                    rt.worker = worker
-                    rt.loads += 1
-                    rt.last_error = None
-                    rt.set_state(ModelState.READY)
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._watch, worker, tg.cancel_scope)
-                        await self._dispatch(rt, worker)
-                    if worker.crashed:
-                        rt.crashes += 1
-                        rt.last_error = f"worker {worker.pid} exited unexpectedly"
-                        rt.set_state(ModelState.CACHED, "worker crashed")
-            except ModelLoadFailed as exc:
+                await self._admit(rt)
+            except InsufficientMemory as exc:
                 rt.last_error = exc.message
-                rt.set_state(ModelState.FAILED, exc.message)
                 rt.queue.fail_all(exc)
+                rt.load_requested = False
+                rt.poke()
+                continue
+            try:
+                await self._run_worker(rt)
+            except ModelLoadFailed as exc:
+                self._load_failed(rt, exc)
             finally:
+                self.budget.release(rt.key)
                 rt.worker = None
-                if rt.state in (ModelState.READY, ModelState.LOADING):
+                rt.busy = False
+                rt.stop_reason = None
+                if rt.state in (ModelState.READY, ModelState.LOADING, ModelState.UNLOADING):
                     rt.set_state(ModelState.CACHED, "worker stopped")
+                self._capacity_changed()
+
+    async def _wait_for_work(self, rt: ModelRuntime) -> None:
+        while True:
+            if rt.state == ModelState.FAILED:
+                if rt.retry_at is not None and not rt.load_requested:
+                    with anyio.move_on_after(max(0.0, rt.retry_at - time.monotonic())):
+                        await rt.changed.wait()
+                        continue  # a load request or a settings change: look again
+                    log.info("model_retry_load", model=str(rt.key), attempt=rt.failures + 1)
+                    return
+                if not rt.load_requested:
+                    await rt.changed.wait()
+                    continue
+            if len(rt.queue) or rt.load_requested:
+                return
+            await rt.queue.wait_change()
+
+    def _failed_error(self, rt: ModelRuntime) -> ModelLoadFailed:
+        if rt.retry_at is not None:
+            wait = max(1.0, rt.retry_at - time.monotonic())
+            return ModelLoadFailed(
+                f"model {rt.key.model_id!r} failed to load ({rt.last_error}); retrying in {wait:.0f} s",
+                retry_after_s=wait,
+            )
+        return ModelLoadFailed(
+            f"model {rt.key.model_id!r} failed to load ({rt.last_error}); no retries left:"
+            f" POST /api/v1/models/{rt.key.model_id}/load to try again",
+            retry_after_s=None,
+        )
+
+    def _load_failed(self, rt: ModelRuntime, exc: ModelLoadFailed) -> None:
+        s = self.settings
+        rt.failures += 1
+        rt.last_error = exc.message
+        rt.load_requested = False
+        if rt.failures < s.load_retry_attempts:
+            backoff = min(s.load_retry_cap_s, s.load_retry_base_s * 2 ** (rt.failures - 1))
+            rt.retry_at = time.monotonic() + backoff
+        else:
+            rt.retry_at = None
+        rt.set_state(ModelState.FAILED, exc.message)
+        rt.queue.fail_all(self._failed_error(rt))
+
+    # -- memory admission ------------------------------------------------------------------
+
+    def _need_mb(self, rt: ModelRuntime) -> float:
+        if rt.measured_mb is not None:  # measured on an earlier load of this version (+10% for load peaks)
+            return rt.measured_mb * 1.1
+        return self.budget.estimate_mb(rt.weights_bytes)
+
+    def _no_memory_message(self, rt: ModelRuntime) -> str:
+        b = self.budget
+        return (
+            f"insufficient memory to load model {rt.key.model_id!r}: it needs ~{self._need_mb(rt):.0f} MiB,"
+            f" {b.free_mb():.0f} of {b.budget_mb:.0f} MiB are free and no loaded model can be evicted"
+            " (all busy or pinned)"
+        )
+
+    def _capacity_changed(self) -> None:
+        self._capacity.set()
+        self._capacity = anyio.Event()
+
+    def _victim(self, exclude: ModelRuntime | None) -> ModelRuntime | None:
+        """The least recently used loaded model that may be evicted, idle ones first."""
+        candidates = [
+            rt
+            for rt in self.models.values()
+            if rt is not exclude and rt.loaded and not rt.pinned and rt.stop_reason is None
+        ]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda rt: (rt.busy, rt.last_used))
+
+    async def _admit(self, rt: ModelRuntime) -> None:
+        """Reserve memory for `rt`'s worker, evicting LRU models or waiting for room.
+
+        Raises:
+            InsufficientMemory: it can never fit, or no room came before its requests' deadlines.
+        """
+        need = self._need_mb(rt)
+        budget = self.budget
+        if not budget.unlimited and need > budget.budget_mb - budget.shared_mb:
+            raise InsufficientMemory(
+                f"model {rt.key.model_id!r} needs ~{need:.0f} MiB, more than the whole worker budget"
+                f" ({budget.budget_mb:.0f} MiB; raise memory_budget_mb)"
+            )
+        try:
+            while not budget.fits(need):
+                if not len(rt.queue) and not rt.load_requested:
+                    raise InsufficientMemory(self._no_memory_message(rt))  # nobody waits any more
+                victim = self._victim(rt)
+                if victim is not None:
+                    log.info("evicting", model=str(victim.key), for_model=str(rt.key), need_mb=round(need))
+                    victim.stop_reason = "evict"
+                    victim.evictions += 1
+                    victim.poke()
+                    while victim.loaded or victim.state == ModelState.UNLOADING:
+                        await victim.changed.wait()
+                    continue
+                rt.waiting_for_memory = True
+                rt.poke()
+                capacity = self._capacity
+                with anyio.move_on_after(1.0):  # re-check the queue (deadlines) at least every second
+                    await capacity.wait()
+            budget.reserve(rt.key, need)
+        finally:
+            if rt.waiting_for_memory:
+                rt.waiting_for_memory = False
+                rt.poke()
+
+    # -- running a worker --------------------------------------------------------------------
+
+    async def _run_worker(self, rt: ModelRuntime) -> None:
+        settings = self.settings
+        rt.set_state(ModelState.LOADING, "work waiting")
+        extra: dict[str, Any] = {} if self.launcher is None else {"launcher": self.launcher}
+        async with WorkerHandle.open(
+            rt.spec,
+            instance_id=self.instance_id,
+            request_ring_bytes=settings.request_ring_mb * _MB,
+            response_ring_bytes=settings.response_ring_mb * _MB,
+            start_timeout_s=settings.worker_start_timeout_s,
+            stop_grace_s=settings.worker_stop_grace_s,
+            env=self.worker_env,
+            **extra,
+        ) as worker:
+            rt.worker = worker
+            rt.loads += 1
+            rt.failures = 0
+            rt.retry_at = None
+            rt.last_error = None
+            rt.load_requested = False
+            self._measure(rt)
+            rt.set_state(ModelState.READY)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch, worker, tg.cancel_scope)
+                await self._dispatch(rt, worker)
+                tg.cancel_scope.cancel()
+            if worker.crashed:
+                rt.crashes += 1
+                rt.last_error = f"worker {worker.pid} exited unexpectedly"
+                rt.set_state(ModelState.CACHED, "worker crashed")
+            else:
+                rt.set_state(ModelState.UNLOADING, rt.stop_reason or "stopping")
+
+    def _measure(self, rt: ModelRuntime) -> None:
+        if rt.worker is None:
+            return
+        pss = pss_bytes(rt.worker.pid)
+        if pss is None:
+            return
+        rt.measured_mb = pss / _MB
+        self.budget.measure(rt.key, rt.measured_mb)
+        if self._learn_base:
+            self.budget.learn_base(rt.measured_mb, rt.weights_bytes)
 
     @staticmethod
     async def _watch(worker: WorkerHandle, scope: anyio.CancelScope) -> None:
         await worker.read_loop()
         scope.cancel()  # the worker is gone: stop dispatching to it
 
+    def _keep_alive_s(self, rt: ModelRuntime) -> float | None:
+        value = rt.model_settings.keep_alive
+        return parse_keep_alive(value if value is not None else self.settings.keep_alive)
+
     async def _dispatch(self, rt: ModelRuntime, worker: WorkerHandle) -> None:
-        """Continuous batching: take what is waiting whenever the worker is free."""
+        """Continuous batching until the worker dies, is stopped, or stays idle for keep_alive."""
+        queue = rt.queue
         while not worker.dead:
-            await rt.queue.wait_nonempty()
+            if rt.stop_reason in ("evict", "unload-now") or (rt.stop_reason == "unload" and not len(queue)):
+                return
+            if not len(queue):
+                keep_alive = self._keep_alive_s(rt)
+                with anyio.move_on_after(math.inf if keep_alive is None else keep_alive) as idle:
+                    while not len(queue) and rt.stop_reason is None:
+                        await queue.wait_change()
+                if idle.cancelled_caught:
+                    rt.stop_reason = "idle"
+                    log.info("idle_unload", model=str(rt.key), keep_alive_s=keep_alive)
+                    return
+                continue
             max_items = rt.model_settings.max_batch_size or self.settings.max_batch_size
             max_wait_ms = rt.model_settings.max_wait_ms
             max_wait_s = (self.settings.max_wait_ms if max_wait_ms is None else max_wait_ms) / 1000
-            if max_wait_s > 0 and rt.queue.items < max_items:
+            if max_wait_s > 0 and queue.items < max_items:
                 with anyio.move_on_after(max_wait_s):
-                    await rt.queue.wait_fuller(max_items)
-            batch = rt.queue.take_batch(max_items)
+                    await queue.wait_fuller(max_items)
+            batch = queue.take_batch(max_items)
             if batch:
-                await self._run_batch(rt, worker, batch, max_items)
+                rt.busy = True
+                try:
+                    await self._run_batch(rt, worker, batch, max_items)
+                finally:
+                    rt.busy = False
+                    rt.poke()
 
     async def _run_batch(self, rt: ModelRuntime, worker: WorkerHandle, batch: list[Request], max_items: int) -> None:
         now = time.perf_counter()
@@ -250,7 +554,39 @@ class Scheduler:
             req.set_result(TensorData(emb.dtype, (k, dim), emb.data[pos * row : (pos + k) * row]))
             pos += k
 
-    # -- status -------------------------------------------------------------------------
+    # -- memory monitor ----------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        """Refresh measured PSS; if the budget is exceeded, evict LRU idle models at once."""
+        interval = self.settings.memory_poll_ms / 1000
+        while True:
+            await anyio.sleep(interval)
+            for rt in list(self.models.values()):
+                if rt.loaded and rt.state == ModelState.READY:
+                    self._measure(rt)
+            shared = getattr(self.launcher, "shared_pss_bytes", None)
+            if callable(shared):
+                value = shared()
+                self.budget.shared_mb = (value or 0) / _MB
+            if not self.budget.unlimited and self.budget.used_mb() > self.budget.budget_mb:
+                victim = self._victim(exclude=None)
+                if victim is not None and not victim.busy:
+                    log.warning("over_budget_evicting", model=str(victim.key), used_mb=round(self.budget.used_mb()))
+                    victim.stop_reason = "evict"
+                    victim.evictions += 1
+                    victim.poke()
+
+    # -- status -----------------------------------------------------------------------------
+
+    def budget_status(self) -> dict[str, Any]:
+        b = self.budget
+        return {
+            "memory_budget_mb": None if b.unlimited else round(b.budget_mb, 1),
+            "used_mb": round(b.used_mb(), 1),
+            "free_mb": None if b.unlimited else round(b.free_mb(), 1),
+            "shared_mb": round(b.shared_mb, 1),
+            "worker_base_mb": round(b.base_mb, 1),
+        }
 
     def status(self) -> list[dict[str, Any]]:
         out = []
@@ -260,15 +596,24 @@ class Scheduler:
                 "version": rt.key.version,
                 "task_type": rt.spec.task,
                 "state": str(rt.state),
+                "pinned": rt.pinned,
                 "queue_depth": len(rt.queue),
+                "queued_items": rt.queue.items,
+                "busy": rt.busy,
+                "waiting_for_memory": rt.waiting_for_memory,
+                "reserved_mb": None if (r := self.budget.reserved_mb(rt.key)) is None else round(r, 1),
+                "measured_mb": None if rt.measured_mb is None else round(rt.measured_mb, 1),
                 "last_used": rt.last_used or None,
                 "last_error": rt.last_error,
-                "queued_items": rt.queue.items,
+                "failures": rt.failures,
+                "retry_in_s": None if rt.retry_at is None else round(max(0.0, rt.retry_at - time.monotonic()), 1),
                 "loads": rt.loads,
                 "crashes": rt.crashes,
+                "evictions": rt.evictions,
                 "served": rt.served,
                 "batches": rt.batches,
                 "cancelled": rt.cancelled,
+                "history": [{"at": at, "state": st, "reason": why} for at, st, why in rt.history[-10:]],
             }
             if rt.worker is not None:
                 entry["worker"] = rt.worker.statistics()

@@ -75,10 +75,15 @@ class ModelQueue:
             self._changed.set()
             self._changed = None
 
-    async def _wait_change(self) -> None:
+    async def wait_change(self) -> None:
+        """Return at the next put, or `interrupt()`."""
         if self._changed is None:
             self._changed = anyio.Event()
         await self._changed.wait()
+
+    def interrupt(self) -> None:
+        """Wake every `wait_*` caller (they re-check their condition)."""
+        self._notify()
 
     def put_nowait(self, req: Request) -> None:
         """Queue `req`.
@@ -114,12 +119,12 @@ class ModelQueue:
     async def wait_nonempty(self) -> None:
         """Return once a request is waiting."""
         while not self._count:
-            await self._wait_change()
+            await self.wait_change()
 
     async def wait_fuller(self, items: int) -> None:
         """Return once `items` items, or a CRITICAL request, are waiting."""
         while self._items < items and not self._heaps[1]:
-            await self._wait_change()
+            await self.wait_change()
 
     def _age(self, now: float) -> None:
         for c, fifo in self._arrivals.items():

@@ -146,20 +146,37 @@ async def test_deadline(echo_app: AppUnderTest) -> None:
     assert status == 200
 
 
+@pytest.mark.settings(load_retry_base_s=0.4, load_retry_cap_s=0.4)
 async def test_load_failure_then_recovery(echo_app: AppUnderTest) -> None:
     rec = echo_app.store.get("echo")
     assert rec is not None
-    flag = os.path.join(rec.versions[0].path, "FAIL_WARMUP")
-    await anyio.Path(flag).touch()
-    status, body = await infer(echo_app, {"input_data": {"text": "a"}})
-    assert status == 503 and body["error"]["code"] == "model_load_failed"
+    flag = anyio.Path(rec.versions[0].path) / "FAIL_WARMUP"
+    await flag.touch()
+    r = await echo_app.client.post("/api/v1/infer/echo", json={"input_data": {"text": "a"}})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_load_failed"
+    assert "warm-up failure" in r.json()["error"]["message"] and "retrying" in r.json()["error"]["message"]
+    assert int(r.headers["retry-after"]) >= 1
     r = await echo_app.client.get("/health/models")
     assert r.status_code == 503 and r.json()["models"][0]["healthy"] is False
-    os.unlink(flag)
+    # never routed to while failed: the next request fails at once, without a new load
+    t0 = anyio.current_time()
+    status, body = await infer(echo_app, {"input_data": {"text": "b"}})
+    assert status == 503 and body["error"]["code"] == "model_load_failed"
+    assert anyio.current_time() - t0 < 0.3
+    # background retries with backoff keep failing while the fault is there
+    for _ in range(400):
+        if (await echo_app.client.get("/api/v1/status")).json()["models"][0]["failures"] >= 2:
+            break
+        await anyio.sleep(0.05)
+    await flag.unlink()
+    for _ in range(400):  # a background retry recovers the model
+        if (await echo_app.client.get("/health/models")).status_code == 200:
+            break
+        await anyio.sleep(0.05)
     status, _ = await infer(echo_app, {"input_data": {"text": "a"}})
     assert status == 200
-    r = await echo_app.client.get("/health/models")
-    assert r.status_code == 200 and r.json()["models"][0]["state"] == "ready"
+    model = (await echo_app.client.get("/api/v1/status")).json()["models"][0]
+    assert model["state"] == "ready" and model["failures"] == 0 and model["last_error"] is None
 
 
 @pytest.mark.settings(request_ring_mb=1, response_ring_mb=1, max_body_bytes=16 * 2**20, max_text_chars=4 * 2**20)

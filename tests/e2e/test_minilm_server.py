@@ -76,6 +76,8 @@ def test_supervisor_never_imports_torch(server: ServerProcess) -> None:
     assert status["supervisor"]["torch_imported"] is False
     (model,) = status["models"]
     assert model["worker"]["pid"] not in (server.pid, os.getpid())
+    # the production path: the worker is a fork of the zygote, which imported torch for it
+    assert model["worker"]["forked"] is True and status["zygote"]["state"] == "ready"
 
 
 def test_http2_cleartext_same_port(server: ServerProcess) -> None:

@@ -1,6 +1,8 @@
 """If the supervisor dies (even by SIGKILL) its workers exit within a second, and the next
 start removes the segments the dead one left. Uses the light Echo pipeline through the
-`pipelines` setting, so that no model import slows it down."""
+`pipelines` setting, so that no model import slows it down, with workers spawned by the
+supervisor or forked from a zygote (which preloads only numpy here): supervisor death ->
+zygote death -> worker death, each through PR_SET_PDEATHSIG."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from modelmora.ipc import segments
 
@@ -18,9 +21,11 @@ from conftest import TESTS_DIR
 from serverproc import ServerProcess, mm
 
 
-def _env() -> dict[str, str]:
+def _env(zygote: bool = True) -> dict[str, str]:
     return {
         "MODELMORA_PIPELINES__TXT2EMBED": "worker_pipelines:Echo",
+        "MODELMORA_ZYGOTE": str(zygote).lower(),
+        "MODELMORA_ZYGOTE_PRELOAD": "numpy",
         "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p),
     }
 
@@ -38,23 +43,33 @@ def _exits_within(proc: psutil.Process, timeout_s: float) -> bool:
     return False
 
 
-def test_sigkill_supervisor_takes_workers_down_and_restart_cleans_up(tmp_path: Path, echo_dir: Path) -> None:
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "spawn"])
+def test_sigkill_supervisor_takes_workers_down_and_restart_cleans_up(
+    tmp_path: Path, echo_dir: Path, zygote: bool
+) -> None:
     home = tmp_path / "home"
     mm("install", str(echo_dir), "--id", "echo", "--task", "txt2embed", home=home)
-    srv = ServerProcess(home, _env()).start()
+    srv = ServerProcess(home, _env(zygote)).start()
     try:
         r = httpx.post(f"{srv.url}/api/v1/infer/echo", json={"input_data": {"text": "hi"}}, timeout=60)
         assert r.status_code == 200, r.text
-        worker_pid = httpx.get(f"{srv.url}/api/v1/status").json()["models"][0]["worker"]["pid"]
-        worker = psutil.Process(worker_pid)
+        status = httpx.get(f"{srv.url}/api/v1/status").json()
+        worker = psutil.Process(status["models"][0]["worker"]["pid"])
+        if zygote:  # supervisor -> zygote -> worker
+            zygote_proc = psutil.Process(status["zygote"]["pid"])
+            assert zygote_proc.ppid() == srv.pid and worker.ppid() == zygote_proc.pid
+        else:
+            assert status["zygote"] is None and worker.ppid() == srv.pid
         left = [n for n in segments.our_segments() if n.startswith(f"mm-{srv.pid}-")]
         assert left, "the worker's segment exists while it runs"
     finally:
         srv.stop(signal.SIGKILL)
     assert _exits_within(worker, 1.0), "the worker outlived its supervisor by more than a second"
+    if zygote:
+        assert _exits_within(zygote_proc, 1.0), "the zygote outlived its supervisor by more than a second"
     # SIGKILL gave the supervisor no chance to clean up; a new server removes what it left
     # (a resource tracker may also have removed them already: both are fine)
-    srv2 = ServerProcess(home, _env()).start()
+    srv2 = ServerProcess(home, _env(zygote)).start()
     try:
         assert [n for n in segments.our_segments() if n.startswith(f"mm-{srv.pid}-")] == []
         r = httpx.post(f"{srv2.url}/api/v1/infer/echo", json={"input_data": {"text": "again"}}, timeout=60)

@@ -1,0 +1,627 @@
+"""How worker processes start: plain spawn, or a fork of the zygote.
+
+A `Launcher` starts the process of one worker on the worker's end of its control socket
+pair, and returns a `WorkerProcess`: what `WorkerHandle` needs to wait for, kill and forget
+that process, whoever its parent is.
+
+- `SpawnLauncher`: a fresh interpreter (`python -m modelmora_workers`), a child of the
+  supervisor. It imports the libraries itself: seconds, and its own copy of them in memory.
+- `ZygoteLauncher`: owns a zygote (`python -m modelmora_workers.zygote`), a child of the
+  supervisor that imported the libraries once; each worker is a fork of it, ready to load
+  weights at once, sharing the imported pages copy-on-write. The supervisor passes the
+  worker's socket with `SCM_RIGHTS` and keeps its own end. A forked worker is the zygote's
+  child, not ours: the zygote reaps it and reports its exit status; we watch it through a
+  pidfd the zygote sends with its pid (`anyio.wait_readable` on it works on asyncio and
+  trio), and kill it through that pidfd too (no pid reuse race).
+
+Failure handling: while the zygote imports, launches wait for it (a spawn would import the
+same libraries, competing for the same cores). When the zygote cannot start (it fails or
+times out `max_start_failures` times in a row) or a preload initialised CUDA, the launcher
+gives up on it and spawns. When a ready zygote dies, its workers die with it (their parent
+death signal); launches spawn until a restarted zygote is ready (restart after
+`restart_delay_s`, doubling up to `max_restart_delay_s` while it keeps dying).
+
+Environment: the zygote starts with the environment every worker gets (the supervisor's,
+or the scheduler's `worker_env`, plus OMP/MKL thread counts). A launch whose environment
+differs sends only the difference, applied in the child after the fork; what the preloaded
+libraries read at import time (OMP_NUM_THREADS, MKL_NUM_THREADS...) keeps the zygote's
+value: the worker sets its torch thread count explicitly. CUDA_VISIBLE_DEVICES does apply
+per worker, since the zygote never initialises CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import anyio.abc
+import structlog
+
+from ..errors import ModelLoadFailed
+from ..ipc import zygote as zw
+from ..ipc.control import ProtocolError
+
+if TYPE_CHECKING:
+    from .handle import WorkerSpec
+
+__all__ = (
+    "DEFAULT_PRELOAD",
+    "ForkedProcess",
+    "Launcher",
+    "SpawnLauncher",
+    "SpawnedProcess",
+    "WorkerProcess",
+    "ZygoteLauncher",
+    "ZygoteUnavailable",
+    "process_memory",
+    "worker_environment",
+)
+
+log = structlog.get_logger("modelmora.launch")
+
+DEFAULT_PRELOAD = ("numpy", "torch", "transformers", "sentence_transformers")
+"""What the zygote imports unless configured otherwise (`zygote_preload`)."""
+
+_EXIT_REPORT_WAIT_S = 1.0
+
+
+def worker_environment(base: Mapping[str, str] | None, threads: int) -> dict[str, str]:
+    """The environment of a worker: `base` (default: ours) with its OpenMP/MKL thread counts."""
+    count = str(max(1, threads))
+    return {**(os.environ if base is None else base), "OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count}
+
+
+def _smaps_rollup(pid: int) -> dict[str, int]:
+    """RSS and PSS of `pid` in bytes, from `/proc/PID/smaps_rollup` (empty when unreadable)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    out[key.lower()] = int(rest.split()[0]) * 1024
+    except OSError:
+        return {}
+    return out
+
+
+def process_memory(pid: int) -> dict[str, float] | None:
+    """RSS and PSS of `pid` in MiB (`rss_mb`, `pss_mb`); None when unreadable."""
+    memory = _smaps_rollup(pid)
+    return {f"{k}_mb": round(v / 2**20, 1) for k, v in memory.items()} if memory else None
+
+
+class WorkerProcess(Protocol):
+    """A started worker process, whoever its parent is."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once known (-N: killed by signal N); None while it runs, or if unknown."""
+
+    async def wait(self) -> int | None:
+        """Wait until the process has exited; its exit status when known."""
+
+    def kill(self) -> None:
+        """SIGKILL it (nothing when it is gone)."""
+
+    def close(self) -> None:
+        """Release what watching it holds (after the last `wait`)."""
+
+
+class Launcher(Protocol):
+    """Starts worker processes."""
+
+    async def launch(self, child_sock: socket.socket, env: Mapping[str, str], spec: WorkerSpec) -> WorkerProcess:
+        """Start a worker serving `child_sock` (the caller closes its copy afterwards).
+
+        Raises:
+            ModelLoadFailed: no process could be started.
+        """
+
+    def statistics(self) -> dict[str, Any] | None:
+        """The zygote's state for the status endpoint; None when there is no zygote."""
+
+
+class SpawnedProcess:
+    """A worker spawned as our own child (adapts `anyio.abc.Process`)."""
+
+    def __init__(self, process: anyio.abc.Process) -> None:
+        self._process = process
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+
+    def close(self) -> None:
+        """Nothing to release: the worker has no pipes."""
+
+
+class SpawnLauncher:
+    """Each worker is a fresh interpreter: `python -m modelmora_workers --fd N --ppid P`.
+
+    Args:
+        python: the interpreter.
+        preload: modules the worker imports before its pipeline (as the zygote would have),
+            timed apart from the load.
+        extra_args: appended to the command line.
+    """
+
+    def __init__(self, *, python: str = sys.executable, preload: Sequence[str] = (), extra_args: Sequence[str] = ()):
+        self.python = python
+        self.preload = tuple(preload)
+        self.extra_args = tuple(extra_args)
+
+    async def launch(self, child_sock: socket.socket, env: Mapping[str, str], spec: WorkerSpec) -> SpawnedProcess:
+        """Spawn the worker (see `Launcher.launch`)."""
+        fd = child_sock.fileno()
+        cmd = [self.python, "-m", "modelmora_workers", "--fd", str(fd), "--ppid", str(os.getpid())]
+        if self.preload:
+            cmd += ["--preload", ",".join(self.preload)]
+        try:
+            process = await anyio.open_process(
+                [*cmd, *self.extra_args],
+                stdin=subprocess.DEVNULL,
+                stdout=None,
+                stderr=None,
+                pass_fds=(fd,),
+                env=dict(env),
+            )
+        except OSError as exc:
+            raise ModelLoadFailed(f"model {spec.model_id!r}: cannot start a worker process") from exc
+        return SpawnedProcess(process)
+
+    def statistics(self) -> None:
+        return None
+
+
+class ZygoteUnavailable(Exception):
+    """The zygote could not start, or went away: spawn instead.
+
+    Args:
+        message: why.
+        permanent: trying again cannot help (e.g. a preload initialised CUDA).
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class ForkedProcess:
+    """A worker forked by the zygote: watched and killed through its pidfd.
+
+    Its exit status comes from the zygote (its parent, which reaps it) in an `Exited`
+    message; when the zygote died first it stays unknown (None).
+    """
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self._pid = pid
+        self._pidfd = pidfd
+        self._returncode: int | None = None
+        self._exited = False
+        self._reported = anyio.Event()
+        self._wait_lock = anyio.Lock()
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._returncode
+
+    def report(self, returncode: int | None) -> None:
+        """Record the exit status the zygote reported (None: it will never report)."""
+        if not self._reported.is_set():
+            self._returncode = returncode
+            self._reported.set()
+
+    async def wait(self) -> int | None:
+        """Wait for the pidfd to turn readable (the process exited), then briefly for its status."""
+        async with self._wait_lock:  # one waiter per descriptor
+            if not self._exited:
+                if self._pidfd < 0:
+                    raise anyio.ClosedResourceError
+                await anyio.wait_readable(self._pidfd)
+                self._exited = True
+        with anyio.move_on_after(_EXIT_REPORT_WAIT_S):  # the zygote reaps it and reports at once
+            await self._reported.wait()
+        return self._returncode
+
+    def kill(self) -> None:
+        if self._pidfd >= 0 and not self._exited:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            anyio.notify_closing(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+class _PendingFork:
+    __slots__ = ("done", "error", "process")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.process: ForkedProcess | None = None
+        self.error = ""
+
+
+class _Zygote:
+    """One running zygote, seen from the supervisor: its process and its control socket."""
+
+    def __init__(self, process: anyio.abc.Process, sock: socket.socket) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.sock = sock
+        self.ready: zw.Ready | None = None
+        self.children: dict[int, ForkedProcess] = {}
+        self._pending: dict[int, _PendingFork] = {}
+        self._next_id = 0
+        self._send_lock = anyio.Lock()
+        self._closed = False
+
+    async def receive(self) -> tuple[zw.ZygoteMessage | None, list[int]]:
+        """The next packet and its descriptors; (None, []) when the zygote closed the socket."""
+        while True:
+            await anyio.wait_readable(self.sock)
+            try:
+                data, fds, flags, _ = socket.recv_fds(self.sock, zw.MAX_PACKET_BYTES, 1, socket.MSG_CMSG_CLOEXEC)
+            except BlockingIOError:  # pragma: no cover - spurious wake-up
+                continue
+            except ConnectionResetError:
+                return None, []
+            if not data and not fds:
+                return None, []
+            return zw.decode(data, flags, fds), fds
+
+    async def _send(self, msg: zw.ZygoteMessage, fds: list[int]) -> None:
+        data = zw.encode(msg)
+        async with self._send_lock:
+            while True:
+                if self._closed:
+                    raise ZygoteUnavailable("the zygote is gone")
+                try:
+                    socket.send_fds(self.sock, [data], fds)
+                    return
+                except BlockingIOError:  # pragma: no cover - the zygote reads promptly
+                    try:
+                        await anyio.wait_writable(self.sock)
+                    except anyio.ClosedResourceError as exc:
+                        raise ZygoteUnavailable("the zygote is gone") from exc
+                except OSError as exc:
+                    raise ZygoteUnavailable(f"the zygote is gone: {exc}") from exc
+
+    async def fork(self, child_sock: socket.socket, env: dict[str, str], unset: list[str]) -> ForkedProcess:
+        """Ask for a worker on `child_sock`.
+
+        Raises:
+            ZygoteUnavailable: the zygote went away before answering.
+            ModelLoadFailed: the zygote could not fork.
+        """
+        self._next_id += 1
+        rid = self._next_id
+        pending = self._pending[rid] = _PendingFork()
+        try:
+            await self._send(zw.Fork(rid, env, unset), [child_sock.fileno()])
+            await pending.done.wait()
+        finally:  # cancelled: a late answer finds no request, and its pidfd is closed
+            self._pending.pop(rid, None)
+        if pending.process is not None:
+            return pending.process
+        if self._closed:
+            raise ZygoteUnavailable(pending.error)
+        raise ModelLoadFailed(f"cannot start a worker: {pending.error}")
+
+    async def serve(self) -> None:
+        """Dispatch the zygote's messages until it closes the socket.
+
+        Raises:
+            ProtocolError: the zygote sent something that is no valid answer.
+        """
+        while True:
+            msg, fds = await self.receive()
+            match msg:
+                case None:
+                    return
+                case zw.Forked(request_id=rid, pid=pid):
+                    pending = self._pending.get(rid)
+                    if pending is None or len(fds) != 1:
+                        zw.close_fds(fds)  # an abandoned request: its child exits at EOF on its socket
+                        continue
+                    process = self.children[pid] = ForkedProcess(pid, fds[0])
+                    pending.process = process
+                    pending.done.set()
+                case zw.ForkFailed(request_id=rid, message=text):
+                    zw.close_fds(fds)
+                    pending = self._pending.get(rid)
+                    if pending is not None:
+                        pending.error = text
+                        pending.done.set()
+                case zw.Exited(pid=pid, returncode=code):
+                    zw.close_fds(fds)
+                    child = self.children.pop(pid, None)
+                    if child is not None:
+                        child.report(code)
+                case _:
+                    zw.close_fds(fds)
+                    raise ProtocolError(f"unexpected message from the zygote: {type(msg).__name__}")
+
+    def close(self) -> None:
+        """Fail what waits on this zygote and close the socket (the zygote exits at EOF)."""
+        self._closed = True
+        for pending in self._pending.values():
+            pending.error = "the zygote exited"
+            pending.done.set()
+        for child in self.children.values():
+            child.report(None)  # the zygote reaps no more: the status stays unknown
+        self.children.clear()
+        anyio.notify_closing(self.sock)
+        self.sock.close()
+
+
+class ZygoteLauncher:
+    """Forks workers from a zygote it owns; spawns when there is none (see the module docs).
+
+    Use `async with launcher.running():` around everything that launches workers; launches
+    outside that block spawn.
+
+    Args:
+        env: the environment of the zygote, so of every forked worker.
+        preload: modules the zygote imports (after numpy, psutil, msgspec).
+        python: the interpreter.
+        ready_timeout_s: how long the zygote may take to import `preload`.
+        stop_grace_s: how long the zygote may take to exit once its socket is closed.
+        max_start_failures: consecutive failed starts after which the zygote is given up.
+        restart_delay_s: the delay before restarting a zygote that exited, doubled while
+            restarts keep failing, up to `max_restart_delay_s`.
+        fallback: the launcher used when there is no zygote (default: spawn with the
+            same preload list, so that workers import the same modules either way).
+    """
+
+    def __init__(
+        self,
+        *,
+        env: Mapping[str, str],
+        preload: Sequence[str] = DEFAULT_PRELOAD,
+        python: str = sys.executable,
+        ready_timeout_s: float = 300.0,
+        stop_grace_s: float = 5.0,
+        max_start_failures: int = 3,
+        restart_delay_s: float = 1.0,
+        max_restart_delay_s: float = 60.0,
+        fallback: SpawnLauncher | None = None,
+    ) -> None:
+        self.env = dict(env)
+        self.preload = tuple(preload)
+        self.python = python
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.max_start_failures = max_start_failures
+        self.restart_delay_s = restart_delay_s
+        self.max_restart_delay_s = max_restart_delay_s
+        self.fallback = fallback or SpawnLauncher(python=python, preload=self.preload)
+        self.state = "stopped"
+        """stopped | starting | ready | down (restarting) | failed (given up: spawn only)."""
+        self.starts = 0
+        self.forks = 0
+        self.spawns = 0
+        self._zygote: _Zygote | None = None
+        self._changed: anyio.Event | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the ready zygote, if any."""
+        return self._zygote.pid if self._zygote is not None else None
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        if self._changed is not None:
+            self._changed.set()
+        self._changed = anyio.Event()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[ZygoteLauncher]:
+        """Own the zygote (start it, restart it, stop it) for the duration of the block.
+
+        The zygote starts in the background: the block runs at once, and launches wait for
+        the zygote's imports. On exit the zygote's socket is closed and the zygote reaped;
+        workers it forked that still run die with it, so stop them first.
+        """
+        async with anyio.create_task_group() as tg:
+            self._set_state("starting")
+            tg.start_soon(self._supervise, name="zygote")
+            try:
+                yield self
+            finally:
+                tg.cancel_scope.cancel()
+        self.state = "stopped"
+
+    async def wait_ready(self) -> bool:
+        """Wait while the zygote starts: True when it is ready, False when down or given up."""
+        await self.wait_for("stopped", "ready", "down", "failed")
+        return self.state == "ready" and self._zygote is not None
+
+    async def wait_for(self, *states: str) -> None:
+        """Wait until the state is one of `states`."""
+        while self.state not in states:
+            assert self._changed is not None, "the launcher is not running"
+            await self._changed.wait()
+
+    async def _supervise(self) -> None:
+        failures = 0
+        delay = self.restart_delay_s
+        while True:
+            if self.state != "starting":
+                self._set_state("starting")
+            started = anyio.current_time()
+            try:
+                await self._run_zygote()
+            except ZygoteUnavailable as exc:
+                failures += 1
+                log.warning("zygote_start_failed", error=str(exc), attempt=failures, of=self.max_start_failures)
+                if failures >= self.max_start_failures or exc.permanent:
+                    self._set_state("failed")
+                    log.error("zygote_disabled", reason=str(exc), fallback="spawn")
+                    return
+            else:
+                failures = 0
+                if anyio.current_time() - started >= self.max_restart_delay_s:
+                    delay = self.restart_delay_s  # it ran a good while: restart promptly
+            self._set_state("down")
+            log.warning("zygote_restarting", in_s=delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, self.max_restart_delay_s)
+
+    async def _run_zygote(self) -> None:
+        """Start one zygote and serve it until it exits.
+
+        Raises:
+            ZygoteUnavailable: it never became ready.
+        """
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        process: anyio.abc.Process | None = None
+        zygote: _Zygote | None = None
+        try:
+            cmd = [self.python, "-m", "modelmora_workers.zygote", "--fd", str(child.fileno())]
+            cmd += ["--ppid", str(os.getpid()), "--preload", ",".join(self.preload)]
+            cmd += ["--grace", f"{self.stop_grace_s * 0.8:g}"]  # children exiting at EOF: before we kill it
+            try:
+                process = await anyio.open_process(
+                    cmd, stdin=subprocess.DEVNULL, stdout=None, stderr=None, pass_fds=(child.fileno(),), env=self.env
+                )
+            except OSError as exc:
+                raise ZygoteUnavailable(f"cannot start the zygote: {exc}") from exc
+            finally:
+                child.close()
+            parent.setblocking(False)
+            zygote = _Zygote(process, parent)
+            self.starts += 1
+            log.info("zygote_starting", pid=process.pid, preload=",".join(self.preload))
+            t0 = time.perf_counter()
+            try:
+                with anyio.fail_after(self.ready_timeout_s):
+                    msg, fds = await zygote.receive()
+            except TimeoutError as exc:
+                raise ZygoteUnavailable(f"the zygote was not ready within {self.ready_timeout_s:g} s") from exc
+            except ProtocolError as exc:
+                raise ZygoteUnavailable(f"the zygote spoke nonsense: {exc}") from exc
+            zw.close_fds(fds)
+            self._check_ready(msg)
+            assert isinstance(msg, zw.Ready)
+            zygote.ready = msg
+            self._zygote = zygote
+            self._set_state("ready")
+            log.info(
+                "zygote_ready",
+                pid=process.pid,
+                ready_s=round(time.perf_counter() - t0, 2),
+                import_ms={k: round(v) for k, v in msg.import_ms.items()},
+                threads=msg.threads,
+                rss_mb=round(msg.rss_bytes / 2**20, 1),
+            )
+            try:
+                await zygote.serve()
+            except ProtocolError:
+                log.exception("zygote_protocol_error", pid=process.pid)
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._zygote = None
+                if self.state == "ready":
+                    self._set_state("down")
+                if zygote is not None:
+                    zygote.close()
+                else:
+                    parent.close()
+                if process is not None:
+                    with anyio.move_on_after(self.stop_grace_s):
+                        await process.wait()
+                    if process.returncode is None:
+                        process.kill()
+                        await process.wait()
+                    if zygote is not None and zygote.ready is not None:
+                        log.info("zygote_exited", pid=process.pid, returncode=process.returncode)
+
+    def _check_ready(self, msg: zw.ZygoteMessage | None) -> None:
+        if not isinstance(msg, zw.Ready):
+            raise ZygoteUnavailable("the zygote exited before it was ready")
+        if msg.protocol != zw.ZYGOTE_PROTOCOL:
+            raise ZygoteUnavailable(
+                f"the zygote speaks protocol {msg.protocol}, we {zw.ZYGOTE_PROTOCOL}", permanent=True
+            )
+        if msg.cuda_initialised:
+            raise ZygoteUnavailable(
+                "importing the preload list initialised CUDA, which forked workers cannot inherit;"
+                " remove the module responsible from zygote_preload",
+                permanent=True,
+            )
+        if msg.failed:
+            log.warning("zygote_preload_failed", modules=msg.failed)
+
+    async def launch(self, child_sock: socket.socket, env: Mapping[str, str], spec: WorkerSpec) -> WorkerProcess:
+        """Fork the worker from the zygote, or spawn it when there is no zygote (see `Launcher.launch`)."""
+        if await self.wait_ready():
+            zygote = self._zygote
+            assert zygote is not None
+            diff = {k: v for k, v in env.items() if self.env.get(k) != v}
+            unset = [k for k in self.env if k not in env]
+            try:
+                process = await zygote.fork(child_sock, diff, unset)
+            except ZygoteUnavailable as exc:
+                log.warning("zygote_fork_failed", model=spec.model_id, error=str(exc), fallback="spawn")
+            else:
+                self.forks += 1
+                return process
+        else:
+            log.warning("zygote_unavailable", model=spec.model_id, state=self.state, fallback="spawn")
+        self.spawns += 1
+        return await self.fallback.launch(child_sock, env, spec)
+
+    def shared_pss_bytes(self) -> int | None:
+        """The zygote's PSS in bytes (it counts against the workers' budget); None without a zygote."""
+        pid = self.pid
+        return _smaps_rollup(pid).get("pss") if pid is not None else None
+
+    def statistics(self) -> dict[str, Any]:
+        """State, pid, memory (RSS and PSS from smaps_rollup) and counters of the zygote."""
+        zygote = self._zygote
+        out: dict[str, Any] = {
+            "state": self.state,
+            "pid": None,
+            "preload": list(self.preload),
+            "starts": self.starts,
+            "forks": self.forks,
+            "spawned_instead": self.spawns,
+        }
+        if zygote is not None and zygote.ready is not None:
+            out["pid"] = zygote.pid
+            out["workers"] = len(zygote.children)
+            out["import_ms"] = round(sum(zygote.ready.import_ms.values()), 1)
+            out["failed_imports"] = dict(zygote.ready.failed)
+            out.update(process_memory(zygote.pid) or {})
+        return out
