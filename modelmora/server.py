@@ -113,6 +113,7 @@ async def serve(
     try:
         async with _owned(launcher), anyio.create_task_group() as tg:
             await tg.start(scheduler.run)
+            await scheduler.preload(store)  # starts the loads; requests are accepted meanwhile
             signal_scope = anyio.CancelScope()
             tg.start_soon(_signals, stop, signal_scope)
             log.info("listening", url=f"http://{settings.host}:{port}", home=str(home), instance=instance_id)

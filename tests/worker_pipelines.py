@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from modelmora_workers import cancel
 from modelmora_workers.pipelines.base import InputError
 
 
@@ -44,5 +45,9 @@ class Echo:
                 raise InputError("this text is refused", f"$.input_data.text[{i}]")
             if t.startswith("__sleep__"):
                 time.sleep(float(t.removeprefix("__sleep__")))
+            if t.startswith("__steps__"):  # a long job in 0.1 s steps, cancellable between steps
+                for _ in range(int(t.removeprefix("__steps__"))):
+                    cancel.check()
+                    time.sleep(0.1)
             rows.append([float(len(t)), float(sum(map(ord, t))), float(i), float(len(texts))])
         return {"embeddings": np.asarray(rows, dtype=np.float32).reshape(len(texts), 4)}

@@ -18,9 +18,11 @@ import contextlib
 import ctypes
 import importlib
 import os
+import queue
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Sequence
@@ -33,6 +35,7 @@ from modelmora.ipc.control import FrameDecoder, recv_message, send_message
 from modelmora.ipc.ring import PayloadTooLarge, RingFull, ShmRing
 from modelmora.ipc.segments import AttachedSegments, attach
 
+from . import cancel
 from .pipelines.base import InputError, Pipeline
 
 __all__ = ("Worker", "die_with_parent", "main", "pipeline_class", "preload", "serve")
@@ -98,9 +101,31 @@ class Worker:
         self.backlog: list[m.Message] = []
         self.shm: Any = None
         self.pipeline: Pipeline | None = None
+        self._inbox: queue.SimpleQueue[m.Message | None] | None = None
 
     def recv(self) -> m.Message | None:
+        if self._inbox is not None:
+            return self._inbox.get()
         return recv_message(self.sock, self.decoder, self.backlog)
+
+    def _read_control(self) -> None:
+        """Control reader thread: cancel flags take effect at once, the rest goes to the inbox."""
+        assert self._inbox is not None
+        try:
+            while True:
+                msg = recv_message(self.sock, self.decoder, self.backlog)
+                if isinstance(msg, m.Cancel):
+                    cancel.request(msg.batch_id)
+                    continue
+                self._inbox.put(msg)
+                if msg is None or isinstance(msg, m.Shutdown):
+                    return
+        except OSError:
+            self._inbox.put(None)
+
+    def start_reader(self) -> None:
+        self._inbox = queue.SimpleQueue()
+        threading.Thread(target=self._read_control, name="control-reader", daemon=True).start()
 
     def send(self, msg: m.Message) -> None:
         send_message(self.sock, msg)
@@ -143,6 +168,7 @@ class Worker:
         info = {"import_ms": (t1 - t0) * 1e3, "forked": self.forked}
         self.send(m.Loaded((t2 - t1) * 1e3, (t3 - t2) * 1e3, rss, self.pipeline.device, info))
         _log("ready", model=first.model_id, version=first.version, device=self.pipeline.device)
+        self.start_reader()
         while True:
             msg = self.recv()
             match msg:
@@ -189,10 +215,15 @@ class Worker:
         t0 = time.perf_counter()
         try:
             inputs = {name: self._decode(item) for name, item in msg.inputs.items()}
-            outputs = self.pipeline.run(inputs, msg.params)
+            with cancel.running(msg.batch_id):
+                outputs = self.pipeline.run(inputs, msg.params)
             del inputs
             self._release_inputs(msg)
             encoded = {name: self._write(arr) for name, arr in outputs.items()}
+        except cancel.Cancelled:
+            self._release_inputs(msg)
+            self.send(m.Error(msg.batch_id, "cancelled", "cancelled by the supervisor"))
+            return
         except InputError as exc:
             self._release_inputs(msg)
             self.send(m.Error(msg.batch_id, "invalid_input", str(exc), exc.field or ""))

@@ -17,6 +17,7 @@ import msgspec
 
 __all__ = (
     "PROTOCOL_VERSION",
+    "Cancel",
     "Error",
     "Hello",
     "Infer",
@@ -30,7 +31,7 @@ __all__ = (
     "Text",
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Cancel
 
 
 class Span(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -87,6 +88,12 @@ class Infer(msgspec.Struct, tag="infer", array_like=True, frozen=True, gc=False)
     params: dict[str, Any] = {}
 
 
+class Cancel(msgspec.Struct, tag="cancel", array_like=True, frozen=True, gc=False):
+    """Nobody waits for this batch any more: stop it at the pipeline's next step."""
+
+    batch_id: int
+
+
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True, frozen=True):
     """Finish the current batch and exit."""
 
@@ -128,4 +135,4 @@ class Error(msgspec.Struct, tag="error", array_like=True, frozen=True):
     field: str = ""
 
 
-Message = Load | Infer | Shutdown | Hello | Loaded | Result | Error
+Message = Load | Infer | Cancel | Shutdown | Hello | Loaded | Result | Error

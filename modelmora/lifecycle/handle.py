@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from ..errors import InvalidInput, ModelLoadFailed, ModelMoraError, WorkerCrashed
+from ..errors import InvalidInput, ModelLoadFailed, ModelMoraError, ModelUnavailable, WorkerCrashed
 from ..ipc import messages as m
 from ..ipc import segments
 from ..ipc.control import FrameDecoder, ProtocolError, encode_frame
@@ -348,6 +348,8 @@ class WorkerHandle:
                 err: ModelMoraError
                 if code == "invalid_input":
                     err = InvalidInput(message, field=fld or None)
+                elif code == "cancelled":
+                    err = ModelUnavailable(f"model {self.spec.model_id!r}: the request was cancelled")
                 else:
                     err = WorkerError(f"model {self.spec.model_id!r}: {code}")
                     log.error("worker_batch_failed", model=self.spec.model_id, code=code, detail=message)
@@ -385,7 +387,20 @@ class WorkerHandle:
         except PayloadTooLarge as exc:  # pragma: no cover - checked above
             raise AssertionError from exc
 
-    async def infer(self, texts: dict[str, list[str]], params: dict[str, Any]) -> Outputs:
+    def new_batch_id(self) -> int:
+        """Allocate the id of the next batch (to pass to `infer`, and to `cancel` it later)."""
+        self._next_batch += 1
+        return self._next_batch
+
+    async def cancel(self, batch_id: int) -> None:
+        """Ask the worker to stop a running batch at its pipeline's next step (best effort)."""
+        if batch_id in self._slots and not self.dead:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                await self._send(m.Cancel(batch_id))
+
+    async def infer(
+        self, texts: dict[str, list[str]], params: dict[str, Any], *, batch_id: int | None = None
+    ) -> Outputs:
         """Run one batch of text inputs; returns the worker's output arrays.
 
         Raises:
@@ -403,8 +418,7 @@ class WorkerHandle:
             if big:
                 large.append(big)
             inputs[name] = m.Text(span, [len(b) for b in encoded])
-        self._next_batch += 1
-        bid = self._next_batch
+        bid = self.new_batch_id() if batch_id is None else batch_id
         slot = self._slots[bid] = _Slot(large)
         try:
             await self._send(m.Infer(bid, inputs, params))

@@ -71,6 +71,10 @@ class ModelRuntime:
     worker: WorkerHandle | None = None
     busy: bool = False
     """A batch is running in the worker (it pins the model)."""
+    running: list[Request] = field(default_factory=list)
+    """The requests of the batch in the worker."""
+    running_abandoned: anyio.Event | None = None
+    """Set when every request of the running batch was withdrawn: the worker is told to stop it."""
     stop_reason: str | None = None
     """Why the worker should stop: "evict", "unload" (drain first) or "unload-now"."""
     load_requested: bool = False
@@ -217,11 +221,17 @@ class Scheduler:
 
     @staticmethod
     def withdraw(rt: ModelRuntime, req: Request) -> None:
-        """The caller gave up (deadline, disconnect): drop it from the queue, or drop its result."""
+        """The caller gave up (deadline, disconnect): drop it from the queue, or drop its result.
+
+        When nobody waits for any request of the running batch any more, the worker is told
+        to stop it at the pipeline's next step (long generations free the worker early).
+        """
         if not req.done.is_set():
             req.cancel()
             rt.queue.discard(req)
             rt.cancelled += 1
+            if req in rt.running and all(r.cancelled for r in rt.running) and rt.running_abandoned is not None:
+                rt.running_abandoned.set()
 
     async def preload(self, store: ModelStore) -> list[str]:
         """Start loading (without waiting) every model whose settings say `preload`."""
@@ -522,15 +532,34 @@ class Scheduler:
         params = dict(batch[0].params)
         params["batch_size"] = max_items
         rt.batches += 1
+        bid = worker.new_batch_id()
+        abandoned = rt.running_abandoned = anyio.Event()
+        rt.running = batch
+
+        async def cancel_when_abandoned() -> None:
+            await abandoned.wait()
+            log.info("batch_cancelled", model=str(rt.key), batch=bid)
+            await worker.cancel(bid)
+
         try:
-            outputs = await worker.infer({"text": texts}, params)
-            self._deliver(batch, outputs)
-            rt.served += len(batch)
-            rt.last_used = time.time()
-        except ModelMoraError as exc:
-            for req in batch:
-                req.set_error(exc)
+            error: ModelMoraError | None = None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_when_abandoned)
+                try:
+                    outputs = await worker.infer({"text": texts}, params, batch_id=bid)
+                except ModelMoraError as exc:
+                    error = exc
+                tg.cancel_scope.cancel()
+            if error is None:
+                self._deliver(batch, outputs)
+                rt.served += len(batch)
+                rt.last_used = time.time()
+            else:
+                for req in batch:
+                    req.set_error(error)
         finally:
+            rt.running = []
+            rt.running_abandoned = None
             if any(not r.done.is_set() for r in batch):
                 err: ModelMoraError = (
                     WorkerCrashed(

@@ -208,3 +208,28 @@ async def test_many_concurrent_requests_without_errors(echo_app: AppUnderTest, n
         for i in range(n):
             tg.start_soon(one, i)
     assert codes == [200] * n
+
+
+async def test_cancelled_long_job_stops_within_one_step(echo_app: AppUnderTest) -> None:
+    assert (await post(echo_app, "warm"))[0] == 200
+    code, body = await post(echo_app, "__steps__50", timeout_seconds=0.35)  # 5 s of 0.1 s steps
+    assert code == 504
+    t0 = anyio.current_time()
+    code, body = await post(echo_app, "next")
+    assert code == 200
+    # the worker dropped the abandoned job at its next step instead of running 4.6 s more
+    assert anyio.current_time() - t0 < 1.0, body["timing"]
+
+
+async def test_cancelling_one_of_a_shared_batch_keeps_it_running(echo_app: AppUnderTest) -> None:
+    assert (await post(echo_app, "warm"))[0] == 200
+    results: dict[str, int] = {}
+
+    async def one(name: str, timeout_s: float) -> None:
+        results[name] = (await post(echo_app, "__steps__5", timeout_seconds=timeout_s))[0]
+
+    async with anyio.create_task_group() as tg:
+        await occupy_worker(echo_app, tg, 0.2)
+        tg.start_soon(one, "patient", 10.0)
+        tg.start_soon(one, "hasty", 0.4)  # same params: both ride in one batch of 0.5 s
+    assert results == {"hasty": 504, "patient": 200}

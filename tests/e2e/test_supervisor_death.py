@@ -89,3 +89,21 @@ def test_remove_stale_spares_live_servers(tmp_path: Path) -> None:
         assert mine.name in segments.our_segments()
     finally:
         segments.unlink(mine)
+
+
+def test_preload_on_start(tmp_path: Path, echo_dir: Path) -> None:
+    home = tmp_path / "home"
+    mm("install", str(echo_dir), "--id", "echo", "--task", "txt2embed", home=home)
+    mm("set", "echo", "--preload", home=home)
+    srv = ServerProcess(home, _env()).start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # no request was sent: the server loads it on its own
+            models = httpx.get(f"{srv.url}/api/v1/status").json()["models"]
+            if models and models[0]["state"] == "ready":
+                break
+            assert time.monotonic() < deadline, models
+            time.sleep(0.05)
+        assert models[0]["served"] == 0
+    finally:
+        assert srv.stop() == 0
