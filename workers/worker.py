@@ -84,6 +84,14 @@ def preload(modules: Iterable[str]) -> tuple[dict[str, float], dict[str, str]]:
     return times, failed
 
 
+def release_gpu_memory() -> None:
+    """On a GPU worker, hand cached CUDA memory back before the process ends."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # pragma: no cover - needs a GPU
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def pipeline_class(spec: str) -> Any:
     """Import the module of "module:Class" and return the class."""
     module_name, _, cls_name = spec.partition(":")
@@ -175,6 +183,7 @@ class Worker:
                 case m.Infer():
                     self.infer(msg)
                 case m.Shutdown() | None:
+                    release_gpu_memory()
                     return 0
                 case _:
                     _log("unexpected_message", type=type(msg).__name__)

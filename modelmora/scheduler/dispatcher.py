@@ -86,6 +86,8 @@ class ModelRuntime:
     measured_mb: float | None = None
     loads: int = 0
     crashes: int = 0
+    crash_streak: int = 0
+    """Crashes since the last batch that succeeded: restarts back off once it reaches 2."""
     evictions: int = 0
     served: int = 0
     batches: int = 0
@@ -307,6 +309,11 @@ class Scheduler:
     async def _serve(self, rt: ModelRuntime) -> None:
         while True:
             await self._wait_for_work(rt)
+            if rt.crash_streak >= 2:  # it keeps crashing: back off before starting it again
+                s = self.settings
+                delay = min(s.load_retry_cap_s, s.load_retry_base_s * 2 ** (rt.crash_streak - 2))
+                log.warning("restart_backoff", model=str(rt.key), crashes=rt.crash_streak, delay_s=delay)
+                await anyio.sleep(delay)
             try:
                 await self._admit(rt)
             except InsufficientMemory as exc:
@@ -467,6 +474,7 @@ class Scheduler:
                 tg.cancel_scope.cancel()
             if worker.crashed:
                 rt.crashes += 1
+                rt.crash_streak += 1
                 rt.last_error = f"worker {worker.pid} exited unexpectedly"
                 rt.set_state(ModelState.CACHED, "worker crashed")
             else:
@@ -552,6 +560,7 @@ class Scheduler:
                 tg.cancel_scope.cancel()
             if error is None:
                 self._deliver(batch, outputs)
+                rt.crash_streak = 0
                 rt.served += len(batch)
                 rt.last_used = time.time()
             else:

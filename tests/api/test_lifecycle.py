@@ -226,3 +226,31 @@ async def test_preload_loads_marked_models_without_a_request(echo_app: AppUnderT
     assert await echo_app.scheduler.preload(echo_app.store) == ["pre@1.0.0"]
     got = await until(lambda: states(echo_app), lambda s: s.get("pre") == "ready")
     assert "lazy" not in got and "echo" not in got  # lazy models load on their first request
+
+
+async def test_sigkill_under_load_other_models_keep_serving(echo_app: AppUnderTest, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    add_models(echo_app, tmp_path, ["other"], weights_mb=1)
+    assert await ask(echo_app, "echo") == 200 and await ask(echo_app, "other") == 200
+    victim = next(m for m in (await echo_app.client.get("/api/v1/status")).json()["models"] if m["model_id"] == "echo")
+    codes: dict[str, list[int]] = {"echo": [], "other": []}
+
+    async def load(model: str, n: int) -> None:
+        for _ in range(n):
+            codes[model].append(await ask(echo_app, model, "__sleep__0.02"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(load, "echo", 20)
+        tg.start_soon(load, "other", 20)
+        await anyio.sleep(0.15)
+        os.kill(victim["worker"]["pid"], signal.SIGKILL)
+    assert codes["other"] == [200] * 20  # untouched
+    assert set(codes["echo"]) <= {200, 503} and codes["echo"][-1] == 200  # at most the held batch failed
+    assert codes["echo"].count(503) <= 1
+    by_id = {m["model_id"]: m for m in (await echo_app.client.get("/api/v1/status")).json()["models"]}
+    assert by_id["echo"]["crashes"] == 1 and by_id["other"]["crashes"] == 0
+    live = {m["worker"]["pid"] for m in by_id.values() if "worker" in m}
+    assert victim["worker"]["pid"] not in live
+    assert len([s for s in segments.our_segments(echo_app.scheduler.instance_id) if "-w-" in s]) == 2

@@ -22,6 +22,7 @@ def test_disconnect_cancels_the_queued_request(tmp_path: Path, echo_dir: Path) -
     env = {
         "MODELMORA_PIPELINES__TXT2EMBED": "worker_pipelines:Echo",
         "MODELMORA_MAX_BATCH_SIZE": "1",
+        "MODELMORA_ZYGOTE_PRELOAD": "numpy",
         "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p),
     }
     srv = ServerProcess(home, env).start()
