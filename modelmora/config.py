@@ -85,7 +85,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Consecutive failed loads after which a model stays failed until an explicit load."""
     unload_grace_s: float = 30.0
     """An explicit unload drains queued requests for at most this long, then fails the rest."""
-    memory_poll_ms: float = 500.0
+    memory_poll_ms: float = 5000.0
+    """How often workers' PSS is re-measured (also measured right after each load)."""
     request_ring_mb: int = 16
     response_ring_mb: int = 16
     torch_threads: int = 0

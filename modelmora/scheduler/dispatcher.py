@@ -30,6 +30,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import msgspec
 import structlog
 
@@ -117,6 +118,11 @@ class ModelRuntime:
     @property
     def loaded(self) -> bool:
         return self.worker is not None and not self.worker.dead
+
+
+def _read_pss(pids: list[int], shared: Any) -> tuple[list[int | None], int | None]:
+    """PSS of each pid, and of the shared processes (the zygote) when `shared` is callable."""
+    return [pss_bytes(pid) for pid in pids], (shared() if callable(shared) else None)
 
 
 class Scheduler:
@@ -466,7 +472,7 @@ class Scheduler:
             rt.retry_at = None
             rt.last_error = None
             rt.load_requested = False
-            self._measure(rt)
+            await self._measure(rt)
             rt.set_state(ModelState.READY)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch, worker, tg.cancel_scope)
@@ -480,12 +486,16 @@ class Scheduler:
             else:
                 rt.set_state(ModelState.UNLOADING, rt.stop_reason or "stopping")
 
-    def _measure(self, rt: ModelRuntime) -> None:
+    async def _measure(self, rt: ModelRuntime) -> None:
         if rt.worker is None:
             return
-        pss = pss_bytes(rt.worker.pid)
+        # reading smaps_rollup walks every mapping (~16 ms for a 900 MB worker): off the event loop
+        pss = await anyio.to_thread.run_sync(pss_bytes, rt.worker.pid)
         if pss is None:
             return
+        self._record(rt, pss)
+
+    def _record(self, rt: ModelRuntime, pss: int) -> None:
         rt.measured_mb = pss / _MB
         self.budget.measure(rt.key, rt.measured_mb)
         if self._learn_base:
@@ -595,17 +605,23 @@ class Scheduler:
     # -- memory monitor ----------------------------------------------------------------------
 
     async def _monitor(self) -> None:
-        """Refresh measured PSS; if the budget is exceeded, evict LRU idle models at once."""
+        """Refresh measured PSS; if the budget is exceeded, evict LRU idle models at once.
+
+        The /proc reads run in a worker thread: they cost milliseconds per large process and
+        would otherwise stall every request on the event loop.
+        """
         interval = self.settings.memory_poll_ms / 1000
+        shared = getattr(self.launcher, "shared_pss_bytes", None)
         while True:
             await anyio.sleep(interval)
-            for rt in list(self.models.values()):
-                if rt.loaded and rt.state == ModelState.READY:
-                    self._measure(rt)
-            shared = getattr(self.launcher, "shared_pss_bytes", None)
+            live = [(rt, rt.worker.pid) for rt in self.models.values() if rt.worker is not None and rt.loaded]
+
+            values, shared_bytes = await anyio.to_thread.run_sync(_read_pss, [pid for _, pid in live], shared)
+            for (rt, pid), pss in zip(live, values, strict=True):
+                if pss is not None and rt.worker is not None and rt.worker.pid == pid and rt.state == ModelState.READY:
+                    self._record(rt, pss)
             if callable(shared):
-                value = shared()
-                self.budget.shared_mb = (value or 0) / _MB
+                self.budget.shared_mb = (shared_bytes or 0) / _MB
             if not self.budget.unlimited and self.budget.used_mb() > self.budget.budget_mb:
                 victim = self._victim(exclude=None)
                 if victim is not None and not victim.busy:
