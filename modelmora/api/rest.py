@@ -78,6 +78,17 @@ def _split_validation(exc: msgspec.ValidationError, prefix: str) -> tuple[str, s
     return message, prefix + path[1:] if path.startswith("$") else prefix
 
 
+def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """Decode a JSON body: 400 when it is not JSON, 422 naming the field when a value is wrong."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        message, field = _split_validation(exc, "$")
+        raise InvalidInput(message, field=field) from None
+    except msgspec.DecodeError:
+        raise MalformedRequest("request body is not valid JSON") from None
+
+
 def _convert(obj: Any, type_: type[T], prefix: str) -> T:
     try:
         return msgspec.convert(obj, type_)
@@ -146,14 +157,7 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
         t0 = time.perf_counter()
         start = anyio.current_time()
         model_id = request.path_params["model_id"]
-        body = await _read_body(request, settings.max_body_bytes)
-        try:
-            env = _envelope_decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            message, field = _split_validation(exc, "$")
-            raise InvalidInput(message, field=field) from None
-        except msgspec.DecodeError:
-            raise MalformedRequest("request body is not valid JSON") from None
+        env = _decode(_envelope_decoder, await _read_body(request, settings.max_body_bytes))
         rec, model_settings = await catalog.get(model_id)
         version = env.version or rec.active_version
         vrec = rec.version_record(version)
@@ -230,14 +234,7 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
     async def put_model(request: HTTPRequest) -> Response:
         """Replace a model's settings (fields left out take the server's defaults)."""
         model_id = request.path_params["model_id"]
-        body = await _read_body(request, settings.max_body_bytes)
-        try:
-            update = _settings_decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            message, field = _split_validation(exc, "$")
-            raise InvalidInput(message, field=field) from None
-        except msgspec.DecodeError:
-            raise MalformedRequest("request body is not valid JSON") from None
+        update = _decode(_settings_decoder, await _read_body(request, settings.max_body_bytes))
         new = await store.aupdate_settings(model_id, msgspec.to_builtins(update))
         if new is None:
             raise ModelNotFound(f"model {model_id!r} is not installed")
