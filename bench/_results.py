@@ -18,3 +18,20 @@ def write_section(heading: str, section: str) -> None:
         end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("\n" + text[end + 1 :] if end != -1 else "")
     RESULTS.write_text(text if text.endswith("\n") else text + "\n")
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for the machine line of a results section."""
+    import platform
+
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def report(heading: str, text: str, *, write: bool) -> None:
+    """Print a section and, unless told not to, store it in RESULTS.md."""
+    print(text)
+    if write:
+        write_section(heading, text)

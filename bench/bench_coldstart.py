@@ -44,7 +44,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _results import write_section
+from _results import cpu_model, write_section
 
 from serverproc import ServerProcess, mm
 
@@ -234,10 +234,7 @@ def main() -> None:
     assert all(r["forked"] for r in results["zygote"]) and not any(r["forked"] for r in results["spawn"])
     ref = med(results["in-process"], "total")
     ref_frozen = med(results["in-process-frozen"], "total")
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
-        platform.processor(),
-    )
+    cpu = cpu_model()
     rows = []
     for mode in ("zygote", "spawn"):
         rs = results[mode]

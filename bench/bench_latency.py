@@ -19,7 +19,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _results import write_section
+from _results import cpu_model, report
 
 from serverproc import ServerProcess, mm
 
@@ -125,10 +124,7 @@ def main() -> None:
         ("  of which supervisor<->worker + worker (server `inference_ms` - in-process)", i50 - l50, float("nan")),
     ]
     overhead = statistics.median(paired)
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
-        platform.processor(),
-    )
+    cpu = cpu_model()
     lines = [
         HEADING,
         "",
@@ -152,10 +148,7 @@ def main() -> None:
         f" worker load {worker['load_ms']:.0f} ms, worker RSS {worker['rss_mb']:.0f} MB.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(HEADING, text)
+    report(HEADING, "\n".join(lines), write=not args.no_write)
 
 
 if __name__ == "__main__":

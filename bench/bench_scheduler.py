@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section
+from _results import cpu_model, report
 
 from modelmora.scheduler import ModelKey, ModelQueue, Priority, Request
 
@@ -91,10 +90,7 @@ def main() -> None:
     args = ap.parse_args()
     medians = anyio.run(run, args.n, args.repeats)
     base = medians["asyncio.PriorityQueue put + get (baseline)"]
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
-        platform.processor(),
-    )
+    cpu = cpu_model()
     lines = [
         HEADING,
         "",
@@ -110,10 +106,7 @@ def main() -> None:
         " takes milliseconds, the queue microseconds per request.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(HEADING, text)
+    report(HEADING, "\n".join(lines), write=not args.no_write)
 
 
 if __name__ == "__main__":
