@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-__all__ = ("ConfigError", "ModelSettings", "Settings", "TaskDefaults", "default_home", "load_settings")
+__all__ = ("ConfigError", "ModelSettings", "S3Settings", "Settings", "TaskDefaults", "default_home", "load_settings")
 
 
 class ConfigError(Exception):
@@ -34,6 +34,20 @@ class TaskDefaults(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     img2txt: float = 120.0
     txt2txt: float = 300.0
     txt2img: float = 600.0
+
+
+class S3Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The S3 (or MinIO, SeaweedFS...) bucket of the `s3` result store. Empty credentials: the
+    standard AWS chain (AWS_ACCESS_KEY_ID..., ~/.aws, instance roles)."""
+
+    bucket: str = ""
+    prefix: str = "modelmora/results/"
+    endpoint_url: str = ""
+    """Empty: AWS; else e.g. "http://127.0.0.1:9000" for MinIO."""
+    region: str = "us-east-1"
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    addressing_style: Literal["auto", "path", "virtual"] = "path"
 
 
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
@@ -60,9 +74,27 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     port: int = 8000
     registry_url: str = ""
     """Empty: SQLite file `$MODELMORA_HOME/registry.sqlite3`."""
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024
     max_texts_per_request: int = 2048
     max_text_chars: int = 100_000
+    max_image_bytes: int = 20 * 1024 * 1024
+    """Largest encoded image (decoded base64, or fetched from a URL)."""
+    max_image_pixels: int = 4096 * 4096
+    """Largest decoded image, width x height (checked before the pixels are decoded)."""
+    max_images_per_request: int = 64
+    url_fetch_timeout_s: float = 10.0
+    """Time limit for fetching one image URL (connect, redirects and body together)."""
+    allow_private_urls: bool = False
+    """Allow image URLs that resolve to loopback, private, link-local or reserved addresses."""
+    result_store: Literal["filesystem", "s3", "inline"] = "filesystem"
+    """Where large results (images) go: files under home served at signed URLs, S3, or inline base64."""
+    result_ttl_s: float = 3600.0
+    """How long a result URL stays valid; stored files are swept after it expires."""
+    result_secret: str = ""
+    """HMAC key for signed result URLs; empty: generated once and kept in home (replicas: set it)."""
+    public_url: str = ""
+    """Base URL clients reach this server at, for result URLs; empty: taken from each request."""
+    s3: S3Settings = S3Settings()
     queue_limit: int = 1024
     max_batch_size: int = 32
     max_wait_ms: float = 0.0
@@ -134,7 +166,7 @@ def default_home() -> Path:
     return base / "modelmora"
 
 
-_SECTIONS: dict[str, object] = {"timeout_s": TaskDefaults, "pipelines": dict}
+_SECTIONS: dict[str, object] = {"timeout_s": TaskDefaults, "pipelines": dict, "s3": S3Settings}
 _LIST_KEYS = {"zygote_preload"}
 """Top-level keys whose environment value is a comma-separated list."""
 _SKIP_ENV = {"MODELMORA_CONFIG", "MODELMORA_TEST_PG_DSN", "MODELMORA_TEST_REDIS_URL", "MODELMORA_REQUIRE_SERVICES"}

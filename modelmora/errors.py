@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = (
     "DeadlineExceeded",
+    "Forbidden",
     "InsufficientMemory",
     "InvalidInput",
     "MalformedRequest",
@@ -65,6 +66,13 @@ class PayloadTooLarge(ModelMoraError):
 
     http_status = 413
     code = "payload_too_large"
+
+
+class Forbidden(ModelMoraError):
+    """A signed result URL whose signature is wrong or whose time has passed."""
+
+    http_status = 403
+    code = "forbidden"
 
 
 class QueueFull(ModelMoraError):

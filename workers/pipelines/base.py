@@ -1,4 +1,20 @@
-"""The Pipeline protocol every task implementation follows, and the errors it may raise."""
+"""The Pipeline protocol every task implementation follows, and the errors it may raise.
+
+Inputs (`run(inputs, params)`), by field name:
+- "text": list[str], one per item;
+- "image": list of numpy uint8 arrays of shape (height, width, 3), RGB, one per item. They are
+  views over shared memory, valid only during the call (copy what you keep).
+
+Outputs, by field name; every output has one entry per input item, in input order:
+- a numpy array whose first dimension is the number of items (e.g. "embeddings", float32 (n, d));
+- a list[str] (e.g. "texts", "finish_reasons");
+- a list[bytes] (e.g. "images": one PNG per item).
+
+Params arrive validated by the supervisor with the task's defaults filled in, plus
+"batch_size" (the model's max_batch_size: run forward passes of at most that many items).
+While a batch runs, long pipelines call `cancel.check()` between steps (it raises
+`cancel.Cancelled`) and may report progress with `events.emit(...)`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +22,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ("InputError", "Pipeline")
+__all__ = ("InputError", "Output", "Pipeline")
+
+Output = np.ndarray | list[str] | list[bytes]
 
 
 class InputError(Exception):
@@ -23,11 +41,7 @@ class InputError(Exception):
 
 
 class Pipeline(Protocol):
-    """Loads one model and runs batches. Constructed once per worker process.
-
-    `inputs` holds a list of str for text fields, and numpy arrays (views over shared
-    memory, valid only during the call) for tensor fields. Outputs are numpy arrays.
-    """
+    """Loads one model and runs batches. Constructed once per worker process."""
 
     device: str
 
@@ -36,6 +50,6 @@ class Pipeline(Protocol):
     def warmup(self) -> None:
         """Run a test inference; raise if the model does not work."""
 
-    def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, Output]:
         """Run one batch."""
         ...
