@@ -33,7 +33,7 @@ KEY = ModelKey("m", "1.0.0")
 
 def requests(n: int, mixed: bool) -> list[Request]:
     prios = list(Priority) if mixed else [Priority.NORMAL]
-    return [Request(KEY, ["x"], {}, prios[i % len(prios)], 1e12 + i % 7) for i in range(n)]
+    return [Request(KEY, {"text": ["x"]}, {}, prios[i % len(prios)], 1e12 + i % 7) for i in range(n)]
 
 
 async def bare_priority_queue(n: int) -> float:

@@ -22,6 +22,7 @@ from .config import Settings
 from .ipc import segments
 from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
 from .registry import open_store
+from .results import open_result_store
 from .scheduler import Scheduler
 
 __all__ = ("bind_socket", "make_launcher", "run", "serve")
@@ -100,7 +101,6 @@ async def serve(
     instance_id = segments.new_instance_id()
     launcher = make_launcher(settings, worker_env)
     scheduler = Scheduler(settings, instance_id, pipelines=pipelines, worker_env=worker_env, launcher=launcher)
-    app = create_app(settings, store, scheduler)
     sock = sock or bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
     config = HypercornConfig()
@@ -111,7 +111,8 @@ async def serve(
     config.keep_alive_timeout = 75
     stop = stop or anyio.Event()
     try:
-        async with _owned(launcher), anyio.create_task_group() as tg:
+        async with _owned(launcher), open_result_store(settings) as results, anyio.create_task_group() as tg:
+            app = create_app(settings, store, scheduler, results)
             await tg.start(scheduler.run)
             await scheduler.preload(store)  # starts the loads; requests are accepted meanwhile
             signal_scope = anyio.CancelScope()

@@ -51,3 +51,96 @@ class Echo:
                     time.sleep(0.1)
             rows.append([float(len(t)), float(sum(map(ord, t))), float(i), float(len(texts))])
         return {"embeddings": np.asarray(rows, dtype=np.float32).reshape(len(texts), 4)}
+
+
+class ImageStats:
+    """img2embed stand-in: each image becomes [height, width, mean R, mean G, mean B] (raw pixels in, checked)."""
+
+    def __init__(self, path: str, *, device: str, dtype: str, options: dict[str, Any]) -> None:
+        self.device = "cpu"
+
+    def warmup(self) -> None:
+        self.run({"image": [np.zeros((2, 3, 3), np.uint8)]}, {})
+
+    def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, np.ndarray]:
+        rows = [[*img.shape[:2], *img.reshape(-1, 3).mean(0)] for img in inputs["image"]]
+        return {"embeddings": np.asarray(rows, dtype=np.float32)}
+
+
+class Describe:
+    """img2txt stand-in: "<width>x<height>", cut at max_tokens characters."""
+
+    def __init__(self, path: str, *, device: str, dtype: str, options: dict[str, Any]) -> None:
+        self.device = "cpu"
+
+    def warmup(self) -> None:
+        pass
+
+    def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, list[str]]:
+        limit = int(params.get("max_tokens", 30))
+        texts = [f"{img.shape[1]}x{img.shape[0]}" for img in inputs["image"]]
+        return {
+            "texts": [t[:limit] for t in texts],
+            "finish_reasons": ["length" if len(t) > limit else "stop" for t in texts],
+        }
+
+
+class Shout:
+    """txt2txt stand-in: the prompt upper-cased, one character per step (streamed as tokens)."""
+
+    def __init__(self, path: str, *, device: str, dtype: str, options: dict[str, Any]) -> None:
+        self.device = "cpu"
+
+    def warmup(self) -> None:
+        pass
+
+    def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, list[str]]:
+        from modelmora_workers import events
+
+        out = []
+        for i, prompt in enumerate(inputs["text"]):
+            head = prompt.split(" ", 1)[0]
+            delay = float(head.removeprefix("__slow__")) if head.startswith("__slow__") else 0.0
+            text = prompt.upper()[: int(params.get("max_tokens", 64))]
+            for ch in text:
+                cancel.check()
+                if params.get("stream"):
+                    events.emit("token", {"text": ch}, item=i)
+                time.sleep(delay)
+            out.append(text)
+        return {
+            "texts": out,
+            "finish_reasons": [
+                "length" if len(t) < len(p) else "stop" for t, p in zip(out, inputs["text"], strict=True)
+            ],
+        }
+
+
+class Painter:
+    """txt2img stand-in: a PNG of the requested size filled with a colour from the prompt and seed."""
+
+    def __init__(self, path: str, *, device: str, dtype: str, options: dict[str, Any]) -> None:
+        self.device = "cpu"
+
+    def warmup(self) -> None:
+        pass
+
+    def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, list[bytes]]:
+        import io
+
+        from PIL import Image
+
+        from modelmora_workers import events
+
+        steps = int(params.get("steps", 2))
+        for step in range(steps):
+            cancel.check()
+            events.emit("progress", {"step": step + 1, "steps": steps})
+        images = []
+        for prompt in inputs["text"]:
+            shade = (sum(map(ord, prompt)) + int(params.get("seed") or 0)) % 256
+            img = Image.new("RGB", (params.get("width") or 64, params.get("height") or 64), (shade, 0, 255 - shade))
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            images.append(buf.getvalue())
+        return {"images": images}

@@ -35,12 +35,20 @@ from modelmora.ipc.control import FrameDecoder, recv_message, send_message
 from modelmora.ipc.ring import PayloadTooLarge, RingFull, ShmRing
 from modelmora.ipc.segments import AttachedSegments, attach
 
-from . import cancel
+from . import cancel, events
 from .pipelines.base import InputError, Pipeline
 
 __all__ = ("Worker", "die_with_parent", "main", "pipeline_class", "preload", "serve")
 
 _RING_WAIT_MAX_S = 0.005
+
+
+def _split(raw: bytes, lengths: Sequence[int]) -> list[bytes]:
+    out, pos = [], 0
+    for n in lengths:
+        out.append(raw[pos : pos + n])
+        pos += n
+    return out
 
 
 def die_with_parent(expected_ppid: int) -> None:
@@ -194,37 +202,67 @@ class Worker:
         return self.large.get(span.seg)[span.start : span.start + span.nbytes]
 
     def _decode(self, item: m.Input) -> Any:
-        if isinstance(item, m.Text):
-            raw = bytes(self._view(item.span))
-            out, pos = [], 0
-            for n in item.lengths:
-                out.append(raw[pos : pos + n].decode("utf-8"))
-                pos += n
-            return out
         view = self._view(item.span)
-        return np.frombuffer(view, dtype=np.dtype(item.dtype)).reshape(item.shape)
+        match item:
+            case m.Text(lengths=lengths):
+                raw = bytes(view)
+                return [chunk.decode("utf-8") for chunk in _split(raw, lengths)]
+            case m.Blobs(lengths=lengths):
+                return _split(bytes(view), lengths)
+            case m.Arrays(dtype=dtype, shapes=shapes):
+                dt = np.dtype(dtype)
+                out, pos = [], 0
+                for shape in shapes:
+                    n = int(np.prod(shape)) * dt.itemsize
+                    out.append(np.frombuffer(view[pos : pos + n], dtype=dt).reshape(shape))
+                    pos += n
+                return out
+            case m.Tensor(dtype=dtype, shape=shape):
+                return np.frombuffer(view, dtype=np.dtype(dtype)).reshape(shape)
+        raise TypeError(f"unknown input kind {type(item).__name__}")  # pragma: no cover - the union is closed
 
-    def _write(self, array: np.ndarray) -> m.Tensor:
-        array = np.ascontiguousarray(array)
-        nbytes = array.nbytes
+    def _reserve(self, nbytes: int) -> tuple[m.Span, memoryview]:
         delay = 0.0001
         while True:
             try:
-                span, view = self.responses.reserve_nowait(nbytes)
-                break
+                return self.responses.reserve_nowait(nbytes)
             except RingFull:
                 time.sleep(delay)  # the supervisor releases as soon as it reads a result
                 delay = min(delay * 2, _RING_WAIT_MAX_S)
-        np.frombuffer(view, dtype=np.uint8)[:] = array.reshape(-1).view(np.uint8)
+
+    def _write(self, value: Any) -> m.Input:
+        """Place one output in the response ring: an array, or a list of str or bytes."""
+        if isinstance(value, np.ndarray):
+            array = np.ascontiguousarray(value)
+            span, view = self._reserve(array.nbytes)
+            np.frombuffer(view, dtype=np.uint8)[:] = array.reshape(-1).view(np.uint8)
+            view.release()
+            return m.Tensor(span, array.dtype.str, tuple(array.shape))
+        if not isinstance(value, list):
+            raise TypeError(f"pipeline output must be an array or a list, not {type(value).__name__}")
+        is_text = all(isinstance(v, str) for v in value)
+        chunks = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in value]
+        span, view = self._reserve(sum(len(c) for c in chunks))
+        pos = 0
+        for c in chunks:
+            view[pos : pos + len(c)] = c
+            pos += len(c)
         view.release()
-        return m.Tensor(span, array.dtype.str, tuple(array.shape))
+        lengths = [len(c) for c in chunks]
+        return m.Text(span, lengths) if is_text else m.Blobs(span, lengths)
+
+    def _emit(self, batch_id: int) -> events.Sink:
+        def send(item: int, kind: str, data: dict[str, Any]) -> None:
+            self.send(m.Event(batch_id, item, kind, data))
+
+        return send
 
     def infer(self, msg: m.Infer) -> None:
         assert self.pipeline is not None
         t0 = time.perf_counter()
         try:
             inputs = {name: self._decode(item) for name, item in msg.inputs.items()}
-            with cancel.running(msg.batch_id):
+            with cancel.running(msg.batch_id), events.sink(self._emit(msg.batch_id)):
                 outputs = self.pipeline.run(inputs, msg.params)
             del inputs
             self._release_inputs(msg)

@@ -12,14 +12,20 @@ import msgspec
 from .. import __version__
 from ..config import ModelSettings
 from .schemas import (
+    CaptionParameters,
     EmbeddingParameters,
+    EmbeddingResponse,
     ErrorBody,
+    GenerationParameters,
     HealthModels,
+    ImageGenerationParameters,
+    ImageInput,
+    ImageResponse,
     InferRequest,
-    InferResponse,
     ModelInfo,
     ModelList,
     TextInput,
+    TextResponse,
 )
 
 __all__ = ("DOCS_HTML", "document", "document_bytes", "swagger_assets_dir")
@@ -48,27 +54,38 @@ def _ok(name: str, description: str = "OK") -> dict[str, Any]:
 @functools.cache
 def document() -> dict[str, Any]:
     """The OpenAPI document (built once)."""
+    inputs = [TextInput, ImageInput]
+    parameters = [EmbeddingParameters, CaptionParameters, GenerationParameters, ImageGenerationParameters]
+    responses = [EmbeddingResponse, TextResponse, ImageResponse]
     types = [
         InferRequest,
-        InferResponse,
         ErrorBody,
         ModelInfo,
         ModelList,
         HealthModels,
-        TextInput,
-        EmbeddingParameters,
         ModelSettings,
+        *inputs,
+        *parameters,
+        *responses,
     ]
     _, components = msgspec.json.schema_components(types, ref_template=_REF)
     req = components["InferRequest"]
     req["properties"]["input_data"] = {
-        "description": "Task inputs; for txt2embed a TextInput.",
-        "oneOf": [{"$ref": _REF.format(name="TextInput")}],
+        "description": "Task inputs: TextInput for txt2embed, txt2txt and txt2img; ImageInput for img2embed and"
+        " img2txt.",
+        "oneOf": [{"$ref": _REF.format(name=t.__name__)} for t in inputs],
     }
     req["properties"]["parameters"] = {
-        "description": "Task parameters; for txt2embed EmbeddingParameters.",
-        "oneOf": [{"$ref": _REF.format(name="EmbeddingParameters")}],
+        "description": "Task parameters: EmbeddingParameters (txt2embed, img2embed), CaptionParameters (img2txt),"
+        " GenerationParameters (txt2txt), ImageGenerationParameters (txt2img).",
+        "oneOf": [{"$ref": _REF.format(name=t.__name__)} for t in parameters],
         "default": {},
+    }
+    components["InferResponse"] = {
+        "description": "The response of the model's task type. With `stream: true` (txt2txt, txt2img) the answer is"
+        " text/event-stream: `token` events ({index, text}) or `progress` events ({step, steps}), then one `result`"
+        " event holding this object, or one `error` event holding an ErrorBody.",
+        "oneOf": [{"$ref": _REF.format(name=t.__name__)} for t in responses],
     }
     model_id = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
     errors = {
@@ -97,7 +114,32 @@ def document() -> dict[str, Any]:
                         "required": True,
                         "content": {"application/json": {"schema": {"$ref": _REF.format(name="InferRequest")}}},
                     },
-                    "responses": {"200": _ok("InferResponse"), **errors},
+                    "responses": {
+                        "200": {
+                            "description": "OK",
+                            "content": {
+                                "application/json": {"schema": {"$ref": _REF.format(name="InferResponse")}},
+                                "text/event-stream": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **errors,
+                    },
+                }
+            },
+            "/api/v1/results/{name}": {
+                "get": {
+                    "summary": "A stored result (generated image) at its signed URL",
+                    "operationId": "getResult",
+                    "parameters": [
+                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                        {"name": "expires", "in": "query", "required": True, "schema": {"type": "integer"}},
+                        {"name": "sig", "in": "query", "required": True, "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {"description": "The stored bytes", "content": {"image/png": {}}},
+                        "403": _error("Signature does not match, or the URL expired"),
+                        "404": _error("No such result (swept after expiry)"),
+                    },
                 }
             },
             "/api/v1/models": {

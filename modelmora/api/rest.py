@@ -6,20 +6,22 @@ reaches a client: unexpected errors are logged with a trace id and answered with
 
 from __future__ import annotations
 
-import base64
+import math
 import os
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import anyio
 import msgspec
 import psutil
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -34,25 +36,24 @@ from ..errors import (
     ModelUnavailable,
     PayloadTooLarge,
 )
-from ..lifecycle import ModelState, TensorData
+from ..images import ImageLimits
+from ..lifecycle import ModelState
 from ..registry import ModelRecord, ModelStore
+from ..results import FilesystemResultStore, ResultStore, result_route
 from ..scheduler import ModelKey, ModelRuntime, Priority, Request, Scheduler
 from . import openapi
 from .schemas import (
-    EmbeddingOutput,
-    EmbeddingParameters,
     ErrorBody,
     ErrorDetail,
     HealthModel,
     HealthModels,
     InferRequest,
-    InferResponse,
     ModelInfo,
     ModelList,
     ModelVersionInfo,
-    TextInput,
     Timing,
 )
+from .tasks import TASKS, Context, Prepared, Task, split_validation
 
 __all__ = ("create_app",)
 
@@ -69,32 +70,15 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     return Response(_encoder.encode(obj), status_code=status, media_type="application/json", headers=headers)
 
 
-def _split_validation(exc: msgspec.ValidationError, prefix: str) -> tuple[str, str]:
-    text = str(exc)
-    message, sep, path = text.rpartition(" - at `")
-    if not sep:
-        return text, prefix
-    path = path.rstrip("`")
-    return message, prefix + path[1:] if path.startswith("$") else prefix
-
-
 def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     """Decode a JSON body: 400 when it is not JSON, 422 naming the field when a value is wrong."""
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
-        message, field = _split_validation(exc, "$")
+        message, field = split_validation(exc, "$")
         raise InvalidInput(message, field=field) from None
     except msgspec.DecodeError:
         raise MalformedRequest("request body is not valid JSON") from None
-
-
-def _convert(obj: Any, type_: type[T], prefix: str) -> T:
-    try:
-        return msgspec.convert(obj, type_)
-    except msgspec.ValidationError as exc:
-        message, field = _split_validation(exc, prefix)
-        raise InvalidInput(message, field=field) from None
 
 
 def _model_info(rec: ModelRecord) -> ModelInfo:
@@ -148,9 +132,17 @@ async def _read_body(request: HTTPRequest, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> Starlette:
-    """Build the Starlette application over a registry store and a running scheduler."""
+def create_app(
+    settings: Settings, store: ModelStore, scheduler: Scheduler, results: ResultStore | None = None
+) -> Starlette:
+    """Build the Starlette application over a registry store, a running scheduler and a result store.
+
+    `results` None keeps generated images inline (base64); a filesystem store also serves
+    its signed URLs here.
+    """
     catalog = _Catalog(store)
+    limits = ImageLimits.from_settings(settings)
+    public_url = settings.public_url.rstrip("/") + "/" if settings.public_url else ""
     started = time.time()
 
     async def infer(request: HTTPRequest) -> Response:
@@ -163,26 +155,20 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
         vrec = rec.version_record(version)
         if vrec is None:
             raise ModelNotFound(f"model {model_id!r} has no version {version!r}", field="$.version")
-        if rec.task != "txt2embed":
-            raise ModelUnavailable(f"task type {rec.task!r} is not served yet (model {model_id!r})")
-        inp = _convert(env.input_data, TextInput, "$.input_data")
-        params = _convert(env.parameters, EmbeddingParameters, "$.parameters")
-        texts = [inp.text] if isinstance(inp.text, str) else inp.text
-        if len(texts) > settings.max_texts_per_request:
-            raise InvalidInput(
-                f"{len(texts)} texts exceed the limit of {settings.max_texts_per_request} per request",
-                field="$.input_data.text",
-            )
-        for i, t in enumerate(texts):
-            if len(t) > settings.max_text_chars:
-                where = "$.input_data.text" if isinstance(inp.text, str) else f"$.input_data.text[{i}]"
-                raise InvalidInput(f"text of {len(t)} characters exceeds {settings.max_text_chars}", field=where)
-        timeout_s = env.timeout_seconds or settings.timeout_s.txt2embed
+        task = TASKS.get(rec.task)
+        if task is None:
+            raise ModelUnavailable(f"task type {rec.task!r} of model {model_id!r} is not served")
+        ctx = Context(settings, limits, results, public_url or str(request.base_url))
+        prepared = await task.prepare(env, ctx)
+        timeout_s = env.timeout_seconds or getattr(settings.timeout_s, rec.task)
         key = ModelKey(rec.id, version)
         rt = scheduler.runtime(
             key, task=rec.task, path=vrec.path, settings=model_settings, weights_bytes=vrec.size_bytes
         )
-        req = Request(key, texts, {"normalize": params.normalize}, Priority.parse(env.priority), start + timeout_s)
+        req = Request(key, prepared.inputs, prepared.params, Priority.parse(env.priority), start + timeout_s)
+        answer = _Answer(rec.id, version, task, prepared, ctx, req, t0)
+        if env.stream:
+            return await _stream(request, scheduler, rt, req, answer, timeout_s)
         scheduler.submit(rt, req)
         try:
             async with anyio.create_task_group() as tg:
@@ -196,28 +182,8 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
         if not req.done.is_set():
             if _disconnected(request):
                 return Response(status_code=499)  # nobody is listening; for the access log only
-            if rt.waiting_for_memory:
-                raise InsufficientMemory(
-                    f"model {model_id!r} could not be loaded within {timeout_s:g} s: the memory budget is full"
-                    " and no loaded model can be evicted",
-                    retry_after_s=5,
-                )
-            raise DeadlineExceeded(f"model {model_id!r} did not answer within {timeout_s:g} s")
-        if req.error is not None:
-            raise req.error
-        emb: TensorData = req.result
-        rows: list[list[float] | str]
-        if params.encoding == "base64":
-            rows = [base64.b64encode(b).decode("ascii") for b in emb.row_bytes()]
-        else:
-            rows = [*emb.rows()]
-        end = time.perf_counter()
-        timing = Timing(
-            round((req.dispatched_at - req.enqueued_at) * 1e3, 3),
-            round((req.finished_at - req.dispatched_at) * 1e3, 3),
-            round((end - t0) * 1e3, 3),
-        )
-        return _json(InferResponse(rec.id, version, rec.task, EmbeddingOutput(rows, emb.shape[1]), timing))
+            raise _not_done_error(rt, timeout_s)
+        return _json(await answer.body())
 
     async def list_models(request: HTTPRequest) -> Response:
         task = request.query_params.get("task_type")
@@ -329,6 +295,8 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
         Route("/docs", docs, methods=["GET"]),
         Mount("/docs/assets", app=StaticFiles(directory=openapi.swagger_assets_dir()), name="docs-assets"),
     ]
+    if isinstance(results, FilesystemResultStore):
+        routes.append(result_route(results))
     return Starlette(
         routes=routes,
         exception_handlers={
@@ -338,6 +306,110 @@ def create_app(settings: Settings, store: ModelStore, scheduler: Scheduler) -> S
             Exception: _handle_unexpected,
         },
     )
+
+
+class _Answer:
+    """Builds the response body of a finished request."""
+
+    def __init__(
+        self, model_id: str, version: str, task: Task, prepared: Prepared, ctx: Context, req: Request, t0: float
+    ) -> None:
+        self.model_id, self.version, self.task = model_id, version, task
+        self.prepared, self.ctx, self.req, self.t0 = prepared, ctx, req, t0
+
+    async def body(self) -> Any:
+        req = self.req
+        if req.error is not None:
+            raise req.error
+        output = await self.task.respond(req.result, self.prepared, self.ctx)
+        timing = Timing(
+            round((req.dispatched_at - req.enqueued_at) * 1e3, 3),
+            round((req.finished_at - req.dispatched_at) * 1e3, 3),
+            round((time.perf_counter() - self.t0) * 1e3, 3),
+        )
+        return self.task.response_type(self.model_id, self.version, self.task.name, timing, output)
+
+
+def _not_done_error(rt: ModelRuntime, timeout_s: float) -> ModelMoraError:
+    model_id = rt.key.model_id
+    if rt.waiting_for_memory:
+        return InsufficientMemory(
+            f"model {model_id!r} could not be loaded within {timeout_s:g} s: the memory budget is full"
+            " and no loaded model can be evicted",
+            retry_after_s=5,
+        )
+    return DeadlineExceeded(f"model {model_id!r} did not answer within {timeout_s:g} s")
+
+
+def _sse(kind: str, data: Any) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + _encoder.encode(data) + b"\n\n"
+
+
+async def _next_event(
+    events: MemoryObjectReceiveStream[tuple[str, dict[str, Any]]], done: anyio.Event
+) -> tuple[str, dict[str, Any]] | None:
+    """The next event of a streaming request, or None once the request is done and drained."""
+    try:
+        return events.receive_nowait()
+    except anyio.WouldBlock:
+        pass
+    except anyio.EndOfStream:  # pragma: no cover - the sender is never closed
+        return None
+    if done.is_set():
+        return None
+    got: tuple[str, dict[str, Any]] | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def receive() -> None:
+            nonlocal got
+            got = await events.receive()
+            tg.cancel_scope.cancel()
+
+        async def finish() -> None:
+            await done.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(receive)
+        tg.start_soon(finish)
+    if got is None:
+        return await _next_event(events, done)  # done: drain what arrived meanwhile
+    return got
+
+
+async def _stream(
+    request: HTTPRequest, scheduler: Scheduler, rt: ModelRuntime, req: Request, answer: _Answer, timeout_s: float
+) -> Response:
+    """Answer with server-sent events: the task's events (token, progress), then result or error."""
+    send, receive = anyio.create_memory_object_stream[tuple[str, dict[str, Any]]](math.inf)
+
+    def on_event(item: int, kind: str, data: dict[str, Any]) -> None:
+        send.send_nowait((kind, {"index": item, **data} if item >= 0 else data))
+
+    req.on_event = on_event
+    scheduler.submit(rt, req)  # queue full / failed model: a plain JSON error, nothing was streamed yet
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                event = None
+                with anyio.CancelScope(deadline=req.deadline):
+                    event = await _next_event(receive, req.done)
+                if event is None:
+                    break  # done, or the deadline passed
+                yield _sse(*event)
+            if not req.done.is_set():
+                raise _not_done_error(rt, timeout_s)
+            yield _sse("result", await answer.body())
+        except ModelMoraError as exc:
+            yield _sse("error", ErrorBody(ErrorDetail(exc.code, exc.message, exc.field)))
+        finally:
+            if not req.done.is_set():
+                scheduler.withdraw(rt, req)  # deadline or disconnect: leave the queue, stop the batch
+            send.close()
+            receive.close()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
 async def _watch_disconnect(request: HTTPRequest, scope: anyio.CancelScope) -> None:

@@ -17,8 +17,11 @@ import msgspec
 
 __all__ = (
     "PROTOCOL_VERSION",
+    "Arrays",
+    "Blobs",
     "Cancel",
     "Error",
+    "Event",
     "Hello",
     "Infer",
     "Load",
@@ -31,7 +34,7 @@ __all__ = (
     "Text",
 )
 
-PROTOCOL_VERSION = 2  # 2: Cancel
+PROTOCOL_VERSION = 3  # 2: Cancel; 3: Arrays, Blobs, Event, non-tensor outputs
 
 
 class Span(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -57,7 +60,22 @@ class Tensor(msgspec.Struct, tag="tensor", array_like=True, frozen=True, gc=Fals
     shape: tuple[int, ...]
 
 
-Input = Text | Tensor
+class Arrays(msgspec.Struct, tag="arrays", array_like=True, frozen=True, gc=False):
+    """Several dense arrays of one dtype back to back in `span` (e.g. images of different sizes)."""
+
+    span: Span
+    dtype: str
+    shapes: list[tuple[int, ...]]
+
+
+class Blobs(msgspec.Struct, tag="blobs", array_like=True, frozen=True, gc=False):
+    """A list of byte strings (e.g. encoded images) back to back in `span`, split by `lengths`."""
+
+    span: Span
+    lengths: list[int]
+
+
+Input = Text | Tensor | Arrays | Blobs
 
 
 # -- supervisor -> worker -----------------------------------------------------------------
@@ -126,6 +144,18 @@ class Result(msgspec.Struct, tag="result", array_like=True, frozen=True, gc=Fals
     infer_ms: float
 
 
+class Event(msgspec.Struct, tag="event", array_like=True, frozen=True, gc=False):
+    """Something happened while a batch runs (a generated token, a diffusion step).
+
+    `item` is the input's index in the batch, or -1 for every input of the batch.
+    """
+
+    batch_id: int
+    item: int
+    kind: str
+    data: dict[str, Any]
+
+
 class Error(msgspec.Struct, tag="error", array_like=True, frozen=True):
     """A batch (or, with batch_id -1, the load) failed inside the worker."""
 
@@ -135,4 +165,4 @@ class Error(msgspec.Struct, tag="error", array_like=True, frozen=True):
     field: str = ""
 
 
-Message = Load | Infer | Cancel | Shutdown | Hello | Loaded | Result | Error
+Message = Load | Infer | Cancel | Shutdown | Hello | Loaded | Result | Event | Error

@@ -15,9 +15,10 @@ messages into results and, when the channel closes, fails exactly the batches in
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -33,7 +34,7 @@ from ..ipc.control import FrameDecoder, ProtocolError, encode_frame
 from ..ipc.ring import PayloadTooLarge, ShmRing
 from .launch import Launcher, SpawnLauncher, WorkerProcess, worker_environment
 
-__all__ = ("Outputs", "TensorData", "WorkerError", "WorkerHandle", "WorkerSpec")
+__all__ = ("EventSink", "InputList", "Output", "Outputs", "TensorData", "WorkerError", "WorkerHandle", "WorkerSpec")
 
 log = structlog.get_logger("modelmora.worker")
 
@@ -69,13 +70,63 @@ class TensorData:
         n, d = self.shape
         return [cast("list[float]", flat[i * d : (i + 1) * d].tolist()) for i in range(n)]
 
+    def slice_rows(self, start: int, stop: int) -> TensorData:
+        """Rows [start, stop) along the first dimension."""
+        n = self.shape[0]
+        row = len(self.data) // n if n else 0
+        return TensorData(self.dtype, (stop - start, *self.shape[1:]), self.data[start * row : stop * row])
+
     def row_bytes(self) -> list[bytes]:
         n = self.shape[0] if self.shape else 0
         size = len(self.data) // n if n else 0
         return [self.data[i * size : (i + 1) * size] for i in range(n)]
 
 
-Outputs = dict[str, TensorData]
+Output = TensorData | list[str] | list[bytes] | list[TensorData]
+"""One output of a batch: an array with a row per item, or one str / bytes / array per item."""
+Outputs = dict[str, Output]
+InputList = list[str] | list[bytes] | list[TensorData]
+"""One input of a batch: texts, byte strings, or arrays of one dtype (e.g. RGB images)."""
+EventSink = Callable[[int, str, dict[str, Any]], None]
+"""Receives a running batch's events: (item index or -1, kind, data)."""
+
+
+def _pack(name: str, values: InputList) -> tuple[list[bytes], Callable[[m.Span], m.Input]]:
+    """The bytes to place for one input list, and how to describe them once placed."""
+    if not values or isinstance(values[0], str):
+        encoded = [cast("str", v).encode("utf-8") for v in values]
+        return encoded, lambda span: m.Text(span, [len(b) for b in encoded])
+    if isinstance(values[0], bytes):
+        blobs = values
+        return blobs, lambda span: m.Blobs(span, [len(b) for b in blobs])
+    arrays = values
+    dtype = arrays[0].dtype
+    if any(a.dtype != dtype for a in arrays):
+        raise TypeError(f"input {name!r}: arrays of one batch must share a dtype")
+    return [a.data for a in arrays], lambda span: m.Arrays(span, dtype, [a.shape for a in arrays])
+
+
+def _split(raw: bytes, lengths: list[int]) -> list[bytes]:
+    out, pos = [], 0
+    for n in lengths:
+        out.append(raw[pos : pos + n])
+        pos += n
+    return out
+
+
+def _unpack(item: m.Input, raw: bytes) -> Output:
+    match item:
+        case m.Tensor(dtype=dtype, shape=shape):
+            return TensorData(dtype, tuple(shape), raw)
+        case m.Text(lengths=lengths):
+            return [b.decode("utf-8") for b in _split(raw, lengths)]
+        case m.Blobs(lengths=lengths):
+            return _split(raw, lengths)
+        case m.Arrays(dtype=dtype, shapes=shapes):
+            size = int(dtype[2:])  # numpy dtype strings: byte order, kind, item size ("|u1", "<f4")
+            lengths = [math.prod(s) * size for s in shapes]
+            return [TensorData(dtype, tuple(s), b) for s, b in zip(shapes, _split(raw, lengths), strict=True)]
+    raise ProtocolError(f"unknown output kind {type(item).__name__}")  # pragma: no cover - the union is closed
 
 
 class WorkerError(ModelMoraError):
@@ -86,13 +137,14 @@ class WorkerError(ModelMoraError):
 
 
 class _Slot:
-    __slots__ = ("error", "event", "large", "value")
+    __slots__ = ("error", "event", "large", "on_event", "value")
 
-    def __init__(self, large: list[str]) -> None:
+    def __init__(self, large: list[str], on_event: EventSink | None) -> None:
         self.event = anyio.Event()
         self.value: Outputs | None = None
         self.error: BaseException | None = None
         self.large = large
+        self.on_event = on_event
 
 
 class WorkerHandle:
@@ -339,11 +391,16 @@ class WorkerHandle:
             case m.Result(batch_id=bid, outputs=outputs):
                 data = {}
                 for name, item in outputs.items():
-                    if not isinstance(item, m.Tensor):
-                        raise ProtocolError("worker returned a non-tensor output")
-                    data[name] = TensorData(item.dtype, tuple(item.shape), self.responses.read(item.span))
+                    if item.span.seg:
+                        raise ProtocolError("worker results must be in the response ring")
+                    raw = self.responses.read(item.span)
                     self.responses.release(item.span)
+                    data[name] = _unpack(item, raw)
                 self._resolve(bid, data, None)
+            case m.Event(batch_id=bid, item=item, kind=kind, data=payload):
+                slot = self._slots.get(bid)
+                if slot is not None and slot.on_event is not None:
+                    slot.on_event(item, kind, payload)
             case m.Error(batch_id=bid, code=code, message=message, field=fld):
                 err: ModelMoraError
                 if code == "invalid_input":
@@ -399,9 +456,18 @@ class WorkerHandle:
                 await self._send(m.Cancel(batch_id))
 
     async def infer(
-        self, texts: dict[str, list[str]], params: dict[str, Any], *, batch_id: int | None = None
+        self,
+        inputs: Mapping[str, InputList],
+        params: dict[str, Any],
+        *,
+        batch_id: int | None = None,
+        on_event: EventSink | None = None,
     ) -> Outputs:
-        """Run one batch of text inputs; returns the worker's output arrays.
+        """Run one batch; returns the worker's outputs (one entry or row per input item).
+
+        Inputs are written once into the request ring (or a pooled large segment); images
+        travel as raw arrays. `on_event` receives the batch's events (tokens, progress) as
+        they arrive, on the event loop.
 
         Raises:
             WorkerCrashed: the worker died (before or) while running the batch.
@@ -410,18 +476,18 @@ class WorkerHandle:
         """
         if self.dead:
             raise WorkerCrashed(f"the worker of model {self.spec.model_id!r} is gone", retry_after_s=1.0)
-        inputs: dict[str, m.Input] = {}
+        wire: dict[str, m.Input] = {}
         large: list[str] = []
-        for name, values in texts.items():
-            encoded = [t.encode("utf-8") for t in values]
-            span, big = await self._place(encoded)
+        for name, values in inputs.items():
+            chunks, build = _pack(name, values)
+            span, big = await self._place(chunks)
             if big:
                 large.append(big)
-            inputs[name] = m.Text(span, [len(b) for b in encoded])
+            wire[name] = build(span)
         bid = self.new_batch_id() if batch_id is None else batch_id
-        slot = self._slots[bid] = _Slot(large)
+        slot = self._slots[bid] = _Slot(large, on_event)
         try:
-            await self._send(m.Infer(bid, inputs, params))
+            await self._send(m.Infer(bid, wire, params))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._slots.pop(bid, None)
             raise WorkerCrashed(f"the worker of model {self.spec.model_id!r} is gone", retry_after_s=1.0) from exc

@@ -9,6 +9,7 @@ failed install leaves nothing half-written; the user's directory is never modifi
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import InvalidInput, ModelNotFound, RegistryError, SourceError
 from .store import ModelRecord, ModelStore, VersionRecord
@@ -76,13 +78,46 @@ def parse_source(source: str) -> InstallPlan:
     return InstallPlan("hf", repo, revision or None)
 
 
-def detect_task(files: list[str]) -> str | None:
-    """Guess the task from a model's file names (only sentence-transformers is certain)."""
+_ARCHITECTURE_TASKS: tuple[tuple[str, str], ...] = (
+    ("CLIPModel", "img2embed"),
+    ("SiglipModel", "img2embed"),
+    ("VisionEncoderDecoderModel", "img2txt"),
+    ("ForCausalLM", "txt2txt"),
+    ("LMHeadModel", "txt2txt"),
+)
+"""Suffixes of `architectures` in config.json and their task (*ForConditionalGeneration: see below)."""
+
+
+def _task_from_config(config: dict[str, Any]) -> str | None:
+    archs = config.get("architectures") or []
+    for arch in archs if isinstance(archs, list) else []:
+        if not isinstance(arch, str):
+            continue
+        if arch.startswith(("Blip", "Git", "Pix2Struct")) and arch.endswith("ForConditionalGeneration"):
+            return "img2txt"
+        if arch.endswith("ForConditionalGeneration"):
+            return "txt2txt"  # T5, BART...: text to text
+        for suffix, task in _ARCHITECTURE_TASKS:
+            if arch.endswith(suffix):
+                return task
+    return None
+
+
+def detect_task(files: list[str], root: Path | None = None) -> str | None:
+    """Guess the task from a model's files: sentence-transformers and diffusers layouts by name,
+    else the `architectures` of `config.json` (read under `root` when given)."""
     names = {f.rsplit("/", 1)[-1] for f in files}
     if "modules.json" in names or "sentence_bert_config.json" in names:
         return "txt2embed"
     if "model_index.json" in names:
         return "txt2img"
+    if root is not None and "config.json" in files:
+        try:
+            config = json.loads((root / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(config, dict):
+            return _task_from_config(config)
     return None
 
 
@@ -196,7 +231,7 @@ def install(
         if not files:
             raise InvalidInput(f"source {source!r} holds no files", field="source")
         rel = [p.relative_to(staging).as_posix() for p in files]
-        resolved_task = task or (existing.task if existing else None) or detect_task(rel)
+        resolved_task = task or (existing.task if existing else None) or detect_task(rel, staging)
         if resolved_task is None:
             raise InvalidInput(
                 f"cannot tell the task of {source!r} from its files; pass --task ({', '.join(TASKS)})", field="task"

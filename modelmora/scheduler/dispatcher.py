@@ -42,7 +42,7 @@ from ..errors import (
     ModelUnavailable,
     WorkerCrashed,
 )
-from ..lifecycle import ModelState, TensorData, WorkerHandle, WorkerSpec
+from ..lifecycle import EventSink, ModelState, Outputs, TensorData, WorkerHandle, WorkerSpec
 from ..lifecycle.budget import MemoryBudget, parse_keep_alive, pss_bytes
 from ..registry import ModelStore
 from .queues import ModelQueue
@@ -55,6 +55,10 @@ _MB = 2**20
 
 PIPELINES: dict[str, str] = {
     "txt2embed": "modelmora_workers.pipelines.text_embedding:TextEmbedding",
+    "img2embed": "modelmora_workers.pipelines.image_embedding:ImageEmbedding",
+    "img2txt": "modelmora_workers.pipelines.image_to_text:ImageToText",
+    "txt2txt": "modelmora_workers.pipelines.text_generation:TextGeneration",
+    "txt2img": "modelmora_workers.pipelines.text_to_image:TextToImage",
 }
 """Task type -> worker pipeline ("module:Class"), imported inside the worker process."""
 
@@ -543,10 +547,11 @@ class Scheduler:
 
     async def _run_batch(self, rt: ModelRuntime, worker: WorkerHandle, batch: list[Request], max_items: int) -> None:
         now = time.perf_counter()
-        texts: list[str] = []
+        inputs: dict[str, list[Any]] = {name: [] for name in batch[0].inputs}
         for req in batch:
             req.dispatched_at = now
-            texts.extend(req.texts)
+            for name, values in req.inputs.items():
+                inputs[name].extend(values)
         params = dict(batch[0].params)
         params["batch_size"] = max_items
         rt.batches += 1
@@ -564,7 +569,7 @@ class Scheduler:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(cancel_when_abandoned)
                 try:
-                    outputs = await worker.infer({"text": texts}, params, batch_id=bid)
+                    outputs = await worker.infer(inputs, params, batch_id=bid, on_event=self._event_router(batch))
                 except ModelMoraError as exc:
                     error = exc
                 tg.cancel_scope.cancel()
@@ -592,15 +597,33 @@ class Scheduler:
                     req.set_error(err)
 
     @staticmethod
-    def _deliver(batch: list[Request], outputs: dict[str, TensorData]) -> None:
-        emb = outputs["embeddings"]
-        dim = emb.shape[1]
-        row = dim * 4
+    def _event_router(batch: list[Request]) -> EventSink | None:
+        """Route a batch's events (by item index in the batch) to the requests that listen."""
+        if all(req.on_event is None for req in batch):
+            return None
+        owners: list[tuple[Request, int]] = [(req, i) for req in batch for i in range(req.size)]
+
+        def route(item: int, kind: str, data: dict[str, Any]) -> None:
+            targets = [(req, -1) for req in batch] if item < 0 else owners[item : item + 1]
+            for req, local in targets:
+                if req.on_event is not None and not req.cancelled:
+                    req.on_event(local, kind, data)
+
+        return route
+
+    @staticmethod
+    def _deliver(batch: list[Request], outputs: Outputs) -> None:
+        """Split each output of the batch into its requests' items (outputs have one entry per item)."""
         pos = 0
         for req in batch:
-            k = req.size
-            req.set_result(TensorData(emb.dtype, (k, dim), emb.data[pos * row : (pos + k) * row]))
-            pos += k
+            end = pos + req.size
+            req.set_result(
+                {
+                    name: out.slice_rows(pos, end) if isinstance(out, TensorData) else out[pos:end]
+                    for name, out in outputs.items()
+                }
+            )
+            pos = end
 
     # -- memory monitor ----------------------------------------------------------------------
 

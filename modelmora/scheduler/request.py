@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,8 @@ class Request:
     """A queued inference request; the dispatcher fills `result` or `error`."""
 
     key: ModelKey
-    texts: list[str]
+    inputs: dict[str, list[Any]]
+    """Input lists by field ("text": [str], "image": [TensorData]); all of one length, the item count."""
     params: dict[str, Any]
     priority: Priority
     deadline: float
@@ -64,14 +66,18 @@ class Request:
     """Queue clock time of enqueueing (ageing counts from it)."""
     cls: int = 0
     """Current (aged) priority class while queued; 0 once it left the queue."""
+    on_event: Callable[[int, str, dict[str, Any]], None] | None = None
+    """Receives the request's events while its batch runs: (item index in this request or -1, kind, data)."""
     result: Any = None
+    """Outputs by name, each with one entry (or array row) per input item."""
     error: ModelMoraError | None = None
     cancelled: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
+    size: int = field(init=False)
+    """Number of input items (texts, images)."""
 
-    @property
-    def size(self) -> int:
-        return len(self.texts)
+    def __post_init__(self) -> None:
+        self.size = len(next(iter(self.inputs.values()))) if self.inputs else 0
 
     def set_result(self, value: Any) -> None:
         if not self.done.is_set():

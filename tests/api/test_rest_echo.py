@@ -226,7 +226,7 @@ async def test_openapi_and_docs(echo_app: AppUnderTest) -> None:
     assert css.status_code == 200
 
 
-@pytest.mark.settings(load_retry_base_s=0.6)
+@pytest.mark.settings(load_retry_base_s=1.5)
 async def test_a_worker_that_keeps_crashing_restarts_with_backoff(echo_app: AppUnderTest) -> None:
     for _ in range(2):
         status, body = await infer(echo_app, {"input_data": {"text": "__crash__"}})
@@ -234,9 +234,9 @@ async def test_a_worker_that_keeps_crashing_restarts_with_backoff(echo_app: AppU
     t0 = anyio.current_time()
     status, body = await infer(echo_app, {"input_data": {"text": "fine"}})
     assert status == 200
-    assert anyio.current_time() - t0 >= 0.5  # the third start waited for the backoff
+    assert anyio.current_time() - t0 >= 1.4  # the third start waited for the backoff
     status, body = await infer(echo_app, {"input_data": {"text": "__crash__"}})
     assert status == 503
     t0 = anyio.current_time()
     assert (await infer(echo_app, {"input_data": {"text": "fine"}}))[0] == 200
-    assert anyio.current_time() - t0 < 0.5  # a success in between reset the streak
+    assert anyio.current_time() - t0 < 1.4  # a success in between reset the streak (a restart: < 1 s)

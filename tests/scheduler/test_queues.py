@@ -19,7 +19,7 @@ class Clock:
 
 
 def req(texts: list[str], priority: Priority = Priority.NORMAL, deadline: float = 1e9, **params: object) -> Request:
-    return Request(KEY, texts, dict(params), priority, deadline)
+    return Request(KEY, {"text": texts}, dict(params), priority, deadline)
 
 
 pytestmark = pytest.mark.anyio

@@ -1,0 +1,63 @@
+"""img2embed on a tiny CLIP, in process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from modelmora_workers.pipelines.base import InputError
+from modelmora_workers.pipelines.image_embedding import ImageEmbedding
+
+
+def test_one_float32_row_per_image(img2embed: ImageEmbedding, images: list[np.ndarray]) -> None:
+    out = img2embed.run({"image": images[:3]}, {"normalize": False, "batch_size": 32})
+    assert list(out) == ["embeddings"]
+    emb = out["embeddings"]
+    assert isinstance(emb, np.ndarray)
+    assert emb.shape == (3, 16) == (3, img2embed.dim)
+    assert emb.dtype == np.float32
+    assert emb.flags.c_contiguous
+    assert np.all(np.isfinite(emb))
+    assert not np.allclose(emb[0], emb[1])
+
+
+def test_normalize_gives_unit_rows(img2embed: ImageEmbedding, images: list[np.ndarray]) -> None:
+    raw = img2embed.run({"image": images}, {"normalize": False, "batch_size": 8})["embeddings"]
+    unit = img2embed.run({"image": images}, {"normalize": True, "batch_size": 8})["embeddings"]
+    assert unit.dtype == np.float32
+    assert unit.flags.c_contiguous
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_small_batch_size_keeps_all_rows_in_order(img2embed: ImageEmbedding, images: list[np.ndarray]) -> None:
+    batched = img2embed.run({"image": images}, {"batch_size": 2})["embeddings"]
+    alone = np.concatenate([img2embed.run({"image": [im]}, {"batch_size": 2})["embeddings"] for im in images])
+    assert batched.shape == (len(images), 16)
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+def test_images_are_not_kept(img2embed: ImageEmbedding, images: list[np.ndarray]) -> None:
+    """Inputs are views over shared memory: the result must not change when the buffer does."""
+    buf = images[0].copy()
+    out = img2embed.run({"image": [buf]}, {"batch_size": 1})["embeddings"].copy()
+    buf[:] = 0
+    np.testing.assert_array_equal(out, img2embed.run({"image": [images[0]]}, {"batch_size": 1})["embeddings"])
+
+
+@pytest.mark.parametrize(
+    ("inputs", "field"),
+    [
+        ({}, "$.input_data.image"),
+        ({"image": []}, "$.input_data.image"),
+        ({"image": ["not an image"]}, "$.input_data.image[0]"),
+        ({"image": [np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)]}, "$.input_data.image[1]"),
+        ({"image": [np.zeros((8, 8, 4), np.uint8)]}, "$.input_data.image[0]"),
+        ({"image": [np.zeros((8, 8, 3), np.float32)]}, "$.input_data.image[0]"),
+        ({"image": [np.zeros((0, 8, 3), np.uint8)]}, "$.input_data.image[0]"),
+    ],
+)
+def test_bad_images_are_input_errors(img2embed: ImageEmbedding, inputs: dict[str, object], field: str) -> None:
+    with pytest.raises(InputError) as info:
+        img2embed.run(inputs, {"batch_size": 4})
+    assert info.value.field == field
