@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import ipaddress
 import shutil
@@ -444,27 +445,28 @@ class LocalServer:
     server: _Server
     port: int
     scheme: str = "http"
-    paths: list[str] = field(default_factory=list)
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"{self.scheme}://{host}:{self.port}{path}"
 
 
-def _serve(server: _Server) -> Iterator[threading.Thread]:
+@contextlib.contextmanager
+def serving(server: _Server, scheme: str = "http") -> Iterator[LocalServer]:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
-    yield thread
-    server.release.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    try:
+        yield LocalServer(server, server.server_address[1], scheme)
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 @pytest.fixture
 def http_server() -> Iterator[LocalServer]:
-    server = _Server(_Handler)
-    for _ in _serve(server):
-        yield LocalServer(server, server.server_address[1])
+    with serving(_Server(_Handler)) as local:
+        yield local
 
 
 @pytest.mark.anyio
@@ -885,10 +887,10 @@ def https_server(certificate: tuple[Path, Path]) -> Iterator[LocalServer]:
     server = _Server(_Handler)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    context.sni_callback = lambda sock, name, ctx: server.sni.append(name)  # type: ignore[assignment,func-returns-value]
+    context.sni_callback = lambda sock, name, ctx: server.sni.append(name)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    for _ in _serve(server):
-        yield LocalServer(server, server.server_address[1], scheme="https")
+    with serving(server, scheme="https") as local:
+        yield local
 
 
 @pytest.mark.anyio

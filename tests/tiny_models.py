@@ -69,11 +69,12 @@ def _train_bpe(
     )
     tok.train_from_iterator(CORPUS, trainer)
     vocab = dict(tok.get_vocab())
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    raw = json.loads(tok.to_str())["model"]["merges"]  # ["a b", ...] or [["a", "b"], ...]
+    merges = [(a, b) for a, b in (m.split(" ", 1) if isinstance(m, str) else m for m in raw)]
     if clip:  # every byte may end a word: make sure "x</w>" exists for each of them
         for ch in pre_tokenizers.ByteLevel.alphabet():
             vocab.setdefault(ch + "</w>", len(vocab))
-    return vocab, [(a, b) for a, b in merges]
+    return vocab, merges
 
 
 def _clip_tokenizer(max_length: int) -> Any:
@@ -154,8 +155,13 @@ def _bert_vocab() -> dict[str, int]:
 def build_blip(dest: Path) -> Path:
     """A BLIP captioner with 2-layer towers (hidden 32), 32x32 input images, BERT vocabulary."""
     import torch
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil
-    from transformers import BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
 
     dest = Path(dest)
     tokenizer = BertTokenizer(vocab=_bert_vocab(), model_max_length=64)

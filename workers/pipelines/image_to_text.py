@@ -7,7 +7,6 @@ its batch-mates. The cancel flag is checked after every generated token.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ from .image_embedding import images_input, warmup_images
 __all__ = ("ImageToText",)
 
 
-def _stopping_criteria(batch: int) -> Any:
+def _stopping_criteria() -> Any:
     """A StoppingCriteriaList that checks the cancel flag at every step (and never stops by itself)."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -30,6 +29,11 @@ def _stopping_criteria(batch: int) -> Any:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
     return StoppingCriteriaList([CancelCheck()])
+
+
+def _param(params: dict[str, Any], name: str, default: Any) -> Any:
+    value = params.get(name)
+    return default if value is None else value
 
 
 def _ids(value: Any) -> set[int]:
@@ -69,21 +73,15 @@ class ImageToText:
         import torch
 
         pixels = self.processor(images=images, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
-        gen = copy.deepcopy(self.model.generation_config)
-        gen.max_new_tokens = max_tokens
-        gen.max_length = None
-        gen.min_new_tokens = None
-        gen.min_length = 0
-        gen.num_beams = 1
-        gen.do_sample = temperature > 0
-        gen.temperature = temperature if temperature > 0 else None
-        gen.top_k = None
-        gen.top_p = None
+        sampling = temperature > 0
         with torch.inference_mode():
             sequences = self.model.generate(
                 pixel_values=pixels.to(self.device, self.dtype),
-                generation_config=gen,
-                stopping_criteria=_stopping_criteria(len(images)),
+                max_new_tokens=max_tokens,
+                num_beams=1,
+                do_sample=sampling,
+                temperature=temperature if sampling else None,
+                stopping_criteria=_stopping_criteria(),
             )
         results = []
         for row in sequences[:, 1:].tolist():  # the first token is the decoder's start token
@@ -102,10 +100,12 @@ class ImageToText:
         import torch
 
         images = images_input(inputs)
-        max_tokens = int(params.get("max_tokens") or 30)
+        max_tokens = int(_param(params, "max_tokens", 30))
         if self.max_new_limit is not None:
             max_tokens = min(max_tokens, self.max_new_limit)
-        temperature = float(params.get("temperature") or 0.0)
+        if max_tokens <= 0:
+            return {"texts": [""] * len(images), "finish_reasons": ["length"] * len(images)}
+        temperature = float(_param(params, "temperature", 0.0))
         seed = params.get("seed")
         size = 1 if seed is not None else max(1, int(params.get("batch_size") or 8))
         results: list[tuple[str, str]] = []

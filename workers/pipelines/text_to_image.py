@@ -28,6 +28,11 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
+def _param(params: dict[str, Any], name: str, default: Any) -> Any:
+    value = params.get(name)
+    return default if value is None else value
+
+
 def _size(params: dict[str, Any], name: str) -> int | None:
     value = params.get(name)
     if value is None:
@@ -59,7 +64,7 @@ class TextToImage:
     ) -> list[bytes]:
         import torch
 
-        steps = int(params.get("steps") or 20)
+        steps = int(_param(params, "steps", 20))
         items = [-1] if whole else list(range(first, first + len(prompts)))
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +77,7 @@ class TextToImage:
         call: dict[str, Any] = {
             "prompt": prompts,
             "num_inference_steps": steps,
-            "guidance_scale": float(params.get("guidance_scale", 7.5)),
+            "guidance_scale": float(_param(params, "guidance_scale", 7.5)),
             "width": width,
             "height": height,
             "num_images_per_prompt": 1,
