@@ -16,9 +16,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_models import build_blip, build_clip, build_gpt2, build_sd
 
 from serverproc import ServerProcess, mm
+from tiny_models import build_blip, build_clip, build_gpt2, build_sd
 
 BUILDERS = {"gpt2": build_gpt2, "blip": build_blip, "clip": build_clip, "sd": build_sd}
 

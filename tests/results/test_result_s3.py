@@ -15,11 +15,12 @@ import httpx
 import pytest
 from aiobotocore.session import get_session
 from botocore.config import Config
-from s3server import SeaweedS3
 
 from modelmora.config import ConfigError, S3Settings, Settings
 from modelmora.results import ResultStoreUnavailable, open_result_store
 from modelmora.results.s3 import S3ResultStore, _endpoint_label, open_s3_store
+
+from s3server import SeaweedS3
 
 pytestmark = pytest.mark.anyio
 

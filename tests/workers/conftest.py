@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import build_blip, build_clip, build_gpt2, build_sd
 
 from modelmora_workers.pipelines.image_embedding import ImageEmbedding
 from modelmora_workers.pipelines.image_to_text import ImageToText
 from modelmora_workers.pipelines.text_generation import TextGeneration
 from modelmora_workers.pipelines.text_to_image import TextToImage
+
+from tiny_models import build_blip, build_clip, build_gpt2, build_sd
 
 
 @pytest.fixture(scope="session", autouse=True)

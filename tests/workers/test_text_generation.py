@@ -175,6 +175,16 @@ def test_max_tokens_is_capped_by_the_context(txt2txt: TextGeneration) -> None:
     assert len(calls) == 128 - n
 
 
+def test_rows_end_at_their_own_context_limit_in_a_batch(txt2txt: TextGeneration) -> None:
+    long = "x" * 100
+    n = len(txt2txt.tokenizer(long)["input_ids"])
+    out = txt2txt.run({"text": [long, "Hi"]}, params(max_tokens=128 - n + 20, temperature=1.0))
+    alone = txt2txt.run({"text": [long]}, params(max_tokens=500))
+    assert out["finish_reasons"][0] == "length"
+    assert len(out["texts"][1]) > 0
+    assert alone["finish_reasons"] == ["length"]
+
+
 def test_cancel_before_and_during_generation(txt2txt: TextGeneration) -> None:
     with cancel.running(7), pytest.raises(cancel.Cancelled):
         cancel.request(7)

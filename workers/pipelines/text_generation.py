@@ -212,6 +212,8 @@ class TextGeneration:
                 input_ids = tokens[:, None]
                 mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
                 positions = positions[:, -1:] + 1
+                if self.context is not None:  # rows that ended early keep running: stay inside the table
+                    positions = positions.clamp(max=self.context - 1)
 
     def _step(self, row: _Row, token: int, stops: list[str], stream: bool) -> None:
         if token in self.eos_ids:
