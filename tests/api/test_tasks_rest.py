@@ -226,3 +226,35 @@ async def test_generation_batches(task_app: AppUnderTest) -> None:
     assert results == {i: [f"__SLOW__0.01 #{i}"] for i in range(12)}
     (model,) = [m for m in (await task_app.client.get("/api/v1/status")).json()["models"] if m["model_id"] == "txt2txt"]
     assert model["served"] == 12 and model["batches"] < 12
+
+
+@pytest.mark.parametrize(
+    ("model", "input_data"),
+    [
+        ("img2embed", lambda i: {"image": png(i + 1, 2, (i, 0, 0))}),
+        ("img2txt", lambda i: {"image": png(i + 1, 2, (i, 0, 0))}),
+        ("txt2txt", lambda i: {"text": f"p{i}"}),
+    ],
+)
+@pytest.mark.settings(max_wait_ms=300)
+async def test_every_batching_task_batches(task_app: AppUnderTest, model: str, input_data: Any) -> None:
+    """Concurrent requests of a batching task share forward passes; each gets its own result."""
+    assert (await infer(task_app, model, {"input_data": input_data(0)}))[0] == 200  # the worker runs
+    outputs: dict[int, dict[str, Any]] = {}
+
+    async def one(i: int) -> None:
+        code, out = await infer(task_app, model, {"input_data": input_data(i)})
+        assert code == 200, out
+        outputs[i] = out["output"]
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(one, i)
+    expected = {
+        "img2embed": lambda i: {"embeddings": [[2.0, i + 1.0, float(i), 0.0, 0.0]], "dim": 5},
+        "img2txt": lambda i: {"texts": [f"{i + 1}x2"], "finish_reasons": ["stop"]},
+        "txt2txt": lambda i: {"texts": [f"P{i}"], "finish_reasons": ["stop"]},
+    }[model]
+    assert outputs == {i: expected(i) for i in range(8)}
+    (st,) = [m for m in (await task_app.client.get("/api/v1/status")).json()["models"] if m["model_id"] == model]
+    assert st["served"] == 9 and st["batches"] <= 4

@@ -102,6 +102,18 @@ def test_generation_is_deterministic_with_a_seed_whatever_the_batch(server: Serv
     assert all(o == alone for o in outs[1::2])
 
 
+def test_a_prompt_the_model_refuses_leaves_the_worker_serving(server: ServerProcess) -> None:
+    r = infer(server, "gpt2", {"input_data": {"text": ["fine", "word " * 400]}})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "$.input_data.text[1]"
+    pid = next(
+        m["worker"]["pid"] for m in httpx.get(f"{server.url}/api/v1/status").json()["models"] if m["model_id"] == "gpt2"
+    )
+    r = infer(server, "gpt2", {"input_data": {"text": "fine"}, "parameters": {"max_tokens": 3}})
+    assert r.status_code == 200
+    status = httpx.get(f"{server.url}/api/v1/status").json()
+    assert next(m["worker"]["pid"] for m in status["models"] if m["model_id"] == "gpt2") == pid
+
+
 def test_tokens_stream_before_generation_ends(server: ServerProcess) -> None:
     body = {"input_data": {"text": "once upon a time"}, "parameters": {"max_tokens": 120, "temperature": 0}}
     body["stream"] = True
