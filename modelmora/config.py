@@ -56,7 +56,8 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omi
     max_batch_size: Annotated[int, msgspec.Meta(ge=1, le=4096)] | None = None
     max_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] | None = None
     queue_limit: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
-    device: Literal["auto", "cpu", "cuda"] | Annotated[str, msgspec.Meta(pattern=r"^cuda:\d+$")] | None = None
+    device: Annotated[str, msgspec.Meta(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")] | None = None
+    """"auto" (cuda when a GPU is usable, else cpu), "cpu", "cuda" or "cuda:N"."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
     pinned: bool | None = None
     """Never evicted to make room for another model (still unloaded on request)."""
@@ -104,7 +105,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     memory_budget_mb: float = 0.0
     """MiB for all workers and the zygote (PSS). 0: 75% of the machine's RAM; negative: unlimited."""
     vram_budget_mb: float = 0.0
-    """MiB of GPU memory for workers (reported; enforced by admission once GPU workers report VRAM)."""
+    """MiB of GPU memory for all GPU workers (torch's reserved pools, as the workers report them after
+    load and after each batch); admission evicts LRU GPU models to fit. 0: not limited."""
     admission_factor: float = 1.5
     """An unmeasured model is estimated as worker base + weights x this factor."""
     worker_base_mb: float = 0.0

@@ -22,8 +22,11 @@ class Echo:
     """Embeds each text as [len(text), sum of code points, index in batch, batch size]; texts drive faults."""
 
     def __init__(self, path: str, *, device: str, dtype: str, options: dict[str, Any]) -> None:
-        self.device = "cpu"
+        self.device = device if device.startswith("cuda") else "cpu"  # claims a GPU it never touches
         self.path = Path(path)
+        vram = self.path / "VRAM_MB"
+        if vram.exists():  # what a GPU pipeline would report (the worker asks `vram_bytes` first)
+            self.vram_bytes = int(float(vram.read_text()) * 2**20)
         if (self.path / "FAIL_LOAD").exists():
             raise RuntimeError("load failure requested by the test")
         weights = self.path / "weights.bin"

@@ -38,7 +38,7 @@ from modelmora.ipc.segments import AttachedSegments, attach
 from . import cancel, events
 from .pipelines.base import InputError, Pipeline
 
-__all__ = ("Worker", "die_with_parent", "main", "pipeline_class", "preload", "serve")
+__all__ = ("Worker", "die_with_parent", "main", "pipeline_class", "preload", "serve", "vram_bytes")
 
 _RING_WAIT_MAX_S = 0.005
 
@@ -98,6 +98,18 @@ def release_gpu_memory() -> None:
     if torch is not None and torch.cuda.is_initialized():  # pragma: no cover - needs a GPU
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def vram_bytes(pipeline: Any) -> int:
+    """GPU memory this process holds: the pipeline's own figure (`vram_bytes`, for pipelines that
+    manage memory outside torch's allocator), else torch's reserved CUDA pool; 0 on the CPU."""
+    own = getattr(pipeline, "vram_bytes", None)
+    if own is not None:
+        return int(own)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # pragma: no cover - needs a GPU
+        return int(sum(torch.cuda.memory_reserved(i) for i in range(torch.cuda.device_count())))
+    return 0
 
 
 def pipeline_class(spec: str) -> Any:
@@ -171,6 +183,7 @@ class Worker:
             if "torch" in sys.modules:  # inference runs on this thread with an explicit thread count
                 sys.modules["torch"].set_num_threads(max(1, first.threads))
             t2 = time.perf_counter()
+            self.send(m.Event(-1, -1, "phase", {"phase": "warming"}))
             self.pipeline.warmup()
             t3 = time.perf_counter()
         except Exception as exc:  # the supervisor reports it; we exit
@@ -181,7 +194,7 @@ class Worker:
         import psutil
 
         rss = psutil.Process().memory_info().rss
-        info = {"import_ms": (t1 - t0) * 1e3, "forked": self.forked}
+        info = {"import_ms": (t1 - t0) * 1e3, "forked": self.forked, "vram_bytes": vram_bytes(self.pipeline)}
         self.send(m.Loaded((t2 - t1) * 1e3, (t3 - t2) * 1e3, rss, self.pipeline.device, info))
         _log("ready", model=first.model_id, version=first.version, device=self.pipeline.device)
         self.start_reader()
@@ -284,7 +297,7 @@ class Worker:
             traceback.print_exc()
             self.send(m.Error(msg.batch_id, "inference_failed", f"{type(exc).__name__}: {exc}"))
             return
-        self.send(m.Result(msg.batch_id, encoded, (time.perf_counter() - t0) * 1e3))
+        self.send(m.Result(msg.batch_id, encoded, (time.perf_counter() - t0) * 1e3, vram_bytes(self.pipeline)))
 
     def _release_inputs(self, msg: m.Infer) -> None:
         for item in msg.inputs.values():

@@ -142,12 +142,16 @@ class Result(msgspec.Struct, tag="result", array_like=True, frozen=True, gc=Fals
     batch_id: int
     outputs: dict[str, Input]
     infer_ms: float
+    vram_bytes: int = 0
+    """GPU memory the worker's process holds after the batch (torch's reserved pool); 0 on CPU."""
 
 
 class Event(msgspec.Struct, tag="event", array_like=True, frozen=True, gc=False):
     """Something happened while a batch runs (a generated token, a diffusion step).
 
-    `item` is the input's index in the batch, or -1 for every input of the batch.
+    `item` is the input's index in the batch, or -1 for every input of the batch. With
+    `batch_id` -1 it is about the worker itself: kind "phase", data {"phase": "warming"} once
+    the weights are loaded and the test inference starts.
     """
 
     batch_id: int

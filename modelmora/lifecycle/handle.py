@@ -182,6 +182,10 @@ class WorkerHandle:
         self.start_ms: dict[str, float] = {}
         self.forked = False
         self._hello_at = 0.0
+        self.on_phase: Callable[[str], None] | None = None
+        """Called with the worker's load phases ("warming") during the handshake."""
+        self.vram_bytes = 0
+        """GPU memory the worker holds, as it last reported (at load and after each batch)."""
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -198,6 +202,7 @@ class WorkerHandle:
         stop_grace_s: float,
         env: Mapping[str, str] | None = None,
         launcher: Launcher | None = None,
+        on_phase: Callable[[str], None] | None = None,
     ) -> AsyncIterator[WorkerHandle]:
         """Start a worker for `spec` and yield it once the model is ready.
 
@@ -210,6 +215,7 @@ class WorkerHandle:
             stop_grace_s: how long a worker may take to exit after Shutdown before SIGKILL.
             env: the worker's environment (default: ours), with OMP/MKL thread counts added.
             launcher: how to start the process (default: spawn).
+            on_phase: called with "warming" when the weights are loaded and the test inference starts.
 
         Raises:
             ModelLoadFailed: the process failed to start, load or warm up in time.
@@ -238,6 +244,7 @@ class WorkerHandle:
                     t_launched = time.perf_counter()
                     stream = await anyio.abc.UNIXSocketStream.from_socket(parent_sock)
                     handle = cls(spec, process, stream, shm, requests, responses, pool)
+                    handle.on_phase = on_phase
                     log.info("worker_starting", model=spec.model_id, version=spec.version, pid=process.pid)
                     await handle._handshake(shm.name, request_ring_bytes, response_ring_bytes)
             except TimeoutError as exc:
@@ -319,11 +326,16 @@ class WorkerHandle:
             )
         )
         reply = await self._recv()
+        while isinstance(reply, m.Event):  # the worker's load phases
+            if reply.kind == "phase" and self.on_phase is not None:
+                self.on_phase(str(reply.data.get("phase", "")))
+            reply = await self._recv()
         if isinstance(reply, m.Error):
             raise ModelLoadFailed(f"model {spec.model_id!r} failed to load: {reply.message}")
         if not isinstance(reply, m.Loaded):
             raise ModelLoadFailed(f"model {spec.model_id!r}: worker died while loading")
         self.loaded = reply
+        self.vram_bytes = int(reply.info.get("vram_bytes", 0))
         self.ready_at = time.monotonic()
         log.info(
             "worker_ready",
@@ -388,7 +400,8 @@ class WorkerHandle:
 
     def _dispatch(self, msg: m.Message) -> None:
         match msg:
-            case m.Result(batch_id=bid, outputs=outputs):
+            case m.Result(batch_id=bid, outputs=outputs, vram_bytes=vram):
+                self.vram_bytes = vram
                 data = {}
                 for name, item in outputs.items():
                     if item.span.seg:
@@ -509,4 +522,5 @@ class WorkerHandle:
             "start_ms": {k: round(v, 1) for k, v in self.start_ms.items()},
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "request_ring_used_bytes": self.requests.statistics().used_bytes,
+            "vram_mb": round(self.vram_bytes / 2**20, 1),
         }

@@ -89,6 +89,9 @@ class ModelRuntime:
     last_used: float = 0.0
     last_error: str | None = None
     measured_mb: float | None = None
+    measured_vram_mb: float | None = None
+    device: str | None = None
+    """The device its worker ran on last ("cpu", "cuda", "cuda:1"...), once known."""
     loads: int = 0
     crashes: int = 0
     crash_streak: int = 0
@@ -153,6 +156,8 @@ class Scheduler:
             settings.admission_factor,
             settings.worker_base_mb or 400.0,
         )
+        self.vram = MemoryBudget(max(0.0, settings.vram_budget_mb), settings.admission_factor, 0.0)
+        """GPU memory of the workers (torch's reserved pools, as they report them); 0: not limited."""
         self._learn_base = settings.worker_base_mb <= 0
         self.models: dict[ModelKey, ModelRuntime] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -338,6 +343,7 @@ class Scheduler:
                 self._load_failed(rt, exc)
             finally:
                 self.budget.release(rt.key)
+                self.vram.release(rt.key)
                 rt.worker = None
                 rt.busy = False
                 rt.stop_reason = None
@@ -394,7 +400,26 @@ class Scheduler:
             return rt.measured_mb * 1.1
         return self.budget.estimate_mb(rt.weights_bytes)
 
+    def _need_vram_mb(self, rt: ModelRuntime) -> float:
+        """GPU memory to reserve before starting `rt`'s worker (0 when VRAM is not limited or it runs on CPU)."""
+        if self.vram.unlimited:
+            return 0.0
+        on_gpu = rt.device.startswith("cuda") if rt.device is not None else rt.spec.device != "cpu"
+        if not on_gpu:
+            return 0.0
+        if rt.measured_vram_mb is not None:
+            return rt.measured_vram_mb * 1.1
+        return self.vram.estimate_mb(rt.weights_bytes)
+
     def _no_memory_message(self, rt: ModelRuntime) -> str:
+        v = self.vram
+        need_vram = self._need_vram_mb(rt)
+        if need_vram and not v.fits(need_vram):
+            return (
+                f"insufficient GPU memory to load model {rt.key.model_id!r}: it needs ~{need_vram:.0f} MiB,"
+                f" {v.free_mb():.0f} of {v.budget_mb:.0f} MiB (vram_budget_mb) are free and no loaded GPU model"
+                " can be evicted (all busy or pinned)"
+            )
         b = self.budget
         return (
             f"insufficient memory to load model {rt.key.model_id!r}: it needs ~{self._need_mb(rt):.0f} MiB,"
@@ -406,12 +431,16 @@ class Scheduler:
         self._capacity.set()
         self._capacity = anyio.Event()
 
-    def _victim(self, exclude: ModelRuntime | None) -> ModelRuntime | None:
-        """The least recently used loaded model that may be evicted, idle ones first."""
+    def _victim(self, exclude: ModelRuntime | None, *, gpu: bool = False) -> ModelRuntime | None:
+        """The least recently used loaded model that may be evicted, idle ones first (`gpu`: holding VRAM)."""
         candidates = [
             rt
             for rt in self.models.values()
-            if rt is not exclude and rt.loaded and not rt.pinned and rt.stop_reason is None
+            if rt is not exclude
+            and rt.loaded
+            and not rt.pinned
+            and rt.stop_reason is None
+            and (not gpu or self.vram.reserved_mb(rt.key))
         ]
         if not candidates:
             return None
@@ -424,17 +453,23 @@ class Scheduler:
             InsufficientMemory: it can never fit, or no room came before its requests' deadlines.
         """
         need = self._need_mb(rt)
-        budget = self.budget
+        need_vram = self._need_vram_mb(rt)
+        budget, vram = self.budget, self.vram
         if not budget.unlimited and need > budget.budget_mb - budget.shared_mb:
             raise InsufficientMemory(
                 f"model {rt.key.model_id!r} needs ~{need:.0f} MiB, more than the whole worker budget"
                 f" ({budget.budget_mb:.0f} MiB; raise memory_budget_mb)"
             )
+        if need_vram > vram.budget_mb > 0:
+            raise InsufficientMemory(
+                f"model {rt.key.model_id!r} needs ~{need_vram:.0f} MiB of GPU memory, more than the whole GPU"
+                f" budget ({vram.budget_mb:.0f} MiB; raise vram_budget_mb or run it on the CPU)"
+            )
         try:
-            while not budget.fits(need):
+            while not (budget.fits(need) and vram.fits(need_vram)):
                 if not len(rt.queue) and not rt.load_requested:
                     raise InsufficientMemory(self._no_memory_message(rt))  # nobody waits any more
-                victim = self._victim(rt)
+                victim = self._victim(rt, gpu=budget.fits(need))
                 if victim is not None:
                     log.info("evicting", model=str(victim.key), for_model=str(rt.key), need_mb=round(need))
                     victim.stop_reason = "evict"
@@ -449,6 +484,8 @@ class Scheduler:
                 with anyio.move_on_after(1.0):  # re-check the queue (deadlines) at least every second
                     await capacity.wait()
             budget.reserve(rt.key, need)
+            if need_vram:
+                vram.reserve(rt.key, need_vram)
         finally:
             if rt.waiting_for_memory:
                 rt.waiting_for_memory = False
@@ -460,6 +497,11 @@ class Scheduler:
         settings = self.settings
         rt.set_state(ModelState.LOADING, "work waiting")
         extra: dict[str, Any] = {} if self.launcher is None else {"launcher": self.launcher}
+
+        def on_phase(phase: str) -> None:
+            if phase == "warming":
+                rt.set_state(ModelState.WARMING, "weights loaded, running the test inference")
+
         async with WorkerHandle.open(
             rt.spec,
             instance_id=self.instance_id,
@@ -468,6 +510,7 @@ class Scheduler:
             start_timeout_s=settings.worker_start_timeout_s,
             stop_grace_s=settings.worker_stop_grace_s,
             env=self.worker_env,
+            on_phase=on_phase,
             **extra,
         ) as worker:
             rt.worker = worker
@@ -476,6 +519,8 @@ class Scheduler:
             rt.retry_at = None
             rt.last_error = None
             rt.load_requested = False
+            rt.device = worker.loaded.device if worker.loaded is not None else None
+            self._record_vram(rt, worker)
             await self._measure(rt)
             rt.set_state(ModelState.READY)
             async with anyio.create_task_group() as tg:
@@ -498,6 +543,14 @@ class Scheduler:
         if pss is None:
             return
         self._record(rt, pss)
+
+    def _record_vram(self, rt: ModelRuntime, worker: WorkerHandle) -> None:
+        """Replace the VRAM estimate by what the worker reports (none is held on the CPU)."""
+        if rt.device is not None and not rt.device.startswith("cuda"):
+            self.vram.release(rt.key)
+            return
+        rt.measured_vram_mb = worker.vram_bytes / _MB
+        self.vram.measure(rt.key, rt.measured_vram_mb)
 
     def _record(self, rt: ModelRuntime, pss: int) -> None:
         rt.measured_mb = pss / _MB
@@ -574,6 +627,7 @@ class Scheduler:
                     error = exc
                 tg.cancel_scope.cancel()
             if error is None:
+                self._record_vram(rt, worker)
                 self._deliver(batch, outputs)
                 rt.crash_streak = 0
                 rt.served += len(batch)
@@ -645,10 +699,14 @@ class Scheduler:
                     self._record(rt, pss)
             if callable(shared):
                 self.budget.shared_mb = (shared_bytes or 0) / _MB
-            if not self.budget.unlimited and self.budget.used_mb() > self.budget.budget_mb:
-                victim = self._victim(exclude=None)
+            for budget, gpu in ((self.budget, False), (self.vram, True)):
+                if budget.unlimited or budget.used_mb() <= budget.budget_mb:
+                    continue
+                victim = self._victim(exclude=None, gpu=gpu)
                 if victim is not None and not victim.busy:
-                    log.warning("over_budget_evicting", model=str(victim.key), used_mb=round(self.budget.used_mb()))
+                    log.warning(
+                        "over_budget_evicting", model=str(victim.key), used_mb=round(budget.used_mb()), vram=gpu
+                    )
                     victim.stop_reason = "evict"
                     victim.evictions += 1
                     victim.poke()
@@ -663,6 +721,9 @@ class Scheduler:
             "free_mb": None if b.unlimited else round(b.free_mb(), 1),
             "shared_mb": round(b.shared_mb, 1),
             "worker_base_mb": round(b.base_mb, 1),
+            "vram_budget_mb": None if self.vram.unlimited else round(self.vram.budget_mb, 1),
+            "vram_used_mb": round(self.vram.used_mb(), 1),
+            "vram_free_mb": None if self.vram.unlimited else round(self.vram.free_mb(), 1),
         }
 
     def status(self) -> list[dict[str, Any]]:
@@ -680,6 +741,9 @@ class Scheduler:
                 "waiting_for_memory": rt.waiting_for_memory,
                 "reserved_mb": None if (r := self.budget.reserved_mb(rt.key)) is None else round(r, 1),
                 "measured_mb": None if rt.measured_mb is None else round(rt.measured_mb, 1),
+                "device": rt.device,
+                "vram_reserved_mb": None if (v := self.vram.reserved_mb(rt.key)) is None else round(v, 1),
+                "vram_mb": None if rt.measured_vram_mb is None else round(rt.measured_vram_mb, 1),
                 "last_used": rt.last_used or None,
                 "last_error": rt.last_error,
                 "failures": rt.failures,

@@ -78,6 +78,41 @@ async def test_lru_eviction_order_and_pinning(echo_app: AppUnderTest, tmp_path: 
     assert status["budget"]["used_mb"] <= 320
 
 
+@pytest.mark.settings(vram_budget_mb=120, keep_alive="-1")
+async def test_vram_budget_evicts_lru_gpu_models(echo_app: AppUnderTest, tmp_path: Path) -> None:
+    # GPU estimate = weights x 1.5 = 60 MiB; each worker reports 50 MiB of VRAM once loaded
+    add_models(echo_app, tmp_path, ["a", "b", "c", "d"], weights_mb=40)
+    for name in "abc":
+        (echo_app.home / "models" / name / "1.0.0" / "VRAM_MB").write_text("50")
+        assert (await echo_app.client.put(f"/api/v1/models/{name}", json={"device": "cuda"})).status_code == 200
+    assert (await echo_app.client.put("/api/v1/models/d", json={"device": "cpu"})).status_code == 200
+    steps = [("a", {"a"}), ("b", {"a", "b"}), ("c", {"b", "c"}), ("d", {"b", "c", "d"}), ("a", {"a", "c", "d"})]
+    for model, expected in steps:
+        assert await ask(echo_app, model) == 200
+        assert await loaded(echo_app) == expected, f"after a request for {model}"
+    status = (await echo_app.client.get("/api/v1/status")).json()
+    by_id = {m["model_id"]: m for m in status["models"]}
+    assert by_id["a"]["device"] == "cuda" and by_id["a"]["vram_mb"] == 50.0 and by_id["a"]["vram_reserved_mb"] == 50.0
+    assert by_id["d"]["device"] == "cpu" and by_id["d"]["vram_reserved_mb"] is None
+    assert by_id["b"]["evictions"] == 1 and by_id["a"]["evictions"] == 1
+    assert status["budget"]["vram_used_mb"] == 100.0 and status["budget"]["vram_budget_mb"] == 120.0
+    # a model that can never fit the GPU budget fails at once
+    (echo_app.home / "models" / "d" / "1.0.0" / "VRAM_MB").write_text("50")
+    big = tmp_path / "src-big"
+    big.mkdir()
+    (big / "weights.bin").write_bytes(b"\1" * (90 * MB))
+    install(echo_app.store, echo_app.home, str(big), model_id="big", task="txt2embed")
+    assert (await echo_app.client.put("/api/v1/models/big", json={"device": "cuda"})).status_code == 200
+    r = await echo_app.client.post("/api/v1/infer/big", json={"input_data": {"text": "x"}})
+    assert r.status_code == 503 and "vram_budget_mb" in r.json()["error"]["message"]
+
+
+async def test_warming_is_a_state_of_its_own(echo_app: AppUnderTest) -> None:
+    assert await ask(echo_app, "echo") == 200
+    (model,) = (await echo_app.client.get("/api/v1/status")).json()["models"]
+    assert [h["state"] for h in model["history"]][:3] == ["loading", "warming", "ready"]
+
+
 @pytest.mark.settings(memory_budget_mb=150, worker_base_mb=50)
 async def test_model_larger_than_the_budget_fails_at_once(echo_app: AppUnderTest, tmp_path: Path) -> None:
     add_models(echo_app, tmp_path, ["big"], weights_mb=80)  # 50 + 120 > 150
