@@ -83,6 +83,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_image_pixels: int = 4096 * 4096
     """Largest decoded image, width x height (checked before the pixels are decoded)."""
     max_images_per_request: int = 64
+    max_request_pixels: int = 64 * 2**20
+    """All images of one request together (decoded RGB: 3 bytes per pixel, held until it is answered);
+    keep it >= max_image_pixels."""
     url_fetch_timeout_s: float = 10.0
     """Time limit for fetching one image URL (connect, redirects and body together)."""
     allow_private_urls: bool = False

@@ -101,6 +101,8 @@ class ImageLimits:
     max_pixels: int
     fetch_timeout_s: float
     allow_private_urls: bool
+    max_request_pixels: int = 64 * 2**20
+    """All images of one request together (their decoded pixels are held until it is answered)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageLimits:
@@ -109,6 +111,7 @@ class ImageLimits:
             max_pixels=settings.max_image_pixels,
             fetch_timeout_s=settings.url_fetch_timeout_s,
             allow_private_urls=settings.allow_private_urls,
+            max_request_pixels=settings.max_request_pixels,
         )
 
 
@@ -273,15 +276,25 @@ async def load_images(refs: list[str], field: str, limits: ImageLimits) -> list[
     among those seen is raised and the other loads are cancelled.
     """
     if len(refs) == 1:
-        return [await load_image(refs[0], f"{field}[0]", limits)]
+        return [await load_image(refs[0], f"{field}[0]", limits)]  # max_image_pixels <= max_request_pixels
     results: list[Pixels | None] = [None] * len(refs)
     failures: dict[int, ModelMoraError] = {}
     limiter = anyio.CapacityLimiter(MAX_CONCURRENT_LOADS)
+    total = 0
 
     async def one(index: int, ref: str) -> None:
+        nonlocal total
         async with limiter:
             try:
-                results[index] = await load_image(ref, f"{field}[{index}]", limits)
+                pixels = await load_image(ref, f"{field}[{index}]", limits)
+                total += pixels.width * pixels.height
+                if total > limits.max_request_pixels:
+                    raise PayloadTooLarge(
+                        f"the images of this request exceed {limits.max_request_pixels} pixels together"
+                        " (max_request_pixels)",
+                        field=field,
+                    )
+                results[index] = pixels
             except ModelMoraError as exc:
                 failures[index] = exc
                 tg.cancel_scope.cancel()

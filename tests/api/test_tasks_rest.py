@@ -258,3 +258,12 @@ async def test_every_batching_task_batches(task_app: AppUnderTest, model: str, i
     assert outputs == {i: expected(i) for i in range(8)}
     (st,) = [m for m in (await task_app.client.get("/api/v1/status")).json()["models"] if m["model_id"] == model]
     assert st["served"] == 9 and st["batches"] <= 4
+
+
+@pytest.mark.settings(max_request_pixels=100 * 100)
+async def test_the_images_of_one_request_share_a_pixel_budget(task_app: AppUnderTest) -> None:
+    code, body = await infer(task_app, "img2embed", {"input_data": {"image": [png(80, 80, (0, 0, 0))] * 2}})
+    assert code == 413 and body["error"]["field"] == "$.input_data.image"
+    assert "max_request_pixels" in body["error"]["message"]
+    code, body = await infer(task_app, "img2embed", {"input_data": {"image": [png(70, 70, (0, 0, 0))] * 2}})
+    assert code == 200
