@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ("resolve_device", "torch_dtype")
+__all__ = ("load_kwargs", "resolve_device", "torch_dtype")
 
 
 def resolve_device(device: str) -> str:
@@ -28,3 +28,13 @@ def torch_dtype(name: str) -> Any:
     if name not in table:
         raise ValueError(f"unsupported dtype {name!r}; use one of {', '.join(table)}")
     return table[name]
+
+
+def load_kwargs(dtype: str, *, dtype_key: str = "dtype") -> dict[str, Any]:
+    """`from_pretrained` keyword arguments: offline, and the dtype when one is asked for
+    (`dtype_key`: "dtype" for transformers, "torch_dtype" for diffusers)."""
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    td = torch_dtype(dtype)
+    if td is not None:
+        kwargs[dtype_key] = td
+    return kwargs

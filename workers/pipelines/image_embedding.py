@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ..devices import resolve_device, torch_dtype
+from ..devices import load_kwargs, resolve_device
 from .base import InputError
 
 __all__ = ("ImageEmbedding", "images_input")
@@ -49,10 +49,7 @@ class ImageEmbedding:
         from transformers import AutoImageProcessor, AutoModel
 
         self.device = resolve_device(device)
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        td = torch_dtype(dtype)
-        if td is not None:
-            kwargs["dtype"] = td
+        kwargs = load_kwargs(dtype)
         self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, **kwargs).to(self.device).eval()
         if not hasattr(self.model, "get_image_features"):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .. import cancel
-from ..devices import resolve_device, torch_dtype
+from ..devices import load_kwargs, resolve_device
 from .image_embedding import images_input, warmup_images
 
 __all__ = ("ImageToText",)
@@ -51,10 +51,7 @@ class ImageToText:
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
         self.device = resolve_device(device)
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        td = torch_dtype(dtype)
-        if td is not None:
-            kwargs["dtype"] = td
+        kwargs = load_kwargs(dtype)
         self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(self.device).eval()

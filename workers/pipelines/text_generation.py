@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import cancel, events
-from ..devices import resolve_device, torch_dtype
+from ..devices import load_kwargs, resolve_device
 from .base import InputError
 
 if TYPE_CHECKING:
@@ -71,10 +71,7 @@ class TextGeneration:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = resolve_device(device)
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        td = torch_dtype(dtype)
-        if td is not None:
-            kwargs["dtype"] = td
+        kwargs = load_kwargs(dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(self.device).eval()
         gen = self.model.generation_config

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import cancel, events
-from ..devices import resolve_device, torch_dtype
+from ..devices import load_kwargs, resolve_device
 from .base import InputError
 from .text_generation import texts_input
 
@@ -49,10 +49,7 @@ class TextToImage:
         from diffusers import AutoPipelineForText2Image
 
         self.device = resolve_device(device)
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        td = torch_dtype(dtype)
-        if td is not None:
-            kwargs["torch_dtype"] = td
+        kwargs = load_kwargs(dtype, dtype_key="torch_dtype")
         index = json.loads((Path(path) / "model_index.json").read_text(encoding="utf-8"))
         if "safety_checker" in index:  # a server returns the image; filtering is the application's choice
             kwargs.update(safety_checker=None, requires_safety_checker=False)
