@@ -59,3 +59,33 @@ def test_disconnect_cancels_the_queued_request(tmp_path: Path, echo_dir: Path) -
         assert served == 2  # "warm" and the sleeper: the disconnected request never ran
     finally:
         assert srv.stop() == 0
+
+
+def test_closing_a_stream_stops_the_generation(tmp_path: Path, echo_dir: Path) -> None:
+    """An SSE client that goes away mid-generation: the batch is cancelled in the worker within a step."""
+    home = tmp_path / "home"
+    mm("install", str(echo_dir), "--id", "shout", "--task", "txt2txt", home=home)
+    env = {
+        "MODELMORA_PIPELINES__TXT2TXT": "worker_pipelines:Shout",
+        "MODELMORA_ZYGOTE_PRELOAD": "numpy",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    srv = ServerProcess(home, env).start()
+    try:
+        url = f"{srv.url}/api/v1/infer/shout"
+        body = {"input_data": {"text": "__slow__0.1 " + "x" * 200}, "stream": True}
+        with httpx.stream("POST", url, json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = [next(lines) for _ in range(4)]  # two token events arrived: the generation runs
+        assert first[0] == "event: token" and first[1].startswith("data: ")
+        t0 = time.monotonic()
+        deadline = t0 + 10
+        while (model := httpx.get(f"{srv.url}/api/v1/status").json()["models"][0])["cancelled"] < 1:
+            assert time.monotonic() < deadline, model
+            time.sleep(0.01)
+        # the worker stopped within a step (0.1 s), not after the remaining ~20 s
+        r2 = httpx.post(url, json={"input_data": {"text": "ok"}}, timeout=60)
+        assert r2.status_code == 200 and r2.json()["output"]["texts"] == ["OK"]
+        assert time.monotonic() - t0 < 5
+    finally:
+        assert srv.stop() == 0
