@@ -11,7 +11,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -24,6 +24,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import ModelSettings, Settings
 from ..errors import (
@@ -98,14 +99,23 @@ class _Catalog:
     def __init__(self, store: ModelStore) -> None:
         self.store = store
         self._cache: dict[str, tuple[float, ModelRecord, ModelSettings]] = {}
+        self._refreshing: set[str] = set()
 
     async def get(self, model_id: str) -> tuple[ModelRecord, ModelSettings]:
-        """The model's record and its parsed settings (the same settings object while unchanged)."""
+        """The model's record and its parsed settings (the same settings object while unchanged).
+
+        An expired entry is refreshed by one caller while the others keep using it (one
+        registry read per model per TTL, however many requests arrive meanwhile).
+        """
         hit = self._cache.get(model_id)
         now = time.monotonic()
-        if hit is not None and now - hit[0] < _CATALOG_TTL_S:
+        if hit is not None and (now - hit[0] < _CATALOG_TTL_S or model_id in self._refreshing):
             return hit[1], hit[2]
-        rec = await self.store.aget(model_id)
+        self._refreshing.add(model_id)
+        try:
+            rec = await self.store.aget(model_id)
+        finally:
+            self._refreshing.discard(model_id)
         if rec is None:
             self._cache.pop(model_id, None)
             raise ModelNotFound(f"model {model_id!r} is not installed")
@@ -120,22 +130,10 @@ class _Catalog:
         self._cache.pop(model_id, None)
 
 
-async def _read_body(request: HTTPRequest, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes (max_body_bytes)")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes (max_body_bytes)")
-    return bytes(body)
-
-
 def create_app(
     settings: Settings, store: ModelStore, scheduler: Scheduler, results: ResultStore | None = None
-) -> Starlette:
-    """Build the Starlette application over a registry store, a running scheduler and a result store.
+) -> ASGIApp:
+    """Build the ASGI application over a registry store, a running scheduler and a result store.
 
     `results` None keeps generated images inline (base64); a filesystem store also serves
     its signed URLs here.
@@ -145,11 +143,10 @@ def create_app(
     public_url = settings.public_url.rstrip("/") + "/" if settings.public_url else ""
     started = time.time()
 
-    async def infer(request: HTTPRequest) -> Response:
+    async def infer(scope: Scope, receive: Receive, model_id: str) -> Response:
         t0 = time.perf_counter()
         start = anyio.current_time()
-        model_id = request.path_params["model_id"]
-        env = _decode(_envelope_decoder, await _read_body(request, settings.max_body_bytes))
+        env = _decode(_envelope_decoder, await _read_asgi_body(scope, receive, settings.max_body_bytes))
         rec, model_settings = await catalog.get(model_id)
         version = env.version or rec.active_version
         vrec = rec.version_record(version)
@@ -158,7 +155,7 @@ def create_app(
         task = TASKS.get(rec.task)
         if task is None:
             raise ModelUnavailable(f"task type {rec.task!r} of model {model_id!r} is not served")
-        ctx = Context(settings, limits, results, public_url or str(request.base_url))
+        ctx = Context(settings, limits, results, public_url or _base_url(scope))
         prepared = await task.prepare(env, ctx)
         timeout_s = env.timeout_seconds or getattr(settings.timeout_s, rec.task)
         key = ModelKey(rec.id, version)
@@ -168,22 +165,34 @@ def create_app(
         req = Request(key, prepared.inputs, prepared.params, Priority.parse(env.priority), start + timeout_s)
         answer = _Answer(rec.id, version, task, prepared, ctx, req, t0)
         if env.stream:
-            return await _stream(request, scheduler, rt, req, answer, timeout_s)
+            return await _stream(scheduler, rt, req, answer, timeout_s)
         scheduler.submit(rt, req)
+        gone = False
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_watch_disconnect, request, tg.cancel_scope)
-                with anyio.CancelScope(deadline=req.deadline):
-                    await req.done.wait()
-                tg.cancel_scope.cancel()
+            # wait for the client to go away; the request's completion (or its deadline) ends the wait
+            with anyio.CancelScope(deadline=req.deadline) as waiting:
+                req.waiter = waiting
+                if not req.done.is_set():
+                    gone = await _until_disconnect(receive)
         finally:
+            req.waiter = None
             if not req.done.is_set():
                 scheduler.withdraw(rt, req)  # deadline, disconnect or shutdown: it leaves the queue now
         if not req.done.is_set():
-            if _disconnected(request):
+            if gone:
                 return Response(status_code=499)  # nobody is listening; for the access log only
             raise _not_done_error(rt, timeout_s)
         return _json(await answer.body())
+
+    async def handle_infer(scope: Scope, receive: Receive, send: Send, model_id: str) -> None:
+        """`POST /api/v1/infer/{model_id}` straight from ASGI: the hot path skips Starlette's layers."""
+        try:
+            response = await infer(scope, receive, model_id)
+        except ModelMoraError as exc:
+            response = _error_response(exc)
+        except Exception as exc:
+            response = _unexpected(scope.get("path", ""), exc)
+        await response(scope, receive, send)
 
     async def list_models(request: HTTPRequest) -> Response:
         task = request.query_params.get("task_type")
@@ -200,7 +209,9 @@ def create_app(
     async def put_model(request: HTTPRequest) -> Response:
         """Replace a model's settings (fields left out take the server's defaults)."""
         model_id = request.path_params["model_id"]
-        update = _decode(_settings_decoder, await _read_body(request, settings.max_body_bytes))
+        update = _decode(
+            _settings_decoder, await _read_asgi_body(request.scope, request.receive, settings.max_body_bytes)
+        )
         new = await store.aupdate_settings(model_id, msgspec.to_builtins(update))
         if new is None:
             raise ModelNotFound(f"model {model_id!r} is not installed")
@@ -280,8 +291,12 @@ def create_app(
     async def docs(request: HTTPRequest) -> HTMLResponse:
         return HTMLResponse(openapi.DOCS_HTML)
 
+    async def infer_via_router(request: HTTPRequest) -> Response:  # pragma: no cover - `_Api` serves these
+        raise ModelNotFound("no such endpoint")
+
     routes = [
-        Route("/api/v1/infer/{model_id}", infer, methods=["POST"]),
+        # POSTs are served by `_Api` before routing; the route gives other methods their 405
+        Route("/api/v1/infer/{model_id}", infer_via_router, methods=["POST"]),
         Route("/api/v1/models", list_models, methods=["GET"]),
         Route("/api/v1/models/{model_id}", get_model, methods=["GET"]),
         Route("/api/v1/models/{model_id}", put_model, methods=["PUT"]),
@@ -297,7 +312,7 @@ def create_app(
     ]
     if isinstance(results, FilesystemResultStore):
         routes.append(result_route(results))
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={
             ModelMoraError: _handle_error,
@@ -306,6 +321,7 @@ def create_app(
             Exception: _handle_unexpected,
         },
     )
+    return _Api(app, handle_infer)
 
 
 class _Answer:
@@ -376,9 +392,7 @@ async def _next_event(
     return got
 
 
-async def _stream(
-    request: HTTPRequest, scheduler: Scheduler, rt: ModelRuntime, req: Request, answer: _Answer, timeout_s: float
-) -> Response:
+async def _stream(scheduler: Scheduler, rt: ModelRuntime, req: Request, answer: _Answer, timeout_s: float) -> Response:
     """Answer with server-sent events: the task's events (token, progress), then result or error."""
     send, receive = anyio.create_memory_object_stream[tuple[str, dict[str, Any]]](math.inf)
 
@@ -412,18 +426,66 @@ async def _stream(
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
-async def _watch_disconnect(request: HTTPRequest, scope: anyio.CancelScope) -> None:
-    """Cancel `scope` when the client goes away (the body has been read already)."""
+async def _until_disconnect(receive: Receive) -> bool:
+    """Wait until the client goes away (the request body has been read); returns True then."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    return True
+
+
+_INFER_PREFIX = "/api/v1/infer/"
+
+
+class _Api:
+    """The ASGI entry point: `POST /api/v1/infer/{model_id}` is served directly (no routing or
+    middleware layers on the path every request takes); everything else goes to Starlette."""
+
+    def __init__(self, app: Starlette, infer: Callable[[Scope, Receive, Send, str], Awaitable[None]]) -> None:
+        self.app = app
+        self.infer = infer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith(_INFER_PREFIX):
+            model_id = scope["path"][len(_INFER_PREFIX) :]
+            if model_id and "/" not in model_id:
+                await self.infer(scope, receive, send, model_id)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _read_asgi_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLarge(
+                f"request body of {int(value)} bytes exceeds the limit of {limit} bytes (max_body_bytes)"
+            )
+    first = await receive()
+    if first["type"] == "http.disconnect":
+        raise MalformedRequest("the client went away before sending the whole body")
+    body: bytes = first.get("body", b"")
+    if not first.get("more_body", False):  # the common case: one message, no copy
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes (max_body_bytes)")
+        return body
+    buf = bytearray(body)
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
-            request.state.disconnected = True
-            scope.cancel()
-            return
+            raise MalformedRequest("the client went away before sending the whole body")
+        buf += message.get("body", b"")
+        if len(buf) > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes (max_body_bytes)")
+        if not message.get("more_body", False):
+            return bytes(buf)
 
 
-def _disconnected(request: HTTPRequest) -> bool:
-    return bool(getattr(request.state, "disconnected", False))
+def _base_url(scope: Scope) -> str:
+    """The server's base URL as the client reached it (scheme, Host header, root path)."""
+    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+    if not host:
+        server = scope.get("server") or ("localhost", 80)
+        host = f"{server[0]}:{server[1]}"
+    return f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}/"
 
 
 def _error_response(exc: ModelMoraError) -> Response:
@@ -445,7 +507,11 @@ async def _handle_http_error(request: HTTPRequest, exc: Exception) -> Response:
     return _json(ErrorBody(ErrorDetail(code, msg)), status)
 
 
-async def _handle_unexpected(request: HTTPRequest, exc: Exception) -> Response:
+def _unexpected(path: str, exc: Exception) -> Response:
     trace_id = uuid.uuid4().hex
-    log.error("unhandled_error", trace_id=trace_id, path=request.url.path, exc_info=exc)
+    log.error("unhandled_error", trace_id=trace_id, path=path, exc_info=exc)
     return _json(ErrorBody(ErrorDetail("internal_error", f"internal error (trace id {trace_id})")), 500)
+
+
+async def _handle_unexpected(request: HTTPRequest, exc: Exception) -> Response:
+    return _unexpected(request.url.path, exc)

@@ -73,6 +73,9 @@ class Request:
     error: ModelMoraError | None = None
     cancelled: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
+    waiter: anyio.CancelScope | None = None
+    """Cancelled when the request is done: its caller may wait on something else meanwhile
+    (e.g. for the client to disconnect) without a task of its own."""
     size: int = field(init=False)
     """Number of input items (texts, images)."""
 
@@ -82,14 +85,18 @@ class Request:
     def set_result(self, value: Any) -> None:
         if not self.done.is_set():
             self.result = value
-            self.finished_at = time.perf_counter()
-            self.done.set()
+            self._finish()
 
     def set_error(self, error: ModelMoraError) -> None:
         if not self.done.is_set():
             self.error = error
-            self.finished_at = time.perf_counter()
-            self.done.set()
+            self._finish()
+
+    def _finish(self) -> None:
+        self.finished_at = time.perf_counter()
+        self.done.set()
+        if self.waiter is not None:
+            self.waiter.cancel()
 
     @property
     def waiting(self) -> bool:
