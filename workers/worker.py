@@ -43,14 +43,6 @@ __all__ = ("Worker", "die_with_parent", "main", "pipeline_class", "preload", "se
 _RING_WAIT_MAX_S = 0.005
 
 
-def _split(raw: bytes, lengths: Sequence[int]) -> list[bytes]:
-    out, pos = [], 0
-    for n in lengths:
-        out.append(raw[pos : pos + n])
-        pos += n
-    return out
-
-
 def die_with_parent(expected_ppid: int) -> None:
     """Ask the kernel to SIGKILL us when our parent dies; exit now if it already has.
 
@@ -219,9 +211,9 @@ class Worker:
         match item:
             case m.Text(lengths=lengths):
                 raw = bytes(view)
-                return [chunk.decode("utf-8") for chunk in _split(raw, lengths)]
+                return [chunk.decode("utf-8") for chunk in m.split(raw, lengths)]
             case m.Blobs(lengths=lengths):
-                return _split(bytes(view), lengths)
+                return m.split(bytes(view), lengths)
             case m.Arrays(dtype=dtype, shapes=shapes):
                 dt = np.dtype(dtype)
                 out, pos = [], 0

@@ -69,7 +69,7 @@ class FrameDecoder:
                     frame = view[pos + 4 : pos + 4 + size]
                     try:
                         out.append(_decoder.decode(frame))
-                    except msgspec.DecodeError as exc:
+                    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec lets bad UTF-8 in a tag through
                         raise ProtocolError(f"undecodable control frame: {exc}") from exc
                     finally:
                         frame.release()

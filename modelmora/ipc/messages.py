@@ -32,6 +32,7 @@ __all__ = (
     "Span",
     "Tensor",
     "Text",
+    "split",
 )
 
 PROTOCOL_VERSION = 3  # 2: Cancel; 3: Arrays, Blobs, Event, non-tensor outputs
@@ -76,6 +77,15 @@ class Blobs(msgspec.Struct, tag="blobs", array_like=True, frozen=True, gc=False)
 
 
 Input = Text | Tensor | Arrays | Blobs
+
+
+def split(raw: bytes, lengths: list[int]) -> list[bytes]:
+    """Cut the bytes of a `Text` or `Blobs` payload back into its items."""
+    out, pos = [], 0
+    for n in lengths:
+        out.append(raw[pos : pos + n])
+        pos += n
+    return out
 
 
 # -- supervisor -> worker -----------------------------------------------------------------

@@ -106,26 +106,18 @@ def _pack(name: str, values: InputList) -> tuple[list[bytes], Callable[[m.Span],
     return [a.data for a in arrays], lambda span: m.Arrays(span, dtype, [a.shape for a in arrays])
 
 
-def _split(raw: bytes, lengths: list[int]) -> list[bytes]:
-    out, pos = [], 0
-    for n in lengths:
-        out.append(raw[pos : pos + n])
-        pos += n
-    return out
-
-
 def _unpack(item: m.Input, raw: bytes) -> Output:
     match item:
         case m.Tensor(dtype=dtype, shape=shape):
             return TensorData(dtype, tuple(shape), raw)
         case m.Text(lengths=lengths):
-            return [b.decode("utf-8") for b in _split(raw, lengths)]
+            return [b.decode("utf-8") for b in m.split(raw, lengths)]
         case m.Blobs(lengths=lengths):
-            return _split(raw, lengths)
+            return m.split(raw, lengths)
         case m.Arrays(dtype=dtype, shapes=shapes):
             size = int(dtype[2:])  # numpy dtype strings: byte order, kind, item size ("|u1", "<f4")
             lengths = [math.prod(s) * size for s in shapes]
-            return [TensorData(dtype, tuple(s), b) for s, b in zip(shapes, _split(raw, lengths), strict=True)]
+            return [TensorData(dtype, tuple(s), b) for s, b in zip(shapes, m.split(raw, lengths), strict=True)]
     raise ProtocolError(f"unknown output kind {type(item).__name__}")  # pragma: no cover - the union is closed
 
 

@@ -98,8 +98,14 @@ def test_garbage_is_a_protocol_error(body: bytes) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"", b"\xc1", b"\x92\xa5hello\x01", msgspec.msgpack.encode(["infer", "not an int", {}, {}])],
-    ids=["empty", "reserved-byte", "unknown-tag", "wrong-type"],
+    [
+        b"",
+        b"\xc1",
+        b"\x92\xa5hello\x01",
+        msgspec.msgpack.encode(["infer", "not an int", {}, {}]),
+        b"\x91\xa3\x00\x00\x80",
+    ],
+    ids=["empty", "reserved-byte", "unknown-tag", "wrong-type", "tag-not-utf8"],
 )
 def test_invalid_frames(body: bytes) -> None:
     with pytest.raises(ProtocolError):
