@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from modelmora.config import Settings, load_settings
 from modelmora.ipc import segments
 from modelmora.lifecycle import Launcher, ZygoteLauncher, worker_environment
 from modelmora.registry import SQLiteStore, install
+from modelmora.results import open_result_store
 from modelmora.scheduler import Scheduler
 
 TESTS_DIR = Path(__file__).parent
@@ -92,12 +94,20 @@ async def echo_app(
     scheduler = Scheduler(
         settings, segments.new_instance_id(), pipelines=ECHO, worker_env=worker_env(), launcher=echo_launcher
     )
-    app = create_app(settings, store, scheduler)
-    async with anyio.create_task_group() as tg:
+    async with running_app(settings, store, scheduler) as app:
+        yield app
+
+
+@asynccontextmanager
+async def running_app(settings: Settings, store: SQLiteStore, scheduler: Scheduler) -> AsyncIterator[AppUnderTest]:
+    """The REST app over a running scheduler and the configured result store, with an httpx client;
+    afterwards the registry is closed and no segment of the scheduler is left."""
+    async with open_result_store(settings) as results, anyio.create_task_group() as tg:
+        app = create_app(settings, store, scheduler, results)
         await tg.start(scheduler.run)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield AppUnderTest(client, scheduler, store, settings, home)
+            yield AppUnderTest(client, scheduler, store, settings, home=settings.home_path)
         tg.cancel_scope.cancel()
     store.close()
     assert segments.our_segments(scheduler.instance_id) == []

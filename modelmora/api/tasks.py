@@ -107,7 +107,7 @@ class Task:
             inputs: dict[str, list[Any]] = {"text": _texts(env.input_data, ctx.settings)}
         else:
             inputs = {"image": await _images(env.input_data, ctx)}
-        if env.return_ == "url" and self.name == "txt2img" and ctx.results is None:
+        if env.return_ == "url" and self.response_type is ImageResponse and ctx.results is None:
             raise InvalidInput(
                 'return "url" needs a result store; this server is configured with result_store = "inline"',
                 field="$.return",

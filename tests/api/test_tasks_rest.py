@@ -18,13 +18,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from modelmora.api import create_app
 from modelmora.ipc import segments
 from modelmora.registry import SQLiteStore, install
-from modelmora.results import open_result_store
 from modelmora.scheduler import Scheduler
 
-from conftest import AppUnderTest, make_settings, worker_env
+from conftest import AppUnderTest, make_settings, running_app, worker_env
 
 pytestmark = pytest.mark.anyio
 
@@ -45,15 +43,8 @@ async def task_app(tmp_path: Path, echo_dir: Path, request: pytest.FixtureReques
     for task in PIPELINES:
         install(store, home, str(echo_dir), model_id=task, task=task)
     scheduler = Scheduler(settings, segments.new_instance_id(), pipelines=PIPELINES, worker_env=worker_env())
-    async with open_result_store(settings) as results, anyio.create_task_group() as tg:
-        app = create_app(settings, store, scheduler, results)
-        await tg.start(scheduler.run)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield AppUnderTest(client, scheduler, store, settings, home)
-        tg.cancel_scope.cancel()
-    store.close()
-    assert segments.our_segments(scheduler.instance_id) == []
+    async with running_app(settings, store, scheduler) as app:
+        yield app
 
 
 def png(width: int, height: int, color: tuple[int, int, int], fmt: str = "PNG") -> str:

@@ -16,16 +16,19 @@ from conftest import TESTS_DIR
 from serverproc import ServerProcess, mm
 
 
+def start_server(home: Path, echo_dir: Path, model_id: str, task: str, pipeline: str, **env: str) -> ServerProcess:
+    """`mm serve` with one model served by a light test pipeline (tests/worker_pipelines.py)."""
+    mm("install", str(echo_dir), "--id", model_id, "--task", task, home=home)
+    env[f"MODELMORA_PIPELINES__{task.upper()}"] = pipeline
+    env["MODELMORA_ZYGOTE_PRELOAD"] = "numpy"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    return ServerProcess(home, env).start()
+
+
 def test_disconnect_cancels_the_queued_request(tmp_path: Path, echo_dir: Path) -> None:
-    home = tmp_path / "home"
-    mm("install", str(echo_dir), "--id", "echo", "--task", "txt2embed", home=home)
-    env = {
-        "MODELMORA_PIPELINES__TXT2EMBED": "worker_pipelines:Echo",
-        "MODELMORA_MAX_BATCH_SIZE": "1",
-        "MODELMORA_ZYGOTE_PRELOAD": "numpy",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p),
-    }
-    srv = ServerProcess(home, env).start()
+    srv = start_server(
+        tmp_path / "home", echo_dir, "echo", "txt2embed", "worker_pipelines:Echo", MODELMORA_MAX_BATCH_SIZE="1"
+    )
     try:
         url = f"{srv.url}/api/v1/infer/echo"
         assert httpx.post(url, json={"input_data": {"text": "warm"}}, timeout=60).status_code == 200
@@ -63,14 +66,7 @@ def test_disconnect_cancels_the_queued_request(tmp_path: Path, echo_dir: Path) -
 
 def test_closing_a_stream_stops_the_generation(tmp_path: Path, echo_dir: Path) -> None:
     """An SSE client that goes away mid-generation: the batch is cancelled in the worker within a step."""
-    home = tmp_path / "home"
-    mm("install", str(echo_dir), "--id", "shout", "--task", "txt2txt", home=home)
-    env = {
-        "MODELMORA_PIPELINES__TXT2TXT": "worker_pipelines:Shout",
-        "MODELMORA_ZYGOTE_PRELOAD": "numpy",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p),
-    }
-    srv = ServerProcess(home, env).start()
+    srv = start_server(tmp_path / "home", echo_dir, "shout", "txt2txt", "worker_pipelines:Shout")
     try:
         url = f"{srv.url}/api/v1/infer/shout"
         body = {"input_data": {"text": "__slow__0.1 " + "x" * 200}, "stream": True}
