@@ -8,6 +8,8 @@ alphabet for GPT-2 and CLIP) or reuse the BERT `vocab.txt` shipped with the inst
 Nothing is downloaded.
 
 - `build_gpt2(dest)`: txt2txt, `GPT2LMHeadModel` (config.json `architectures`).
+- `build_t5(dest)`, `build_bart(dest)`: txt2txt, encoder-decoder (`T5ForConditionalGeneration`,
+  `BartForConditionalGeneration`): a Unigram tokenizer (T5) and a byte-level BPE one (BART).
 - `build_blip(dest)`: img2txt, `BlipForConditionalGeneration` with a `BlipProcessor`.
 - `build_clip(dest)`: img2embed, `CLIPModel` with a `CLIPProcessor`.
 - `build_sd(dest)`: txt2img, a `StableDiffusionPipeline` (32x32 images by default).
@@ -19,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ("CORPUS", "build_blip", "build_clip", "build_gpt2", "build_sd")
+__all__ = ("CORPUS", "build_bart", "build_blip", "build_clip", "build_gpt2", "build_sd", "build_t5")
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -114,6 +116,73 @@ def build_gpt2(dest: Path) -> Path:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=eot)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def build_t5(dest: Path) -> Path:
+    """A T5 (2 + 2 layers, d_model 32) with a Unigram tokenizer; relative positions, no context limit."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    dest = Path(dest)
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    pieces = [(piece, float(score)) for piece, score in json.loads(tok.to_str())["model"]["vocab"]]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=64)  # <pad> 0, </s> 1, <unk> 2
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def build_bart(dest: Path) -> Path:
+    """A BART (2 + 2 layers, d_model 32) with a byte-level BPE tokenizer; 64 positions on each side.
+
+    As in facebook/bart-*: the decoder starts from `</s>`, then `<s>` is forced."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration, BartTokenizer, GenerationConfig
+
+    dest = Path(dest)
+    vocab, merges = _train_bpe(300, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # ids 0..4
+    tokenizer = BartTokenizer(vocab=vocab, merges=merges, model_max_length=64)
+    ids = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 2}
+    config = BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        max_position_embeddings=64,
+        forced_bos_token_id=0,
+        **ids,
+    )
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(forced_bos_token_id=0, **ids)
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest

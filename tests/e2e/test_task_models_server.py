@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from serverproc import ServerProcess, mm
-from tiny_models import build_blip, build_clip, build_gpt2, build_sd
+from tiny_models import build_blip, build_clip, build_gpt2, build_sd, build_t5
 
-BUILDERS = {"gpt2": build_gpt2, "blip": build_blip, "clip": build_clip, "sd": build_sd}
+BUILDERS = {"gpt2": build_gpt2, "t5": build_t5, "blip": build_blip, "clip": build_clip, "sd": build_sd}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,7 @@ def test_tasks_were_detected_at_install(server: ServerProcess) -> None:
     models = httpx.get(f"{server.url}/api/v1/models").json()["models"]
     assert {m["id"]: m["task_type"] for m in models} == {
         "gpt2": "txt2txt",
+        "t5": "txt2txt",
         "blip": "img2txt",
         "clip": "img2embed",
         "sd": "txt2img",
@@ -138,6 +139,23 @@ def test_tokens_stream_before_generation_ends(server: ServerProcess) -> None:
     assert plain["output"] == result["output"]
 
 
+def test_an_encoder_decoder_model_generates_and_streams(server: ServerProcess) -> None:
+    body: dict[str, Any] = {"input_data": {"text": ["translate: a cat", "hello"]}}
+    body["parameters"] = {"max_tokens": 10, "temperature": 0}
+    plain = infer(server, "t5", body)
+    assert plain.status_code == 200, plain.text
+    out = plain.json()["output"]
+    assert len(out["texts"]) == 2 and all(r in ("stop", "length") for r in out["finish_reasons"])
+    with httpx.stream("POST", f"{server.url}/api/v1/infer/t5", json={**body, "stream": True}, timeout=180) as r:
+        lines = [line for line in r.iter_lines() if line.startswith(("event: ", "data: "))]
+    kinds = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    data = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    assert kinds[-1] == "result" and data[-1]["output"] == out
+    for item in range(2):
+        tokens = [d["text"] for k, d in zip(kinds, data, strict=True) if k == "token" and d["index"] == item]
+        assert "".join(tokens) == out["texts"][item]
+
+
 def test_images_generated_at_signed_urls(server: ServerProcess) -> None:
     params = {"steps": 3, "seed": 5, "width": 48, "height": 40}
     r = infer(server, "sd", {"input_data": {"text": ["a red cube", "a blue ball"]}, "parameters": params})
@@ -166,4 +184,4 @@ def test_every_task_model_has_its_own_worker(server: ServerProcess) -> None:
     status = httpx.get(f"{server.url}/api/v1/status").json()
     assert not status["supervisor"]["torch_imported"]
     workers = {m["model_id"]: m["worker"]["pid"] for m in status["models"] if "worker" in m}
-    assert set(workers) == {"gpt2", "blip", "clip", "sd"} and len(set(workers.values())) == 4
+    assert set(workers) == set(BUILDERS) and len(set(workers.values())) == len(BUILDERS)

@@ -1,7 +1,10 @@
-"""txt2txt: causal language models (GPT-2, Llama, Qwen, ...) with a token-by-token decoding loop.
+"""txt2txt: causal language models (GPT-2, Llama, Qwen, ...) and encoder-decoder models (T5, BART,
+...) with a token-by-token decoding loop.
 
-The loop runs the model with its KV cache on a left-padded batch, picks the next token of every
-row (greedy at temperature 0, else sampling with temperature and top-p), decodes new text
+A causal model runs with its KV cache on a left-padded batch of prompts. An encoder-decoder model
+encodes the right-padded batch of prompts once, then decodes from its decoder start token (and the
+forced first token, BART's `<s>`) with the decoder's KV cache. Either way the loop picks the next
+token of every row (greedy at temperature 0, else sampling with temperature and top-p), decodes new text
 incrementally, and between steps checks the cancel flag, the stop strings and the end of
 sequence. With `stream`, each row's new text is emitted as a "token" event as soon as it is
 final: text that may be the start of a stop string is held back until it is not, and a
@@ -65,15 +68,19 @@ class _Row:
 
 
 class TextGeneration:
-    """Generates a continuation of each prompt with a causal LM (AutoModelForCausalLM + AutoTokenizer)."""
+    """Generates text from each prompt: a continuation with a causal LM (AutoModelForCausalLM), the
+    decoder's output with an encoder-decoder model (AutoModelForSeq2SeqLM); AutoTokenizer for both."""
 
     def __init__(self, path: str, *, device: str, dtype: str, options: dict[str, Any]) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         self.device = resolve_device(device)
         kwargs = load_kwargs(dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(self.device).eval()
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+        auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
+        self.model = auto.from_pretrained(path, **kwargs).to(self.device).eval()
         gen = self.model.generation_config
         eos: set[int] = set()
         for value in (gen.eos_token_id, self.tokenizer.eos_token_id):
@@ -88,7 +95,17 @@ class TextGeneration:
         self.start_id = next((v for v in (self.tokenizer.bos_token_id, gen.bos_token_id) if isinstance(v, int)), None)
         if self.start_id is None and eos:
             self.start_id = min(eos)  # GPT-2 style: <|endoftext|> also starts a document
+        # encoder-decoder: the decoder starts from this (then the forced first token, if any)
+        self.decoder_prefix: list[int] = []
+        if self.seq2seq:
+            start = next(
+                (v for v in (gen.decoder_start_token_id, config.decoder_start_token_id) if isinstance(v, int)),
+                self.pad_id,
+            )
+            forced = gen.forced_bos_token_id
+            self.decoder_prefix = [start] + ([forced] if isinstance(forced, int) else [])
         ctx = getattr(self.model.config, "max_position_embeddings", None)
+        # the position table: a causal prompt and its new tokens share it; an encoder and a decoder each have one
         self.context = int(ctx) if isinstance(ctx, int) and ctx > 0 else None
         accepted = inspect.signature(self.model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in accepted
@@ -107,13 +124,15 @@ class TextGeneration:
                 ids = [self.start_id]
             max_new = max_tokens
             if self.context is not None:
-                if len(ids) >= self.context:
+                # a causal prompt needs room for one new token; an encoder may take the whole context
+                if len(ids) > self.context - (0 if self.seq2seq else 1):
                     raise InputError(
                         f"the prompt is {len(ids)} tokens; the model's context is {self.context} tokens",
                         f"$.input_data.text[{i}]",
                     )
-                max_new = min(max_new, self.context - len(ids))
-            tail = ids[-_PROMPT_TAIL:]
+                room = self.context - len(self.decoder_prefix) if self.seq2seq else self.context - len(ids)
+                max_new = min(max_new, room)
+            tail = [] if self.seq2seq else ids[-_PROMPT_TAIL:]  # a decoder's text starts from nothing
             rows.append(_Row(i, ids, max_new, ids=list(tail), prefix_offset=0, read_offset=len(tail)))
         return rows
 
@@ -180,25 +199,12 @@ class TextGeneration:
                 row.reason = "length"
         if all(row.reason is not None for row in rows):
             return
-        width = max(len(row.prompt) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            input_ids[r, width - len(row.prompt) :] = torch.tensor(row.prompt, dtype=torch.long)
-            mask[r, width - len(row.prompt) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        inputs = self._first_inputs(rows)
         extra: dict[str, Any] = {"logits_to_keep": 1} if self._logits_to_keep else {}
         with torch.inference_mode():
             for _ in range(max(row.max_new for row in rows)):
                 cancel.check()
-                out = self.model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    use_cache=True,
-                    **extra,
-                )
+                out = self.model(**inputs, use_cache=True, **extra)
                 extra[self._cache_arg] = out.get(self._cache_arg)
                 tokens = self._next_tokens(out.logits[:, -1, :].float(), temperature, top_p, generator)
                 for row, token in zip(rows, tokens.tolist(), strict=True):
@@ -206,11 +212,43 @@ class TextGeneration:
                         self._step(row, int(token), stops, stream)
                 if all(row.reason is not None for row in rows):
                     break
-                input_ids = tokens[:, None]
-                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
-                positions = positions[:, -1:] + 1
-                if self.context is not None:  # rows that ended early keep running: stay inside the table
-                    positions = positions.clamp(max=self.context - 1)
+                self._advance(inputs, tokens)
+
+    def _first_inputs(self, rows: list[_Row]) -> dict[str, Any]:
+        """The model's inputs for the first step: the padded prompts (encoded once for an encoder-decoder)."""
+        import torch
+
+        width = max(len(row.prompt) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            # causal: left padding, so that every row's next token comes at the last position
+            span = slice(0, len(row.prompt)) if self.seq2seq else slice(width - len(row.prompt), width)
+            input_ids[r, span] = torch.tensor(row.prompt, dtype=torch.long)
+            mask[r, span] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        if self.seq2seq:
+            with torch.inference_mode():
+                encoded = self.model.get_encoder()(input_ids=input_ids, attention_mask=mask)
+            start = torch.tensor([self.decoder_prefix] * len(rows), dtype=torch.long, device=self.device)
+            return {"encoder_outputs": encoded, "attention_mask": mask, "decoder_input_ids": start}
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+
+    def _advance(self, inputs: dict[str, Any], tokens: torch.Tensor) -> None:
+        """The next step's inputs: only the new tokens (the KV cache holds the rest)."""
+        import torch
+
+        if self.seq2seq:
+            inputs["decoder_input_ids"] = tokens[:, None]
+            return
+        mask = inputs["attention_mask"]
+        inputs["input_ids"] = tokens[:, None]
+        inputs["attention_mask"] = torch.cat([mask, mask.new_ones((len(mask), 1))], dim=-1)
+        positions = inputs["position_ids"][:, -1:] + 1
+        if self.context is not None:  # rows that ended early keep running: stay inside the table
+            positions = positions.clamp(max=self.context - 1)
+        inputs["position_ids"] = positions
 
     def _step(self, row: _Row, token: int, stops: list[str], stream: bool) -> None:
         if token in self.eos_ids:
@@ -228,9 +266,9 @@ class TextGeneration:
     def warmup(self) -> None:
         import torch
 
-        ids = self.tokenizer("Hello world", return_tensors="pt")["input_ids"].to(self.device)
+        rows = self._encode(["Hello world"], 1)
         with torch.inference_mode():
-            logits = self.model(input_ids=ids).logits
+            logits = self.model(**self._first_inputs(rows)).logits
         if logits.shape[-1] == 0 or not bool(torch.isfinite(logits).all()):
             raise RuntimeError("test inference produced non-finite logits")
         out = self.run({"text": ["Hello", "Hi"]}, {"max_tokens": 4, "temperature": 0.0, "batch_size": 2})
