@@ -48,6 +48,9 @@ class S3Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     access_key_id: str = ""
     secret_access_key: str = ""
     addressing_style: Literal["auto", "path", "virtual"] = "path"
+    delete_expired: bool = True
+    """Delete expired results under the prefix (lists and deletes; needs s3:ListBucket and
+    s3:DeleteObject). Turn off when a bucket lifecycle rule does it."""
 
 
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import mimetypes
 import re
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+import anyio
 
 from modelmora.errors import ModelMoraError
 
 __all__ = (
+    "SWEEP_GRACE_S",
     "ResultNotFound",
     "ResultStore",
     "ResultStoreUnavailable",
@@ -17,9 +23,16 @@ __all__ = (
     "absolute_url",
     "content_type_for",
     "check_suffix",
+    "expiry_of",
+    "new_name",
+    "sweep_interval",
+    "sweeping",
 )
 
 _SUFFIX = re.compile(r"(\.[a-z0-9]{1,10})?")
+_NAME = re.compile(r"([0-9]{1,12})-[0-9a-f]{32}(\.[a-z0-9]{1,10})?")
+SWEEP_GRACE_S = 60.0
+"""A stored result is deleted this long after it expires (a download that began in time may finish)."""
 _CONTENT_TYPES = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
@@ -101,3 +114,40 @@ def absolute_url(url: str, base_url: str) -> str:
     if url.startswith("/"):
         return base_url.rstrip("/") + url
     return url
+
+
+def new_name(expires: int, suffix: str) -> str:
+    """A stored result's name: `<expires unix>-<uuid hex><suffix>`, so that a sweeper can tell from
+    a listing alone when it expires."""
+    return f"{expires}-{uuid.uuid4().hex}{suffix}"
+
+
+def expiry_of(name: str) -> int | None:
+    """The expiry (unix time) in a name made by `new_name`; None for any other name."""
+    match = _NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def sweep_interval(ttl_s: float) -> float:
+    """Seconds between sweeps: a quarter of the TTL, between 1 s and 60 s."""
+    return min(60.0, max(1.0, ttl_s / 4))
+
+
+@asynccontextmanager
+async def sweeping(run: Callable[[], Coroutine[Any, Any, None]] | None) -> AsyncIterator[None]:
+    """Runs `run()` (a sweeper loop) in a task group of its own while the context is open; an
+    error in the body is re-raised as itself, not wrapped in an ExceptionGroup."""
+    if run is None:
+        yield
+        return
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        try:
+            yield
+        except Exception as exc:
+            failure = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure

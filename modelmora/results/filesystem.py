@@ -33,7 +33,18 @@ from starlette.routing import Route
 from modelmora.config import ConfigError, Settings
 from modelmora.errors import Forbidden, ModelMoraError
 
-from .base import ResultNotFound, ResultStoreUnavailable, StoredResult, check_suffix, content_type_for
+from .base import (
+    SWEEP_GRACE_S,
+    ResultNotFound,
+    ResultStoreUnavailable,
+    StoredResult,
+    check_suffix,
+    content_type_for,
+    expiry_of,
+    new_name,
+    sweep_interval,
+    sweeping,
+)
 
 __all__ = (
     "RESULTS_PATH",
@@ -48,7 +59,6 @@ log = structlog.get_logger("modelmora.results")
 RESULTS_PATH = "/api/v1/results/"
 """Where the REST app serves stored files (`result_route`)."""
 SECRET_FILE = "result_secret"
-_NAME = re.compile(r"([0-9]{1,12})-[0-9a-f]{32}(\.[a-z0-9]{1,10})?")
 _EXPIRES = re.compile(r"[0-9]{1,12}")
 _SIG = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIX = ".tmp-"
@@ -114,7 +124,7 @@ class FilesystemResultStore:
         *,
         ttl_s: float,
         public_url: str = "",
-        sweep_grace_s: float = 60.0,
+        sweep_grace_s: float = SWEEP_GRACE_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if ttl_s <= 0:
@@ -148,7 +158,7 @@ class FilesystemResultStore:
                 f"(served as {content_type_for(suffix)!r})"
             )
         expires = math.ceil(self._clock() + self.ttl_s)
-        name = f"{expires}-{uuid.uuid4().hex}{suffix}"
+        name = new_name(expires, suffix)
         try:
             await anyio.to_thread.run_sync(self._write, name, data)
         except OSError as exc:
@@ -186,7 +196,7 @@ class FilesystemResultStore:
             ResultNotFound: `name` is not a result file name (so no such file can exist).
             Forbidden: a missing or wrong signature, or an expired URL.
         """
-        if not _NAME.fullmatch(name):
+        if expiry_of(name) is None:
             raise ResultNotFound("no such result")
         if not sig or not expires:
             raise Forbidden("this result URL has no signature (expires and sig parameters are required)")
@@ -228,10 +238,10 @@ class FilesystemResultStore:
         removed = 0
         with os.scandir(self.directory) as entries:
             for entry in entries:
-                match = _NAME.fullmatch(entry.name)
+                expires = expiry_of(entry.name)
                 try:
-                    if match:
-                        stale = int(match.group(1)) + self._grace < now
+                    if expires is not None:
+                        stale = expires + self._grace < now
                     elif entry.name.startswith(_TMP_PREFIX):
                         stale = entry.stat(follow_symlinks=False).st_mtime + _TMP_MAX_AGE_S < now
                     else:
@@ -256,11 +266,6 @@ class FilesystemResultStore:
             await anyio.sleep(interval_s)
 
 
-def sweep_interval(ttl_s: float) -> float:
-    """Seconds between sweeps: a quarter of the TTL, between 1 s and 60 s."""
-    return min(60.0, max(1.0, ttl_s / 4))
-
-
 @asynccontextmanager
 async def open_filesystem_store(settings: Settings) -> AsyncIterator[FilesystemResultStore]:
     """The filesystem store under `settings.home_path / "results"`, with its sweeper running in its
@@ -280,18 +285,8 @@ async def open_filesystem_store(settings: Settings) -> AsyncIterator[FilesystemR
         )
 
     store = await anyio.to_thread.run_sync(make)
-    failure: Exception | None = None
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(store.run_sweeper, sweep_interval(settings.result_ttl_s))
-        try:
-            yield store
-        except Exception as exc:
-            # re-raised below, outside the task group, so it is not wrapped in an ExceptionGroup
-            failure = exc
-        finally:
-            tg.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
+    async with sweeping(lambda: store.run_sweeper(sweep_interval(settings.result_ttl_s))):
+        yield store
 
 
 def _error_response(exc: ModelMoraError) -> Response:

@@ -1,8 +1,10 @@
 """Results in an S3 bucket (AWS, MinIO, SeaweedFS...), fetched by clients at presigned URLs.
 
-Each result is uploaded to `s3.bucket` under `s3.prefix + <uuid hex> + <suffix>`, and its URL
-is a SigV4 presigned GET valid for `result_ttl_s` (at most 7 days, the SigV4 limit). The store
-does not delete objects: give the bucket a lifecycle rule that expires the prefix.
+Each result is uploaded to `s3.bucket` under `s3.prefix + <expires unix>-<uuid hex><suffix>`, and
+its URL is a SigV4 presigned GET valid for `result_ttl_s` (at most 7 days, the SigV4 limit). A
+sweeper deletes the objects under the prefix whose expiry passed more than a minute ago (only names
+of that form: nothing else under the prefix is touched); `s3.delete_expired = false` turns it off for
+buckets that have a lifecycle rule, or credentials that may not list and delete.
 
 aiobotocore runs on asyncio only, so this store needs the asyncio backend (the production
 server runs asyncio); it is imported only when configured (botocore is slow to import).
@@ -13,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import structlog
 from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import (  # type: ignore[import-untyped]
@@ -31,7 +33,16 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from modelmora.config import ConfigError, Settings
 
-from .base import ResultStoreUnavailable, StoredResult, check_suffix
+from .base import (
+    SWEEP_GRACE_S,
+    ResultStoreUnavailable,
+    StoredResult,
+    check_suffix,
+    expiry_of,
+    new_name,
+    sweep_interval,
+    sweeping,
+)
 
 __all__ = ("MAX_PRESIGN_S", "S3ResultStore", "open_s3_store")
 
@@ -40,6 +51,8 @@ log = structlog.get_logger("modelmora.results")
 MAX_PRESIGN_S = 7 * 24 * 3600
 """The longest a SigV4 presigned URL can be valid."""
 _RETRY_AFTER_S = 5.0
+_DELETE_BATCH = 1000
+"""Keys per DeleteObjects call (the S3 limit)."""
 
 
 class S3ResultStore:
@@ -52,6 +65,7 @@ class S3ResultStore:
         ttl_s: how long a presigned URL stays valid (at most `MAX_PRESIGN_S`).
         endpoint: the endpoint named in error messages (no credentials in it).
         clock: the unix time now.
+        sweep_grace_s: an object is deleted this long after its expiry.
     """
 
     kind = "s3"
@@ -65,6 +79,7 @@ class S3ResultStore:
         ttl_s: float,
         endpoint: str = "AWS S3",
         clock: Callable[[], float] = time.time,
+        sweep_grace_s: float = SWEEP_GRACE_S,
     ) -> None:
         self._client = client
         self.bucket = bucket
@@ -72,6 +87,7 @@ class S3ResultStore:
         self.expires_in = max(1, math.ceil(ttl_s))
         self._endpoint = endpoint
         self._clock = clock
+        self._grace = sweep_grace_s
 
     async def put(self, data: bytes, *, content_type: str, suffix: str) -> StoredResult:
         """Upload `data` and return its presigned URL (see `ResultStore.put`).
@@ -82,16 +98,78 @@ class S3ResultStore:
                 (no such bucket, access denied, bad credentials...).
         """
         check_suffix(suffix)
-        key = f"{self.prefix}{uuid.uuid4().hex}{suffix}"
+        # the name's expiry is never before the URL's: the URL is signed after this clock reading
+        expires = math.ceil(self._clock()) + self.expires_in
+        key = self.prefix + new_name(expires, suffix)
         try:
-            await self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
-            now = self._clock()
             url: str = await self._client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expires_in
             )
+            await self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
         except (BotoCoreError, ClientError, OSError) as exc:
             raise self._unavailable(exc) from exc
-        return StoredResult(url, now + self.expires_in)
+        return StoredResult(url, float(expires))
+
+    # --- sweeping ------------------------------------------------------------------------
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Delete the objects under the prefix whose expiry (plus the grace) has passed; returns how
+        many were deleted.
+
+        Names start with the expiry, a 10-digit number until the year 2286, so the listing comes in
+        expiry order and stops at the first page that holds a live result: a sweep reads the
+        expired objects and one page more, however many live ones there are.
+
+        Raises:
+            BotoCoreError, ClientError, OSError: the listing or a deletion failed.
+        """
+        now = self._clock() if now is None else now
+        stale: list[dict[str, str]] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+            live = False
+            for obj in page.get("Contents", []):
+                expires = expiry_of(obj["Key"][len(self.prefix) :])
+                if expires is None:
+                    continue
+                if expires + self._grace < now:
+                    stale.append({"Key": obj["Key"]})
+                else:
+                    live = True
+            if live:
+                break
+        removed = 0
+        for start in range(0, len(stale), _DELETE_BATCH):
+            batch = stale[start : start + _DELETE_BATCH]
+            resp = await self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            errors = resp.get("Errors") or []
+            removed += len(batch) - len(errors)
+            if errors:
+                log.warning("result_delete_failed", bucket=self.bucket, failed=len(errors), error=errors[0].get("Code"))
+        return removed
+
+    async def run_sweeper(self, interval_s: float) -> None:
+        """Sweep now and then every `interval_s` seconds, until cancelled. A failure is logged as a
+        warning once, then at debug level until a sweep succeeds again."""
+        failing = False
+        while True:
+            try:
+                removed = await self.sweep()
+            except (BotoCoreError, ClientError, OSError) as exc:
+                code = str(exc.response.get("Error", {}).get("Code")) if isinstance(exc, ClientError) else ""
+                report = log.debug if failing else log.warning
+                report(
+                    "result_sweep_failed",
+                    bucket=self.bucket,
+                    endpoint=self._endpoint,
+                    error=code or type(exc).__name__,
+                )
+                failing = True
+            else:
+                failing = False
+                if removed:
+                    log.debug("results_swept", bucket=self.bucket, removed=removed)
+            await anyio.sleep(interval_s)
 
     def _unavailable(self, exc: Exception) -> ResultStoreUnavailable:
         """A client-safe error for `exc`: it names the bucket, endpoint and error code, never
@@ -179,10 +257,13 @@ async def open_s3_store(settings: Settings, *, max_attempts: int = 3) -> AsyncIt
         kwargs["aws_access_key_id"] = s3.access_key_id
         kwargs["aws_secret_access_key"] = s3.secret_access_key
     async with get_session().create_client("s3", **kwargs) as client:
-        yield S3ResultStore(
+        store = S3ResultStore(
             client,
             s3.bucket,
             prefix=s3.prefix,
             ttl_s=settings.result_ttl_s,
             endpoint=_endpoint_label(s3.endpoint_url),
         )
+        interval = sweep_interval(settings.result_ttl_s)
+        async with sweeping((lambda: store.run_sweeper(interval)) if s3.delete_expired else None):
+            yield store

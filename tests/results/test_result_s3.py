@@ -15,6 +15,7 @@ import httpx
 import pytest
 from aiobotocore.session import get_session
 from botocore.config import Config
+from structlog.testing import capture_logs
 
 from modelmora.config import ConfigError, S3Settings, Settings
 from modelmora.results import ResultStoreUnavailable, open_result_store
@@ -184,6 +185,9 @@ class _Broken:
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
 
+    async def generate_presigned_url(self, *args: Any, **kwargs: Any) -> str:
+        return "http://s3.invalid/b/p/x.png?X-Amz-Signature=0"
+
     async def put_object(self, **kwargs: Any) -> None:
         raise self.exc
 
@@ -197,3 +201,97 @@ async def test_other_botocore_errors_are_503() -> None:
     store = S3ResultStore(_Broken(ParamValidationError(report="bad")), "b", prefix="p/", ttl_s=60)
     with pytest.raises(ResultStoreUnavailable, match=r"failed \(ParamValidationError\)"):
         await store.put(b"x", content_type="image/png", suffix=".png")
+
+
+async def _keys(store: S3ResultStore, prefix: str = "") -> set[str]:
+    resp = await store._client.list_objects_v2(Bucket=store.bucket, Prefix=prefix)
+    return {o["Key"] for o in resp.get("Contents", [])}
+
+
+async def test_sweep_deletes_only_expired_results(tmp_path: Path, seaweed: SeaweedS3, bucket: str) -> None:
+    settings = s3_settings(tmp_path, seaweed, bucket, result_ttl_s=300, s3={"delete_expired": False})
+    async with open_s3_store(settings) as store:
+        past = S3ResultStore(store._client, bucket, prefix=store.prefix, ttl_s=300, clock=lambda: 1_000_000_000.0)
+        old = [await past.put(PNG, content_type="image/png", suffix=".png") for _ in range(3)]
+        fresh = await store.put(PNG, content_type="image/png", suffix=".png")
+        others = [
+            f"{store.prefix}notes.txt",
+            f"{store.prefix}sub/1000-{uuid.uuid4().hex}.png",
+            f"1000-{uuid.uuid4().hex}",
+        ]
+        for key in others:
+            await store._client.put_object(Bucket=bucket, Key=key, Body=b"not ours")
+        assert len(await _keys(store)) == 3 + 1 + len(others)
+        # within the grace after expiry nothing goes
+        assert await store.sweep(now=1_000_000_000 + 300 + 30) == 0
+        assert await store.sweep() == 3
+        left = await _keys(store)
+        assert left == {urlsplit(fresh.url).path.removeprefix(f"/{bucket}/"), *others}
+        assert await store.sweep() == 0
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(fresh.url)).content == PNG
+        assert (await http.get(old[0].url)).status_code in (403, 404)
+
+
+async def test_sweep_reads_only_one_page_of_live_results(tmp_path: Path, seaweed: SeaweedS3, bucket: str) -> None:
+    settings = s3_settings(tmp_path, seaweed, bucket, s3={"delete_expired": False})
+    async with open_s3_store(settings) as store:
+        pages: list[int] = []
+        real = store._client.get_paginator
+
+        def counting(name: str) -> Any:
+            paginator = real(name)
+            paginate = paginator.paginate
+
+            async def pages_of(**kwargs: Any) -> Any:
+                async for page in paginate(**kwargs, PaginationConfig={"PageSize": 2}):
+                    pages.append(len(page.get("Contents", [])))
+                    yield page
+
+            paginator.paginate = pages_of
+            return paginator
+
+        store._client.get_paginator = counting
+        past = S3ResultStore(store._client, bucket, prefix=store.prefix, ttl_s=60, clock=lambda: 1_000_000_000.0)
+        for _ in range(3):
+            await past.put(b"old", content_type="application/octet-stream", suffix="")
+        for _ in range(5):
+            await store.put(b"live", content_type="application/octet-stream", suffix="")
+        assert await store.sweep() == 3
+        assert pages == [2, 2]  # two expired, then one expired and one live: the listing stops there
+        assert len(await _keys(store)) == 5
+
+
+async def test_the_store_sweeps_while_open_unless_told_not_to(tmp_path: Path, seaweed: SeaweedS3, bucket: str) -> None:
+    expired = f"modelmora/results/1000-{uuid.uuid4().hex}.png"
+    async with open_s3_store(s3_settings(tmp_path, seaweed, bucket, s3={"delete_expired": False})) as store:
+        await store._client.put_object(Bucket=bucket, Key=expired, Body=b"x")
+        await store.put(b"live", content_type="application/octet-stream", suffix="")
+        await anyio.sleep(0.5)
+        assert expired in await _keys(store)
+    async with open_s3_store(s3_settings(tmp_path, seaweed, bucket)) as store:
+        for _ in range(200):  # the sweeper's first pass runs as the store opens
+            if expired not in await _keys(store):
+                break
+            await anyio.sleep(0.05)
+        assert len(await _keys(store)) == 1
+
+
+async def test_sweeper_survives_failures_and_warns_once(seaweed: SeaweedS3) -> None:
+    async with get_session().create_client(
+        "s3",
+        endpoint_url=seaweed.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=seaweed.access_key,
+        aws_secret_access_key=seaweed.secret_key,
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    ) as client:
+        store = S3ResultStore(client, f"missing-{uuid.uuid4().hex[:8]}", prefix="p/", ttl_s=60)
+        with capture_logs() as logs:
+            with anyio.move_on_after(1.0):
+                await store.run_sweeper(0.05)
+    failures = [e for e in logs if e["event"] == "result_sweep_failed"]
+    assert len(failures) >= 3
+    assert [e["log_level"] for e in failures[:2]] == ["warning", "debug"]
+    assert failures[0]["error"] == "NoSuchBucket"
+    assert seaweed.secret_key not in str(failures)
