@@ -33,18 +33,23 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-async def bucket(seaweed: SeaweedS3) -> AsyncIterator[str]:
-    """A fresh bucket for one test, created with aiobotocore."""
-    name = f"mm-{uuid.uuid4().hex[:12]}"
-    async with get_session().create_client(
+def s3_client(seaweed: SeaweedS3, **config: Any) -> Any:
+    """An aiobotocore client of the test server (an async context manager)."""
+    return get_session().create_client(
         "s3",
         endpoint_url=seaweed.endpoint_url,
         region_name="us-east-1",
         aws_access_key_id=seaweed.access_key,
         aws_secret_access_key=seaweed.secret_key,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-    ) as client:
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, **config),
+    )
+
+
+@pytest.fixture
+async def bucket(seaweed: SeaweedS3) -> AsyncIterator[str]:
+    """A fresh bucket for one test, created with aiobotocore."""
+    name = f"mm-{uuid.uuid4().hex[:12]}"
+    async with s3_client(seaweed) as client:
         await client.create_bucket(Bucket=name)
         yield name
 
@@ -278,14 +283,7 @@ async def test_the_store_sweeps_while_open_unless_told_not_to(tmp_path: Path, se
 
 
 async def test_sweeper_survives_failures_and_warns_once(seaweed: SeaweedS3) -> None:
-    async with get_session().create_client(
-        "s3",
-        endpoint_url=seaweed.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=seaweed.access_key,
-        aws_secret_access_key=seaweed.secret_key,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-    ) as client:
+    async with s3_client(seaweed, retries={"max_attempts": 1}) as client:
         store = S3ResultStore(client, f"missing-{uuid.uuid4().hex[:8]}", prefix="p/", ttl_s=60)
         with capture_logs() as logs:
             with anyio.move_on_after(1.0):
