@@ -3,7 +3,9 @@
 An image reference is a string: raw base64 (standard or URL-safe alphabet, whitespace and missing
 padding tolerated), a data URI (`data:image/png;base64,...`), or an http(s) URL. The result is a
 `Pixels`: RGB uint8 bytes in row-major (height, width, 3) order, ready to be copied into shared
-memory for a worker. Only PNG, JPEG and WebP are accepted.
+memory for a worker. Only PNG, JPEG and WebP are accepted. An embedded ICC profile (Display P3
+photos from phones, Adobe RGB, CMYK print profiles) is honoured: the pixels are converted to sRGB,
+the colour space vision models are trained on.
 
 Limits (from `Settings`): `max_image_bytes` bounds the encoded image (checked on the base64 length
 before decoding it, and on the stream while fetching); `max_image_pixels` bounds width x height and is
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING, cast
 import anyio
 import anyio.to_thread
 import httpx
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from modelmora.errors import InvalidInput, ModelMoraError, PayloadTooLarge
 
@@ -164,13 +166,45 @@ def _bomb_message(exc: Exception, limits: ImageLimits) -> str:
     return f"image has more pixels than the decoder allows ({pil_limit}; max_image_pixels is {limits.max_pixels})"
 
 
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+_ICC_MODES = {"RGB": "RGB", "RGBA": "RGBA", "CMYK": "RGB", "L": "RGB"}
+"""Image modes whose ICC profile is applied, and the mode each becomes in sRGB."""
+
+
+@functools.lru_cache(maxsize=16)
+def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """A transform from the `icc` profile to sRGB for `mode` images; None when it is sRGB already.
+
+    Cached: photos from one camera share a profile. Built without lcms's one-pixel cache, so that
+    decoding threads can share it.
+    """
+    source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    if mode == "RGB" and "srgb" in ImageCms.getProfileDescription(source).lower().replace(" ", ""):
+        return None  # the common case: nothing to convert
+    return ImageCms.buildTransform(source, _SRGB, mode, _ICC_MODES[mode], flags=ImageCms.Flags.NOCACHE)
+
+
+def _to_srgb(img: Image.Image) -> Image.Image:
+    """`img` converted to sRGB through its embedded ICC profile; unchanged without one, or when the
+    profile is broken or does not fit the pixels (those are kept as stored rather than refused)."""
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in _ICC_MODES:
+        return img
+    try:
+        transform = _srgb_transform(bytes(icc), img.mode)
+        return img if transform is None else transform.apply(img)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return img
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """The loaded image as RGB: EXIF orientation applied, 16-bit scaled down, alpha composited on white."""
+    """The loaded image as RGB: EXIF orientation applied, ICC profile to sRGB, 16-bit scaled down,
+    alpha composited on white."""
     # Broken EXIF metadata: keep the stored orientation rather than refuse the pixels. In place: no copy
     # when there is nothing to rotate.
     with contextlib.suppress(Exception):
         ImageOps.exif_transpose(img, in_place=True)
-    oriented = img
+    oriented = _to_srgb(img)
     if oriented.mode.startswith("I"):  # 16-bit greyscale PNG ("I;16", "I")
         oriented = oriented.convert("I").point(lambda v: v / 256).convert("L")
     if oriented.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in oriented.info:

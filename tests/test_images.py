@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 from modelmora import images
 from modelmora.config import Settings
@@ -121,6 +121,80 @@ def test_cmyk_jpeg_to_rgb() -> None:
     p = decode_image(encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"), FIELD, limits())
     assert (p.width, p.height, len(p.data)) == (8, 8, 8 * 8 * 3)
     assert near(pixel(p, 4, 4), (255, 0, 0), tolerance=8)
+
+
+# sRGB's primaries adapted to D50, as in the sRGB ICC profiles
+SRGB_PRIMARIES = ((0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141))
+
+
+def rgb_icc(primaries: Sequence[Sequence[float]], gamma: float = 2.2, description: str = "test RGB") -> bytes:
+    """A minimal ICC v2 display profile: a matrix (the red, green and blue primaries in XYZ) and one
+    gamma curve per channel. Enough to tag an image with a colour space other than sRGB."""
+
+    def s15(v: float) -> bytes:
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(v: Sequence[float]) -> bytes:
+        return b"XYZ \0\0\0\0" + b"".join(s15(c) for c in v)
+
+    ascii_desc = description.encode() + b"\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(ascii_desc)) + ascii_desc + bytes(4 + 4 + 2 + 1 + 67)
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256))
+    d50 = (0.9642, 1.0, 0.8249)
+    tags = [
+        (b"desc", desc),
+        (b"cprt", b"text\0\0\0\0public domain\0"),
+        (b"wtpt", xyz(d50)),
+        (b"rXYZ", xyz(primaries[0])),
+        (b"gXYZ", xyz(primaries[1])),
+        (b"bXYZ", xyz(primaries[2])),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+    ]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        body += bytes(-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = struct.pack(
+        ">I4sI4s4s4s6H4s", size, b"\0" * 4, 0x02100000, b"mntr", b"RGB ", b"XYZ ", 2026, 1, 1, 0, 0, 0, b"acsp"
+    )
+    header += bytes(4 + 4 + 4 + 4 + 8 + 4) + b"".join(s15(c) for c in d50)
+    header += bytes(128 - len(header))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_icc_profile_is_converted_to_srgb(fmt: str) -> None:
+    # a colour space whose red primary is sRGB's green and the other way round
+    swapped = rgb_icc((SRGB_PRIMARIES[1], SRGB_PRIMARIES[0], SRGB_PRIMARIES[2]))
+    img = Image.new("RGB", (8, 8), (255, 0, 0))
+    options: dict[str, Any] = {"quality": 95} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+    p = decode_image(encode(img, fmt, icc_profile=swapped, **options), FIELD, limits())
+    assert near(pixel(p, 4, 4), (0, 255, 0), tolerance=12)
+    # the same colour space with the primaries in place: about sRGB (its gamma is 2.2, not sRGB's curve)
+    same = rgb_icc(SRGB_PRIMARIES, description="not quite sRGB")
+    q = decode_image(encode(Image.new("RGB", (8, 8), (255, 128, 0)), "PNG", icc_profile=same), FIELD, limits())
+    assert near(pixel(q, 4, 4), (255, 128, 0), tolerance=8)
+
+
+def test_srgb_and_broken_profiles_keep_the_pixels() -> None:
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    broken = rgb_icc(SRGB_PRIMARIES)[:100]
+    gray_profile_on_rgb = bytearray(rgb_icc(SRGB_PRIMARIES))
+    gray_profile_on_rgb[16:20] = b"GRAY"  # a profile for other pixels than the image has
+    for icc in (srgb, broken, bytes(gray_profile_on_rgb)):
+        p = decode_image(encode(known_image(), "PNG", icc_profile=icc), FIELD, limits())
+        assert p.data == EXPECTED
+
+
+def test_cmyk_jpeg_with_a_profile_keeps_its_colour() -> None:
+    img = Image.new("CMYK", (8, 8), (0, 255, 255, 0))
+    data = encode(img, "JPEG", icc_profile=b"\0" * 64)  # a CMYK profile we cannot parse: the plain conversion
+    assert near(pixel(decode_image(data, FIELD, limits()), 4, 4), (255, 0, 0), tolerance=8)
 
 
 def test_rgba_composited_on_white() -> None:
