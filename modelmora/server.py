@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -41,17 +41,32 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_launcher(settings: Settings, worker_env: Mapping[str, str] | None = None) -> SpawnLauncher | ZygoteLauncher:
+TASK_PRELOAD: dict[str, tuple[str, ...]] = {"txt2img": ("diffusers",)}
+"""Libraries imported before the pipeline too when a registered model has this task type (they are
+too heavy to import for every server: diffusers costs ~2.5 s and ~27 MB)."""
+
+
+def preload_for(settings: Settings, tasks: Iterable[str] = ()) -> tuple[str, ...]:
+    """`zygote_preload`, then the libraries of the registered models' task types (`TASK_PRELOAD`)."""
+    extra = (module for task in sorted(set(tasks)) for module in TASK_PRELOAD.get(task, ()))
+    return tuple(dict.fromkeys((*settings.zygote_preload, *extra)))
+
+
+def make_launcher(
+    settings: Settings, worker_env: Mapping[str, str] | None = None, tasks: Iterable[str] = ()
+) -> SpawnLauncher | ZygoteLauncher:
     """How workers start: forked from a zygote (`zygote = true`), else spawned.
 
     The zygote's environment is the one every worker would be spawned with (`worker_env`,
-    default ours, plus the thread counts); both import `zygote_preload` before a pipeline.
+    default ours, plus the thread counts); both import `preload_for(settings, tasks)` before a
+    pipeline, `tasks` being those of the registered models.
     """
+    preload = preload_for(settings, tasks)
     if not settings.zygote:
-        return SpawnLauncher(preload=settings.zygote_preload)
+        return SpawnLauncher(preload=preload)
     return ZygoteLauncher(
         env=worker_environment(worker_env, settings.effective_torch_threads),
-        preload=settings.zygote_preload,
+        preload=preload,
         ready_timeout_s=settings.worker_start_timeout_s,
         stop_grace_s=settings.worker_stop_grace_s,
     )
@@ -99,7 +114,7 @@ async def serve(
     home.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.registry_url, home)
     instance_id = segments.new_instance_id()
-    launcher = make_launcher(settings, worker_env)
+    launcher = make_launcher(settings, worker_env, {rec.task for rec in await store.alist()})
     scheduler = Scheduler(settings, instance_id, pipelines=pipelines, worker_env=worker_env, launcher=launcher)
     sock = sock or bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]

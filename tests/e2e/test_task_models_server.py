@@ -29,10 +29,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     home = tmp_path_factory.mktemp("tasks-home")
     for name, build in BUILDERS.items():
         mm("install", str(build(src / name)), "--id", name, home=home)
-    env = {
-        "MODELMORA_TORCH_THREADS": "1",
-        "MODELMORA_ZYGOTE_PRELOAD": "numpy,torch,transformers,diffusers",
-    }
+    # diffusers is not listed: the registered txt2img model adds it
+    env = {"MODELMORA_TORCH_THREADS": "1", "MODELMORA_ZYGOTE_PRELOAD": "numpy,torch,transformers"}
     srv = ServerProcess(home, env).start()
     try:
         yield srv
@@ -183,5 +181,7 @@ def test_progress_events_while_an_image_is_generated(server: ServerProcess) -> N
 def test_every_task_model_has_its_own_worker(server: ServerProcess) -> None:
     status = httpx.get(f"{server.url}/api/v1/status").json()
     assert not status["supervisor"]["torch_imported"]
+    assert status["zygote"]["preload"] == ["numpy", "torch", "transformers", "diffusers"]
+    assert status["zygote"]["forks"] >= len(BUILDERS) and status["zygote"]["spawned_instead"] == 0
     workers = {m["model_id"]: m["worker"]["pid"] for m in status["models"] if "worker" in m}
     assert set(workers) == set(BUILDERS) and len(set(workers.values())) == len(BUILDERS)

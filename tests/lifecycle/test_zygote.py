@@ -417,6 +417,20 @@ def test_make_launcher_follows_the_settings() -> None:
     assert zl.fallback.preload == zl.preload
 
 
+def test_registered_task_types_add_their_libraries_to_the_preload() -> None:
+    from modelmora.config import load_settings
+    from modelmora.server import make_launcher
+
+    settings = load_settings(None, environ={"MODELMORA_ZYGOTE_PRELOAD": "numpy,torch"})
+    assert make_launcher(settings, tasks={"txt2embed", "img2txt"}).preload == ("numpy", "torch")
+    zl = make_launcher(settings, tasks={"txt2embed", "txt2img"})
+    assert zl.preload == ("numpy", "torch", "diffusers") and zl.fallback.preload == zl.preload
+    spawn = make_launcher(load_settings(None, environ={"MODELMORA_ZYGOTE": "false"}), tasks={"txt2img"})
+    assert spawn.preload[-1] == "diffusers"
+    listed = load_settings(None, environ={"MODELMORA_ZYGOTE_PRELOAD": "numpy,diffusers,torch"})
+    assert make_launcher(listed, tasks={"txt2img"}).preload == ("numpy", "diffusers", "torch")  # once, in place
+
+
 @pytest.mark.anyio
 async def test_spawn_failure_is_a_load_failure() -> None:
     with pytest.raises(ModelLoadFailed, match="cannot start a worker process"):
