@@ -76,7 +76,7 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
-        message, field = split_validation(exc, "$")
+        message, field = split_validation(exc, "$", decoder.type)
         raise InvalidInput(message, field=field) from None
     except msgspec.DecodeError:
         raise MalformedRequest("request body is not valid JSON") from None

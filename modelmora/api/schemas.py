@@ -35,7 +35,8 @@ __all__ = (
     "Timing",
 )
 
-PriorityName = Literal["critical", "high", "normal", "medium", "low"]
+PriorityName = Literal["critical", "high", "normal", "medium", "low", "CRITICAL", "HIGH", "NORMAL", "MEDIUM", "LOW"]
+"""A priority by name, in lower or upper case ("medium" is "normal")."""
 
 
 class InferRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -46,14 +46,39 @@ __all__ = ("TASKS", "Context", "Prepared", "Task", "convert")
 T = TypeVar("T")
 
 
-def split_validation(exc: msgspec.ValidationError, prefix: str) -> tuple[str, str]:
-    """msgspec's "message - at `$.path`" as (message, prefix + path)."""
+def split_validation(exc: msgspec.ValidationError, prefix: str, type_: Any = None) -> tuple[str, str]:
+    """msgspec's "message - at `$.path`" as (message, prefix + path). With the validated `type_`,
+    a refused enum value also lists the accepted ones."""
     text = str(exc)
     message, sep, path = text.rpartition(" - at `")
     if not sep:
-        return text, prefix
+        message, path = text, "$"
     path = path.rstrip("`")
+    if type_ is not None and message.startswith("Invalid enum value"):
+        choices = literal_choices(type_, path)
+        if choices:
+            message += f" (expected one of: {', '.join(choices)})"
     return message, prefix + path[1:] if path.startswith("$") else prefix
+
+
+def literal_choices(type_: Any, path: str) -> list[str]:
+    """The values the Literal field at `path` ("$.a.b", within `type_`) accepts; [] when the path
+    leads elsewhere. Names that differ only in case are listed once."""
+    info: Any = msgspec.inspect.type_info(type_)
+    for name in path.removeprefix("$").split(".")[1:]:
+        structs = [t for t in getattr(info, "types", (info,)) if isinstance(t, msgspec.inspect.StructType)]
+        field = next((f for t in structs for f in t.fields if f.encode_name == name), None)
+        if field is None:
+            return []
+        info = field.type
+    values = [
+        str(v) for t in getattr(info, "types", (info,)) if isinstance(t, msgspec.inspect.LiteralType) for v in t.values
+    ]
+    listed: dict[str, str] = {}
+    for v in values:  # one entry per name, in lower case where that form is accepted
+        if v.lower() not in listed or v == v.lower():
+            listed[v.lower()] = v
+    return list(listed.values())
 
 
 def convert(obj: Any, type_: type[T], prefix: str) -> T:
@@ -61,7 +86,7 @@ def convert(obj: Any, type_: type[T], prefix: str) -> T:
     try:
         return msgspec.convert(obj, type_)
     except msgspec.ValidationError as exc:
-        message, field = split_validation(exc, prefix)
+        message, field = split_validation(exc, prefix, type_)
         raise InvalidInput(message, field=field) from None
 
 

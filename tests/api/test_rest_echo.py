@@ -95,6 +95,34 @@ async def test_bad_input(echo_app: AppUnderTest, body: object, status: int, code
     assert ok == 200
 
 
+@pytest.mark.parametrize(
+    ("body", "field", "choices"),
+    [
+        ({"priority": "urgent"}, "$.priority", "critical, high, low, medium, normal"),
+        ({"return": "s3"}, "$.return", "auto, inline, url"),
+        ({"parameters": {"encoding": "hex"}}, "$.parameters.encoding", "base64, float"),
+    ],
+)
+async def test_a_refused_enum_value_lists_the_accepted_ones(
+    echo_app: AppUnderTest, body: dict[str, object], field: str, choices: str
+) -> None:
+    status, got = await infer(echo_app, {"input_data": {"text": "a"}, **body})
+    assert status == 422 and got["error"]["field"] == field
+    assert got["error"]["message"].endswith(f"(expected one of: {choices})")
+
+
+async def test_priority_names_in_either_case(echo_app: AppUnderTest) -> None:
+    for name in ("CRITICAL", "critical", "HIGH", "MEDIUM", "low"):
+        status, got = await infer(echo_app, {"input_data": {"text": "a"}, "priority": name})
+        assert status == 200, got
+
+
+async def test_model_settings_enum_lists_the_accepted_values(echo_app: AppUnderTest) -> None:
+    r = await echo_app.client.put("/api/v1/models/echo", json={"dtype": "fp8"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "$.dtype"
+    assert r.json()["error"]["message"].endswith("(expected one of: auto, bfloat16, float16, float32)")
+
+
 async def test_unknown_model_and_malformed_json(echo_app: AppUnderTest) -> None:
     status, body = await infer(echo_app, {"input_data": {"text": "a"}}, model="nope")
     assert status == 404 and body["error"]["code"] == "model_not_found" and "nope" in body["error"]["message"]
