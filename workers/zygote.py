@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 from modelmora.ipc import zygote as zw
 from modelmora.ipc.control import ProtocolError
 
-from .worker import die_with_parent, parse_args, preload, serve
+from .worker import die_with_parent, hold_tokenizer_threads, parse_args, preload, serve
 
 __all__ = ("ALWAYS_PRELOADED", "Zygote", "main")
 
@@ -286,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(int(opts.get("--ppid", os.getppid())))
     _set_name(b"mm-zygote")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hold_tokenizer_threads()
+    # torch.cuda.is_available(), which model libraries call as they are imported, asks NVML
+    # rather than the CUDA driver: an initialised driver is not inherited by forked workers
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     sock = socket.socket(fileno=int(opts["--fd"]))
     sock.setblocking(True)
     modules = [name for name in opts.get("--preload", "").split(",") if name]

@@ -5,6 +5,7 @@ The zygotes here preload only numpy, so that they are ready in a fraction of a s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -122,6 +123,27 @@ class TestForkedWorkers:
         assert ra[3] == -1 and rb[3] == 7  # the environment difference reached only b
         assert rb[4] == 0 and ra[4] == 1  # b lost a variable of the zygote's
         assert rb[5] == 1 and ra[5] == 0  # b's extra PYTHONPATH entry is on its sys.path
+
+    @pytest.mark.parametrize("forked", [True, False])
+    async def test_tokenizer_threads_start_in_the_worker(self, forked: bool) -> None:
+        """The zygote keeps the tokenizers' thread pool off (it must not exist before a fork) and asks
+        torch about CUDA through NVML; each worker turns the pool on with its own thread count."""
+        env = {k: v for k, v in light_env().items() if k not in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
+        zl = launcher(env=env) if forked else SpawnLauncher()
+        async with zl.running() if forked else contextlib.nullcontext(), worker(zl, env=env) as handle:
+            assert handle.forked is forked
+            row = await probe(handle)
+        assert row[6] == 1 and row[7] == 1  # parallel, on the worker's 1 thread
+        assert row[8] == forked  # only the zygote sets the NVML check
+
+    @pytest.mark.parametrize("forked", [True, False])
+    async def test_tokenizer_parallelism_set_by_the_user_is_kept(self, forked: bool) -> None:
+        env = {**light_env(), "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("RAYON_NUM_THREADS", None)
+        zl = launcher(env=env) if forked else SpawnLauncher()
+        async with zl.running() if forked else contextlib.nullcontext(), worker(zl, env=env) as handle:
+            row = await probe(handle)
+        assert row[6] == 0 and row[7] == -1
 
     async def test_kill_through_the_pidfd(self) -> None:
         zl = launcher()
