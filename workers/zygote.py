@@ -14,8 +14,9 @@ dirty the shared pages by scanning them), says `Ready`, and then serves its cont
   `--grace` seconds, then exit (children still running die with us: PR_SET_PDEATHSIG).
 
 The zygote never initialises CUDA (a CUDA context does not survive `fork`): it calls nothing
-in `torch.cuda`, and reports `cuda_initialised` when an import did (libcuda mapped), so that
-the supervisor refuses it. A child may use the GPU: its own CUDA context starts after the fork.
+in `torch.cuda` (and has torch ask NVML, not the driver, whether a GPU is there), and reports
+`cuda_initialised` when an import initialised the driver anyway, so that the supervisor refuses
+it. A child may use the GPU: its own CUDA context starts after the fork.
 
 Each child, before serving: closes the zygote's descriptors (control socket, siblings'
 pidfds), dies with the zygote (PR_SET_PDEATHSIG; the zygote dies with the supervisor),
@@ -113,13 +114,29 @@ def apply_env(env: Mapping[str, str], unset: Sequence[str]) -> None:
         importlib.invalidate_caches()
 
 
-def cuda_initialised() -> bool:
-    """Whether the CUDA driver library is mapped into this process (an import initialised CUDA)."""
+CUDA_ERROR_NOT_INITIALIZED = 3
+
+
+def cuda_initialised(maps: str = "/proc/self/maps", load: Callable[[str], Any] = ctypes.CDLL) -> bool:
+    """Whether an import initialised the CUDA driver (`cuInit`), which forked workers cannot inherit.
+
+    The driver library being mapped is not enough: a CUDA build of torch may load it at import
+    without initialising it. So the library already mapped is asked: `cuDeviceGetCount` answers
+    CUDA_ERROR_NOT_INITIALIZED until `cuInit` ran, and initialises nothing itself. A library
+    that cannot be asked counts as initialised.
+    """
     try:
-        with open("/proc/self/maps") as maps:
-            return any("libcuda.so" in line for line in maps)
+        with open(maps) as f:
+            paths = sorted({line.split()[-1] for line in f if "libcuda.so" in line})
     except OSError:  # pragma: no cover - not Linux
         return False
+    for path in paths:
+        try:
+            count = ctypes.c_int(0)
+            return int(load(path).cuDeviceGetCount(ctypes.byref(count))) != CUDA_ERROR_NOT_INITIALIZED
+        except (OSError, AttributeError):
+            return True
+    return False
 
 
 def _thread_count() -> int:

@@ -458,3 +458,43 @@ async def test_spawn_failure_is_a_load_failure() -> None:
     with pytest.raises(ModelLoadFailed, match="cannot start a worker process"):
         async with worker(SpawnLauncher(python="/nonexistent/python")):
             pass
+
+
+class _Driver:
+    """A stand-in for the CUDA driver library: cuDeviceGetCount answers `status`."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.asked: list[str] = []
+
+    def load(self, path: str) -> _Driver:
+        self.asked.append(path)
+        return self
+
+    def cuDeviceGetCount(self, count: object) -> int:
+        return self.status
+
+
+@pytest.mark.parametrize(("status", "initialised"), [(3, False), (0, True), (100, True)])
+def test_cuda_initialised_asks_the_mapped_driver(tmp_path: Path, status: int, initialised: bool) -> None:
+    """A mapped libcuda that answers CUDA_ERROR_NOT_INITIALIZED (3) is safe to fork; any other answer
+    (0: initialised, 100: no device, after cuInit) is not."""
+    from modelmora_workers.zygote import cuda_initialised
+
+    maps = tmp_path / "maps"
+    lib = "/usr/lib/x86_64-linux-gnu/libcuda.so.580.159.04"
+    maps.write_text(f"7f00-7f01 r-xp 00000000 00:10 42 {lib}\n7f02-7f03 r--p 00000000 00:10 43 /usr/lib/libc.so.6\n")
+    driver = _Driver(status)
+    assert cuda_initialised(str(maps), driver.load) is initialised
+    assert driver.asked == [lib]
+
+
+def test_cuda_initialised_without_a_driver_or_with_one_that_cannot_be_asked(tmp_path: Path) -> None:
+    from modelmora_workers.zygote import cuda_initialised
+
+    maps = tmp_path / "maps"
+    maps.write_text("7f02-7f03 r--p 00000000 00:10 43 /usr/lib/libc.so.6\n")
+    assert cuda_initialised(str(maps)) is False
+    maps.write_text("7f00-7f01 r-xp 00000000 00:10 42 /nonexistent/libcuda.so.1\n")
+    assert cuda_initialised(str(maps)) is True  # cannot be loaded: assume the worst
+    assert cuda_initialised() is False  # this machine's own process
