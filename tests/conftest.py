@@ -47,7 +47,7 @@ def worker_env() -> dict[str, str]:
 
 def make_settings(home: Path, **overrides: Any) -> Settings:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELMORA_")}
-    return load_settings(None, environ=env, home=str(home), torch_threads=1, **overrides)
+    return load_settings(None, environ=env, home=str(home), **{"torch_threads": 1, **overrides})
 
 
 @pytest.fixture

@@ -56,6 +56,12 @@ class Echo:
         return {"embeddings": np.asarray(rows, dtype=np.float32).reshape(len(texts), 4)}
 
 
+class ConcurrentEcho(Echo):
+    """Echo that may run on several inference streams at once."""
+
+    concurrent = True
+
+
 class ImageStats:
     """img2embed stand-in: each image becomes [height, width, mean R, mean G, mean B] (raw pixels in, checked)."""
 

@@ -1,7 +1,12 @@
 """The worker loop: control message -> read ring -> pipeline -> write ring -> Result.
 
 One worker process serves one model version. Inference runs on this process's main
-thread (one dedicated thread, torch thread count set explicitly). The worker exits when
+thread (one dedicated thread, torch thread count set explicitly), or, for a pipeline that
+declares `concurrent = True` when the supervisor asks for several streams (`Load.streams`), on
+that many dedicated threads, each running whole batches with its share of the torch threads.
+Batches may then finish out of order: request-ring spans are released in arrival order
+(`_accept`/`_done`), and each result is written and announced under one lock, so that both rings
+keep their write-order release rule. The worker exits when
 told to (`Shutdown`), when the supervisor closes the control channel, or when its parent
 dies (PR_SET_PDEATHSIG on Linux): the supervisor for a spawned worker
 (`python -m modelmora_workers`), the zygote for a forked one (`modelmora_workers.zygote`),
@@ -47,6 +52,7 @@ __all__ = (
     "preload",
     "release_tokenizer_threads",
     "serve",
+    "stream_count",
     "vram_bytes",
 )
 
@@ -118,6 +124,13 @@ def release_tokenizer_threads(threads: int) -> None:
         _TOKENIZER_THREADS_HELD = False
 
 
+def stream_count(asked: int, device: str, threads: int) -> int:
+    """How many batches a concurrent pipeline runs at once: `asked`, or for 0 two on a GPU (one
+    tokenizes while the other runs there) and one on a CPU. On a CPU each needs a thread."""
+    count = asked if asked > 0 else (2 if device.startswith("cuda") else 1)
+    return max(1, count if device.startswith("cuda") else min(count, threads))
+
+
 def release_gpu_memory() -> None:
     """On a GPU worker, hand cached CUDA memory back before the process ends."""
     torch = sys.modules.get("torch")
@@ -155,7 +168,15 @@ class Worker:
         self.backlog: list[m.Message] = []
         self.shm: Any = None
         self.pipeline: Pipeline | None = None
+        self.streams = 1
         self._inbox: queue.SimpleQueue[m.Message | None] | None = None
+        self._send_lock = threading.Lock()
+        self._out_lock = threading.Lock()
+        """Held from reserving a result's spans to sending its `Result`: spans are announced in the
+        order they were reserved, and the supervisor releases them in that order."""
+        self._release_lock = threading.Lock()
+        self._pending: dict[int, tuple[m.Infer, bool]] = {}
+        """Batches in arrival order (= the order of their request-ring spans), and whether done."""
 
     def recv(self) -> m.Message | None:
         if self._inbox is not None:
@@ -182,7 +203,8 @@ class Worker:
         threading.Thread(target=self._read_control, name="control-reader", daemon=True).start()
 
     def send(self, msg: m.Message) -> None:
-        send_message(self.sock, msg)
+        with self._send_lock:
+            send_message(self.sock, msg)
 
     def setup(self, load: m.Load) -> None:
         self.shm = attach(load.segment)
@@ -207,6 +229,8 @@ class Worker:
             release_tokenizer_threads(first.threads)
             t1 = time.perf_counter()
             self.pipeline = cls(first.path, device=first.device, dtype=first.dtype, options=first.options)
+            if getattr(self.pipeline, "concurrent", False):
+                self.streams = stream_count(first.streams, str(self.pipeline.device), first.threads)
             if "torch" in sys.modules:  # inference runs on this thread with an explicit thread count
                 sys.modules["torch"].set_num_threads(max(1, first.threads))
             t2 = time.perf_counter()
@@ -221,20 +245,69 @@ class Worker:
         import psutil
 
         rss = psutil.Process().memory_info().rss
-        info = {"import_ms": (t1 - t0) * 1e3, "forked": self.forked, "vram_bytes": vram_bytes(self.pipeline)}
+        info = {
+            "import_ms": (t1 - t0) * 1e3,
+            "forked": self.forked,
+            "vram_bytes": vram_bytes(self.pipeline),
+            "streams": self.streams,
+        }
         self.send(m.Loaded((t2 - t1) * 1e3, (t3 - t2) * 1e3, rss, self.pipeline.device, info))
         _log("ready", model=first.model_id, version=first.version, device=self.pipeline.device)
         self.start_reader()
+        work: queue.SimpleQueue[m.Infer | None] = queue.SimpleQueue()
+        share = max(1, first.threads // self.streams)
+        streams = [
+            threading.Thread(target=self._stream, args=(work, share), name=f"stream-{i}")
+            for i in range(self.streams if self.streams > 1 else 0)
+        ]
+        for thread in streams:
+            thread.start()
         while True:
             msg = self.recv()
             match msg:
                 case m.Infer():
-                    self.infer(msg)
+                    self._accept(msg)
+                    if streams:
+                        work.put(msg)
+                    else:
+                        self.infer(msg)
                 case m.Shutdown() | None:
+                    for _ in streams:
+                        work.put(None)
+                    for thread in streams:
+                        thread.join()
                     release_gpu_memory()
                     return 0
                 case _:
                     _log("unexpected_message", type=type(msg).__name__)
+
+    def _stream(self, work: queue.SimpleQueue[m.Infer | None], threads: int) -> None:
+        """One inference stream: whole batches, one after the other, on `threads` torch threads."""
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+        while (msg := work.get()) is not None:
+            self.infer(msg)
+
+    def _accept(self, msg: m.Infer) -> None:
+        """Note a batch as it arrives (before any later batch: arrival order is span order)."""
+        with self._release_lock:
+            self._pending[msg.batch_id] = (msg, False)
+
+    def _done(self, msg: m.Infer) -> None:
+        """The batch no longer reads its inputs: release its request-ring spans, and those of every
+        batch before it that is done too (a span's release also releases all spans before it)."""
+        with self._release_lock:
+            if msg.batch_id not in self._pending:
+                return
+            self._pending[msg.batch_id] = (msg, True)
+            while self._pending:
+                bid, (first, done) = next(iter(self._pending.items()))
+                if not done:
+                    return
+                del self._pending[bid]
+                for item in first.inputs.values():
+                    if not item.span.seg:
+                        self.requests.release(item.span)
 
     def _view(self, span: m.Span) -> memoryview:
         if not span.seg:
@@ -305,31 +378,30 @@ class Worker:
             with cancel.running(msg.batch_id), events.sink(self._emit(msg.batch_id)):
                 outputs = self.pipeline.run(inputs, msg.params)
             del inputs
-            self._release_inputs(msg)
-            encoded = {name: self._write(arr) for name, arr in outputs.items()}
         except cancel.Cancelled:
-            self._release_inputs(msg)
             self.send(m.Error(msg.batch_id, "cancelled", "cancelled by the supervisor"))
             return
         except InputError as exc:
-            self._release_inputs(msg)
             self.send(m.Error(msg.batch_id, "invalid_input", str(exc), exc.field or ""))
             return
-        except PayloadTooLarge as exc:
-            self._release_inputs(msg)
-            self.send(m.Error(msg.batch_id, "result_too_large", f"{exc}; raise response_ring_mb"))
-            return
         except Exception as exc:
-            self._release_inputs(msg)
             traceback.print_exc()
             self.send(m.Error(msg.batch_id, "inference_failed", f"{type(exc).__name__}: {exc}"))
             return
-        self.send(m.Result(msg.batch_id, encoded, (time.perf_counter() - t0) * 1e3, vram_bytes(self.pipeline)))
-
-    def _release_inputs(self, msg: m.Infer) -> None:
-        for item in msg.inputs.values():
-            if not item.span.seg:
-                self.requests.release(item.span)
+        finally:
+            self._done(msg)
+        with self._out_lock:
+            try:
+                encoded = {name: self._write(arr) for name, arr in outputs.items()}
+            except PayloadTooLarge as exc:
+                self.send(m.Error(msg.batch_id, "result_too_large", f"{exc}; raise response_ring_mb"))
+                return
+            except (TypeError, ValueError) as exc:  # outputs the protocol cannot carry
+                traceback.print_exc()
+                self.send(m.Error(msg.batch_id, "inference_failed", f"{type(exc).__name__}: {exc}"))
+                return
+            elapsed_ms = (time.perf_counter() - t0) * 1e3
+            self.send(m.Result(msg.batch_id, encoded, elapsed_ms, vram_bytes(self.pipeline)))
 
     def close(self) -> None:
         if self.shm is not None:

@@ -35,7 +35,7 @@ __all__ = (
     "split",
 )
 
-PROTOCOL_VERSION = 3  # 2: Cancel; 3: Arrays, Blobs, Event, non-tensor outputs
+PROTOCOL_VERSION = 4  # 2: Cancel; 3: Arrays, Blobs, Event, non-tensor outputs; 4: Load.streams
 
 
 class Span(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -106,6 +106,10 @@ class Load(msgspec.Struct, tag="load", array_like=True, frozen=True):
     dtype: str = "auto"
     threads: int = 1
     options: dict[str, Any] = {}
+    streams: int = 1
+    """Batches the worker may run at once, each on its own thread with threads // streams torch
+    threads (pipelines that declare `concurrent`; others run one at a time); 0: 2 on a GPU, 1 on a
+    CPU. `Loaded.info["streams"]` says how many it runs."""
 
 
 class Infer(msgspec.Struct, tag="infer", array_like=True, frozen=True, gc=False):

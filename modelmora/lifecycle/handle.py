@@ -52,6 +52,8 @@ class WorkerSpec:
     dtype: str = "auto"
     threads: int = 1
     options: dict[str, Any] = field(default_factory=dict)
+    streams: int = 1
+    """Batches the worker may run at once (see `messages.Load.streams`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +168,9 @@ class WorkerHandle:
         self._next_batch = 0
         self._progress = anyio.Event()
         self._send_lock = anyio.Lock()
+        self._infer_lock = anyio.Lock()
+        """Held from placing a batch's inputs to sending its `Infer`: the worker sees batches in
+        the order of their request-ring spans, which it releases in that order."""
         self.dead = False
         self.crashed = False
         self.loaded: m.Loaded | None = None
@@ -178,6 +183,8 @@ class WorkerHandle:
         """Called with the worker's load phases ("warming") during the handshake."""
         self.vram_bytes = 0
         """GPU memory the worker holds, as it last reported (at load and after each batch)."""
+        self.streams = 1
+        """Batches the worker runs at once (what it reported at load)."""
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -315,6 +322,7 @@ class WorkerHandle:
                 spec.dtype,
                 spec.threads,
                 spec.options,
+                spec.streams,
             )
         )
         reply = await self._recv()
@@ -328,6 +336,7 @@ class WorkerHandle:
             raise ModelLoadFailed(f"model {spec.model_id!r}: worker died while loading")
         self.loaded = reply
         self.vram_bytes = int(reply.info.get("vram_bytes", 0))
+        self.streams = max(1, int(reply.info.get("streams", 1)))
         self.ready_at = time.monotonic()
         log.info(
             "worker_ready",
@@ -483,19 +492,20 @@ class WorkerHandle:
             raise WorkerCrashed(f"the worker of model {self.spec.model_id!r} is gone", retry_after_s=1.0)
         wire: dict[str, m.Input] = {}
         large: list[str] = []
-        for name, values in inputs.items():
-            chunks, build = _pack(name, values)
-            span, big = await self._place(chunks)
-            if big:
-                large.append(big)
-            wire[name] = build(span)
         bid = self.new_batch_id() if batch_id is None else batch_id
-        slot = self._slots[bid] = _Slot(large, on_event)
-        try:
-            await self._send(m.Infer(bid, wire, params))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self._slots.pop(bid, None)
-            raise WorkerCrashed(f"the worker of model {self.spec.model_id!r} is gone", retry_after_s=1.0) from exc
+        async with self._infer_lock:
+            for name, values in inputs.items():
+                chunks, build = _pack(name, values)
+                span, big = await self._place(chunks)
+                if big:
+                    large.append(big)
+                wire[name] = build(span)
+            slot = self._slots[bid] = _Slot(large, on_event)
+            try:
+                await self._send(m.Infer(bid, wire, params))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self._slots.pop(bid, None)
+                raise WorkerCrashed(f"the worker of model {self.spec.model_id!r} is gone", retry_after_s=1.0) from exc
         await slot.event.wait()  # if cancelled, the slot stays until the worker answers; the result is dropped
         if slot.error is not None:
             raise slot.error
@@ -507,6 +517,7 @@ class WorkerHandle:
         return {
             "pid": self.pid,
             "in_flight_batches": len(self._slots),
+            "streams": self.streams,
             "rss_mb": round(loaded.rss_bytes / 2**20, 1) if loaded else None,
             "device": loaded.device if loaded else None,
             "load_ms": round(loaded.load_ms, 1) if loaded else None,

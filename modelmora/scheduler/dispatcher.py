@@ -64,6 +64,15 @@ PIPELINES: dict[str, str] = {
 
 
 @dataclass(eq=False)
+class RunningBatch:
+    """A batch in the worker."""
+
+    requests: list[Request]
+    abandoned: anyio.Event = field(default_factory=anyio.Event)
+    """Set when every request of the batch was withdrawn: the worker is told to stop it."""
+
+
+@dataclass(eq=False)
 class ModelRuntime:
     """Everything the supervisor knows about one model version at run time."""
 
@@ -74,12 +83,8 @@ class ModelRuntime:
     weights_bytes: int = 0
     state: ModelState = ModelState.CACHED
     worker: WorkerHandle | None = None
-    busy: bool = False
-    """A batch is running in the worker (it pins the model)."""
-    running: list[Request] = field(default_factory=list)
-    """The requests of the batch in the worker."""
-    running_abandoned: anyio.Event | None = None
-    """Set when every request of the running batch was withdrawn: the worker is told to stop it."""
+    running: list[RunningBatch] = field(default_factory=list)
+    """The batches in the worker: one, or up to its inference streams."""
     stop_reason: str | None = None
     """Why the worker should stop: "evict", "unload" (drain first) or "unload-now"."""
     load_requested: bool = False
@@ -117,6 +122,11 @@ class ModelRuntime:
         self.changed.set()
         self.changed = anyio.Event()
         self.queue.interrupt()
+
+    @property
+    def busy(self) -> bool:
+        """A batch is running in the worker (it pins the model)."""
+        return bool(self.running)
 
     @property
     def pinned(self) -> bool:
@@ -213,6 +223,7 @@ class Scheduler:
                 device=settings.device or "auto",
                 dtype=settings.dtype or "auto",
                 threads=self.settings.effective_torch_threads,
+                streams=self.settings.inference_streams,
             )
             queue = ModelQueue(
                 settings.queue_limit or self.settings.queue_limit, self.clock, self.settings.priority_aging_ms / 1000
@@ -240,15 +251,16 @@ class Scheduler:
     def withdraw(rt: ModelRuntime, req: Request) -> None:
         """The caller gave up (deadline, disconnect): drop it from the queue, or drop its result.
 
-        When nobody waits for any request of the running batch any more, the worker is told
+        When nobody waits for any request of a running batch any more, the worker is told
         to stop it at the pipeline's next step (long generations free the worker early).
         """
         if not req.done.is_set():
             req.cancel()
             rt.queue.discard(req)
             rt.cancelled += 1
-            if req in rt.running and all(r.cancelled for r in rt.running) and rt.running_abandoned is not None:
-                rt.running_abandoned.set()
+            for run in rt.running:
+                if req in run.requests and all(r.cancelled for r in run.requests):
+                    run.abandoned.set()
 
     async def preload(self, store: ModelStore) -> list[str]:
         """Start loading (without waiting) every model whose settings say `preload`."""
@@ -345,7 +357,6 @@ class Scheduler:
                 self.budget.release(rt.key)
                 self.vram.release(rt.key)
                 rt.worker = None
-                rt.busy = False
                 rt.stop_reason = None
                 if rt.state in (ModelState.READY, ModelState.LOADING, ModelState.UNLOADING):
                     rt.set_state(ModelState.CACHED, "worker stopped")
@@ -568,37 +579,46 @@ class Scheduler:
         return parse_keep_alive(value if value is not None else self.settings.keep_alive)
 
     async def _dispatch(self, rt: ModelRuntime, worker: WorkerHandle) -> None:
-        """Continuous batching until the worker dies, is stopped, or stays idle for keep_alive."""
-        queue = rt.queue
-        while not worker.dead:
-            if rt.stop_reason in ("evict", "unload-now") or (rt.stop_reason == "unload" and not len(queue)):
-                return
-            if not len(queue):
-                keep_alive = self._keep_alive_s(rt)
-                with anyio.move_on_after(math.inf if keep_alive is None else keep_alive) as idle:
-                    while not len(queue) and rt.stop_reason is None:
-                        await queue.wait_change()
-                if idle.cancelled_caught:
-                    rt.stop_reason = "idle"
-                    log.info("idle_unload", model=str(rt.key), keep_alive_s=keep_alive)
-                    return
-                continue
-            max_items = rt.model_settings.max_batch_size or self.settings.max_batch_size
-            max_wait_ms = rt.model_settings.max_wait_ms
-            max_wait_s = (self.settings.max_wait_ms if max_wait_ms is None else max_wait_ms) / 1000
-            if max_wait_s > 0 and queue.items < max_items:
-                with anyio.move_on_after(max_wait_s):
-                    await queue.wait_fuller(max_items)
-            batch = queue.take_batch(max_items)
-            if batch:
-                rt.busy = True
-                try:
-                    await self._run_batch(rt, worker, batch, max_items)
-                finally:
-                    rt.busy = False
-                    rt.poke()
+        """Continuous batching until the worker dies, is stopped, or stays idle for keep_alive.
 
-    async def _run_batch(self, rt: ModelRuntime, worker: WorkerHandle, batch: list[Request], max_items: int) -> None:
+        A worker with several inference streams gets a further batch while others run only
+        when a full one (`max_batch_size` items) waits: light load keeps one batch at a time,
+        on all the worker's threads, and arrivals during a batch join the next one.
+        """
+        queue = rt.queue
+        async with anyio.create_task_group() as tg:
+            while not worker.dead:
+                if rt.stop_reason in ("evict", "unload-now") or (rt.stop_reason == "unload" and not len(queue)):
+                    break  # batches still running finish first
+                max_items = rt.model_settings.max_batch_size or self.settings.max_batch_size
+                if rt.running:
+                    if len(rt.running) >= worker.streams or queue.items < max_items:
+                        await queue.wait_change()  # a batch finished (it pokes) or requests arrived
+                        continue
+                elif not len(queue):
+                    keep_alive = self._keep_alive_s(rt)
+                    with anyio.move_on_after(math.inf if keep_alive is None else keep_alive) as idle:
+                        while not len(queue) and rt.stop_reason is None:
+                            await queue.wait_change()
+                    if idle.cancelled_caught:
+                        rt.stop_reason = "idle"
+                        log.info("idle_unload", model=str(rt.key), keep_alive_s=keep_alive)
+                        break
+                    continue
+                else:
+                    max_wait_ms = rt.model_settings.max_wait_ms
+                    max_wait_s = (self.settings.max_wait_ms if max_wait_ms is None else max_wait_ms) / 1000
+                    if max_wait_s > 0 and queue.items < max_items:
+                        with anyio.move_on_after(max_wait_s):
+                            await queue.wait_fuller(max_items)
+                batch = queue.take_batch(max_items)
+                if batch:
+                    run = RunningBatch(batch)
+                    rt.running.append(run)
+                    tg.start_soon(self._run_batch, rt, worker, run, max_items)
+
+    async def _run_batch(self, rt: ModelRuntime, worker: WorkerHandle, run: RunningBatch, max_items: int) -> None:
+        batch = run.requests
         now = time.perf_counter()
         inputs: dict[str, list[Any]] = {name: [] for name in batch[0].inputs}
         for req in batch:
@@ -609,11 +629,9 @@ class Scheduler:
         params["batch_size"] = max_items
         rt.batches += 1
         bid = worker.new_batch_id()
-        abandoned = rt.running_abandoned = anyio.Event()
-        rt.running = batch
 
         async def cancel_when_abandoned() -> None:
-            await abandoned.wait()
+            await run.abandoned.wait()
             log.info("batch_cancelled", model=str(rt.key), batch=bid)
             await worker.cancel(bid)
 
@@ -636,8 +654,8 @@ class Scheduler:
                 for req in batch:
                     req.set_error(error)
         finally:
-            rt.running = []
-            rt.running_abandoned = None
+            rt.running.remove(run)
+            rt.poke()
             if any(not r.done.is_set() for r in batch):
                 err: ModelMoraError = (
                     WorkerCrashed(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,9 @@ __all__ = ("TextEmbedding",)
 class TextEmbedding:
     """Encodes a batch of texts into float32 row vectors with SentenceTransformer."""
 
+    concurrent = True
+    """Batches may run on several inference streams (threads) at once."""
+
     def __init__(self, path: str, *, device: str, dtype: str, options: dict[str, Any]) -> None:
         from sentence_transformers import SentenceTransformer
 
@@ -24,8 +28,22 @@ class TextEmbedding:
         if td is not None:
             kwargs["model_kwargs"] = {"dtype": td}
         self.model = SentenceTransformer(path, device=self.device, local_files_only=True, **kwargs)
+        self._serialise_tokenizer()
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim() or 0)
+
+    def _serialise_tokenizer(self) -> None:
+        """One tokenization at a time: a fast tokenizer called from two threads at once can fail
+        ("Already borrowed": each call sets its truncation and padding). The forward passes of two
+        streams still overlap each other and the other stream's tokenization."""
+        preprocess = self.model.preprocess
+        lock = threading.Lock()
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return preprocess(*args, **kwargs)
+
+        self.model.preprocess = locked
 
     def warmup(self) -> None:
         out = self.model.encode(["warm-up"], convert_to_numpy=True)
