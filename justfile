@@ -33,6 +33,10 @@ bench-latency *ARGS:
 bench-ipc *ARGS:
     python bench/bench_ipc.py {{ARGS}}
 
+# Needs a CUDA GPU: utilisation with and without batching, GPU memory around load and unload.
+bench-gpu *ARGS:
+    python bench/bench_gpu.py {{ARGS}}
+
 # Regenerate schema/openapi.json from the msgspec types.
 schema:
     python -c "import json; from modelmora.api import openapi; open('schema/openapi.json', 'w').write(json.dumps(openapi.document(), indent=2, sort_keys=True) + '\n')"
