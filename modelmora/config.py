@@ -107,10 +107,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_wait_ms: float = 0.0
     """An idle worker waits this long for a fuller batch (0: dispatch at once)."""
     inference_streams: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
-    """Batches a worker may run at once, each on its own thread with torch_threads / streams torch
-    threads (embedding pipelines; the others run one batch at a time); a further batch starts only
-    when a full one waits. 0: 2 on a GPU (one batch tokenizes while another runs on the GPU), 1 on
-    a CPU (a lone batch keeps all the threads)."""
+    """Batches a worker may run at once, each on its own thread (embedding pipelines; the others run
+    one batch at a time); a further batch starts only when a full one waits. A batch running alone
+    gets all torch_threads, one beside others torch_threads / streams. 0: 2 on a GPU (one batch
+    tokenizes while another runs on the GPU), 1 on a CPU."""
     priority_aging_ms: float = 5000.0
     """A waiting request moves up one priority class every this many ms (0: no ageing)."""
     memory_budget_mb: float = 0.0

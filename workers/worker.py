@@ -3,7 +3,8 @@
 One worker process serves one model version. Inference runs on this process's main
 thread (one dedicated thread, torch thread count set explicitly), or, for a pipeline that
 declares `concurrent = True` when the supervisor asks for several streams (`Load.streams`), on
-that many dedicated threads, each running whole batches with its share of the torch threads.
+that many dedicated threads, each running whole batches: on all the torch threads when it runs
+alone, on its share of them beside another.
 Batches may then finish out of order: request-ring spans are released in arrival order
 (`_accept`/`_done`), and each result is written and announced under one lock, so that both rings
 keep their write-order release rule. The worker exits when
@@ -176,6 +177,12 @@ class Worker:
         order they were reserved, and the supervisor releases them in that order."""
         self._release_lock = threading.Lock()
         self._pending: dict[int, tuple[m.Infer, bool]] = {}
+        self._active_lock = threading.Lock()
+        self._active = 0
+        """Batches in the pipeline now."""
+        self._threads = 1
+        self._share = 1
+        self._local = threading.local()
         """Batches in arrival order (= the order of their request-ring spans), and whether done."""
 
     def recv(self) -> m.Message | None:
@@ -255,9 +262,10 @@ class Worker:
         _log("ready", model=first.model_id, version=first.version, device=self.pipeline.device)
         self.start_reader()
         work: queue.SimpleQueue[m.Infer | None] = queue.SimpleQueue()
-        share = max(1, first.threads // self.streams)
+        self._threads = max(1, first.threads)
+        self._share = max(1, first.threads // self.streams)
         streams = [
-            threading.Thread(target=self._stream, args=(work, share), name=f"stream-{i}")
+            threading.Thread(target=self._stream, args=(work,), name=f"stream-{i}")
             for i in range(self.streams if self.streams > 1 else 0)
         ]
         for thread in streams:
@@ -281,12 +289,26 @@ class Worker:
                 case _:
                     _log("unexpected_message", type=type(msg).__name__)
 
-    def _stream(self, work: queue.SimpleQueue[m.Infer | None], threads: int) -> None:
-        """One inference stream: whole batches, one after the other, on `threads` torch threads."""
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(threads)
+    def _stream(self, work: queue.SimpleQueue[m.Infer | None]) -> None:
+        """One inference stream: whole batches, one after the other."""
         while (msg := work.get()) is not None:
             self.infer(msg)
+
+    def _begin(self) -> None:
+        """Count a batch as running, and give this thread its torch threads: all of them when the
+        batch runs alone (light load loses nothing to the streams), its share beside others
+        (torch's thread count is per thread)."""
+        with self._active_lock:
+            self._active += 1
+            count = self._threads if self._active == 1 else self._share
+        torch = sys.modules.get("torch")
+        if torch is not None and count != getattr(self._local, "threads", 0):
+            torch.set_num_threads(count)
+            self._local.threads = count
+
+    def _end(self) -> None:
+        with self._active_lock:
+            self._active -= 1
 
     def _accept(self, msg: m.Infer) -> None:
         """Note a batch as it arrives (before any later batch: arrival order is span order)."""
@@ -373,6 +395,7 @@ class Worker:
     def infer(self, msg: m.Infer) -> None:
         assert self.pipeline is not None
         t0 = time.perf_counter()
+        self._begin()
         try:
             inputs = {name: self._decode(item) for name, item in msg.inputs.items()}
             with cancel.running(msg.batch_id), events.sink(self._emit(msg.batch_id)):
@@ -389,6 +412,7 @@ class Worker:
             self.send(m.Error(msg.batch_id, "inference_failed", f"{type(exc).__name__}: {exc}"))
             return
         finally:
+            self._end()
             self._done(msg)
         with self._out_lock:
             try:

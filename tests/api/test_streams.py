@@ -22,6 +22,7 @@ pytestmark = pytest.mark.anyio
 
 CONCURRENT = {"txt2embed": "worker_pipelines:ConcurrentEcho"}
 PLAIN = {"txt2embed": "worker_pipelines:Echo"}
+THREADS = {"txt2embed": "torch_pipelines:TorchThreads"}
 
 
 @pytest.fixture
@@ -160,3 +161,26 @@ async def test_the_default_is_two_streams_on_a_gpu_and_one_on_a_cpu(
     assert (await post(streams_app, "x"))[0] == 200
     st = await status(streams_app)
     assert st["device"] == device and st["worker"]["streams"] == streams
+
+
+@pytest.mark.settings(max_batch_size=1, pipelines=THREADS)
+async def test_a_batch_alone_gets_every_thread_and_one_beside_another_its_share(streams_app: AppUnderTest) -> None:
+    """2 streams, 2 torch threads: alone a batch runs on 2; started beside a running one, on 1."""
+
+    async def threads(text: str) -> float:
+        code, body = await post(streams_app, text)
+        assert code == 200, body
+        return float(body["output"]["embeddings"][0][0])
+
+    assert await threads("alone") == 2
+    got: dict[str, float] = {}
+
+    async def one(name: str, text: str) -> None:
+        got[name] = await threads(text)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, "first", "__sleep__0.8")
+        await eventually(streams_app, lambda st: in_flight(st) == 1)
+        tg.start_soon(one, "beside", "__sleep__0.1")
+    assert got == {"first": 2, "beside": 1}
+    assert await threads("alone again") == 2
