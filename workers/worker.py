@@ -177,13 +177,16 @@ class Worker:
         order they were reserved, and the supervisor releases them in that order."""
         self._release_lock = threading.Lock()
         self._pending: dict[int, tuple[m.Infer, bool]] = {}
+        """Batches in arrival order (= the order of their request-ring spans), and whether done."""
         self._active_lock = threading.Lock()
         self._active = 0
         """Batches in the pipeline now."""
         self._threads = 1
+        """Torch threads of a batch that runs alone (`torch_threads`)."""
         self._share = 1
+        """Torch threads of a batch that starts beside others (`torch_threads // streams`)."""
         self._local = threading.local()
-        """Batches in arrival order (= the order of their request-ring spans), and whether done."""
+        """Per inference thread: the torch thread count it last set."""
 
     def recv(self) -> m.Message | None:
         if self._inbox is not None:

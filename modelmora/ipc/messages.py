@@ -107,9 +107,9 @@ class Load(msgspec.Struct, tag="load", array_like=True, frozen=True):
     threads: int = 1
     options: dict[str, Any] = {}
     streams: int = 1
-    """Batches the worker may run at once, each on its own thread with threads // streams torch
-    threads (pipelines that declare `concurrent`; others run one at a time); 0: 2 on a GPU, 1 on a
-    CPU. `Loaded.info["streams"]` says how many it runs."""
+    """Batches the worker may run at once, each on its own thread (pipelines that declare
+    `concurrent`; others run one at a time): alone on `threads` torch threads, beside others on
+    threads // streams; 0: 2 on a GPU, 1 on a CPU. `Loaded.info["streams"]` says how many it runs."""
 
 
 class Infer(msgspec.Struct, tag="infer", array_like=True, frozen=True, gc=False):
