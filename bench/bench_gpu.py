@@ -14,9 +14,11 @@ once:
   connections for `--duration` seconds (after a warm-up), one document per request;
 - ModelMora unbatched: the same with `max_batch_size` 1.
 
-During each, `nvidia-smi` samples utilization.gpu (the share of time a kernel was running) and
-the memory used every 100 ms. After each server run the model is unloaded through the API and
-the GPU memory used is read again: it must come back to the level before the load.
+The load generator is in this script (asyncio, raw HTTP/1.1 keep-alive, over up to 8 processes):
+GPU machines here have no wrk. During each, `nvidia-smi` samples utilization.gpu (the share of
+time a kernel was running) and the memory used every 100 ms. After each server run the model
+is unloaded through the API and the GPU memory used is read again: it must come back to the
+level before the load.
 
     python bench/bench_gpu.py [--duration 20] [--concurrency 256] [--batch 64] [--streams 1,2]
         [--tokens 512] [--layers 24 --hidden 2048] [--dtype float16] [--device cuda] [--out DIR]

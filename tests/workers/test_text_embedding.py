@@ -12,8 +12,7 @@ from modelmora_workers.pipelines.text_embedding import TextEmbedding
 
 
 def test_two_threads_at_once_give_the_results_of_one(minilm_path: Path) -> None:
-    """The fast tokenizer fails when two threads use it at once ("Already borrowed"); the pipeline
-    serialises tokenization, and every batch gets the embeddings it gets alone."""
+    """Two inference streams call the same model at once: every batch gets the embeddings it gets alone."""
     pipe = TextEmbedding(str(minilm_path), device="cpu", dtype="auto", options={})
     assert pipe.concurrent
     rng = random.Random(3)

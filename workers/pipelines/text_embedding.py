@@ -33,9 +33,10 @@ class TextEmbedding:
         self.dim = int(get_dim() or 0)
 
     def _serialise_tokenizer(self) -> None:
-        """One tokenization at a time: a fast tokenizer called from two threads at once can fail
-        ("Already borrowed": each call sets its truncation and padding). The forward passes of two
-        streams still overlap each other and the other stream's tokenization."""
+        """One tokenization at a time, as a guard: a fast tokenizer fails ("Already borrowed") when a
+        call that changes its truncation or padding meets another call. Ours all pass the same
+        settings, and two threads ran without it here. The forward passes of two streams still
+        overlap each other and the other stream's tokenization."""
         preprocess = self.model.preprocess
         lock = threading.Lock()
 
