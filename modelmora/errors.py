@@ -7,6 +7,7 @@ exception text never reaches a client.
 from __future__ import annotations
 
 __all__ = (
+    "ClientGone",
     "DeadlineExceeded",
     "Forbidden",
     "InsufficientMemory",
@@ -20,6 +21,7 @@ __all__ = (
     "QueueFull",
     "RegistryError",
     "SourceError",
+    "StorageUnavailable",
     "WorkerCrashed",
 )
 
@@ -129,3 +131,18 @@ class RegistryError(ModelMoraError):
 
     http_status = 409
     code = "registry_conflict"
+
+
+class ClientGone(ModelMoraError):
+    """The caller went away before its request finished (REST: the client disconnected); nobody
+    reads the answer, it is only logged."""
+
+    http_status = 499
+    code = "client_closed_request"
+
+
+class StorageUnavailable(ModelMoraError):
+    """The registry (or another store) cannot be read or written now (read-only, full, unreachable)."""
+
+    http_status = 503
+    code = "storage_unavailable"

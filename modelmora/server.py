@@ -6,9 +6,10 @@ in production; the same code runs on trio."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -24,6 +25,8 @@ from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
 from .registry import open_store
 from .results import open_result_store
 from .scheduler import Scheduler
+from .service import InferenceService
+from .tasks import task_info
 
 __all__ = ("bind_socket", "make_launcher", "run", "serve")
 
@@ -41,14 +44,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-TASK_PRELOAD: dict[str, tuple[str, ...]] = {"txt2img": ("diffusers",)}
-"""Libraries imported before the pipeline too when a registered model has this task type (they are
-too heavy to import for every server: diffusers costs ~2.5 s and ~27 MB)."""
-
-
 def preload_for(settings: Settings, tasks: Iterable[str] = ()) -> tuple[str, ...]:
-    """`zygote_preload`, then the libraries of the registered models' task types (`TASK_PRELOAD`)."""
-    extra = (module for task in sorted(set(tasks)) for module in TASK_PRELOAD.get(task, ()))
+    """`zygote_preload`, then the libraries of the registered models' task types (`TaskInfo.preload`:
+    too heavy to import for every server, e.g. diffusers costs ~2.5 s and ~27 MB)."""
+    infos = (task_info(task) for task in sorted(set(tasks)))
+    extra = (module for info in infos if info is not None for module in info.preload)
     return tuple(dict.fromkeys((*settings.zygote_preload, *extra)))
 
 
@@ -127,11 +127,12 @@ async def serve(
     stop = stop or anyio.Event()
     try:
         async with _owned(launcher), open_result_store(settings) as results, anyio.create_task_group() as tg:
-            app = create_app(settings, store, scheduler, results)
+            service = InferenceService(settings, store, scheduler, results)
+            app = create_app(service)
             await tg.start(scheduler.run)
-            await scheduler.preload(store)  # starts the loads; requests are accepted meanwhile
-            signal_scope = anyio.CancelScope()
-            tg.start_soon(_signals, stop, signal_scope)
+            await service.preload()  # starts the loads; requests are accepted meanwhile
+            background = anyio.CancelScope()  # tasks that end with the HTTP server
+            tg.start_soon(_background, background, functools.partial(_signals, stop), service.run)
             log.info("listening", url=f"http://{settings.host}:{port}", home=str(home), instance=instance_id)
             task_status.started(port)
             # In a task of its own: on asyncio, Hypercorn's shutdown (an asyncio.TaskGroup
@@ -140,7 +141,7 @@ async def serve(
             async with anyio.create_task_group() as http:
                 http.start_soon(_hypercorn, app, config, stop.wait, name="http")
             log.info("stopping")
-            signal_scope.cancel()
+            background.cancel()
             scheduler.close()
     finally:
         store.close()
@@ -148,8 +149,16 @@ async def serve(
             sock.close()
 
 
-async def _signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
-    with scope, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+async def _background(scope: anyio.CancelScope, *tasks: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `tasks` until `scope` is cancelled."""
+    with scope:
+        async with anyio.create_task_group() as tg:
+            for task in tasks:
+                tg.start_soon(task)
+
+
+async def _signals(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
             stop.set()
             return

@@ -21,6 +21,7 @@ from modelmora.lifecycle import Launcher, ZygoteLauncher, worker_environment
 from modelmora.registry import SQLiteStore, install
 from modelmora.results import open_result_store
 from modelmora.scheduler import Scheduler
+from modelmora.service import InferenceService
 
 TESTS_DIR = Path(__file__).parent
 ECHO = {"txt2embed": "worker_pipelines:Echo"}
@@ -65,6 +66,7 @@ class AppUnderTest:
     store: SQLiteStore
     settings: Settings
     home: Path
+    service: InferenceService
 
 
 @pytest.fixture
@@ -103,11 +105,12 @@ async def running_app(settings: Settings, store: SQLiteStore, scheduler: Schedul
     """The REST app over a running scheduler and the configured result store, with an httpx client;
     afterwards the registry is closed and no segment of the scheduler is left."""
     async with open_result_store(settings) as results, anyio.create_task_group() as tg:
-        app = create_app(settings, store, scheduler, results)
+        service = InferenceService(settings, store, scheduler, results)
+        app = create_app(service)
         await tg.start(scheduler.run)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield AppUnderTest(client, scheduler, store, settings, home=settings.home_path)
+            yield AppUnderTest(client, scheduler, store, settings, settings.home_path, service)
         tg.cancel_scope.cancel()
     store.close()
     assert segments.our_segments(scheduler.instance_id) == []

@@ -1,4 +1,4 @@
-"""Public APIs: REST (Starlette) now, gRPC later."""
+"""Front ends, each a thin adapter over the inference core: REST now, gRPC next."""
 
 from .rest import create_app
 

@@ -8,6 +8,16 @@ import msgspec
 from msgspec import Meta
 
 from ..config import ModelSettings
+from ..service import (
+    CaptionParameters,
+    EmbeddingParameters,
+    GenerationParameters,
+    HealthModel,
+    HealthModels,
+    ImageGenerationParameters,
+    ImageInput,
+    TextInput,
+)
 
 __all__ = (
     "CaptionParameters",
@@ -17,6 +27,7 @@ __all__ = (
     "ErrorBody",
     "ErrorDetail",
     "GenerationParameters",
+    "HealthModel",
     "HealthModels",
     "ImageGenerationParameters",
     "ImageInput",
@@ -50,69 +61,6 @@ class InferRequest(msgspec.Struct, forbid_unknown_fields=True):
     stream: bool = False
     """txt2txt and txt2img: answer with server-sent events (tokens / progress, then the result)."""
     return_: Literal["auto", "inline", "url"] = msgspec.field(default="auto", name="return")
-
-
-class TextInput(msgspec.Struct, forbid_unknown_fields=True):
-    """`input_data` of txt2embed, txt2txt (prompts) and txt2img (prompts): one text or a non-empty list."""
-
-    text: str | Annotated[list[str], Meta(min_length=1)]
-
-
-class ImageInput(msgspec.Struct, forbid_unknown_fields=True):
-    """`input_data` of img2embed and img2txt: one image or a non-empty list.
-
-    Each image is base64 (PNG, JPEG or WebP), a data URI, or an http(s) URL.
-    """
-
-    image: str | Annotated[list[str], Meta(min_length=1)]
-
-
-class EmbeddingParameters(msgspec.Struct, forbid_unknown_fields=True):
-    """`parameters` of txt2embed and img2embed."""
-
-    normalize: bool = False
-    encoding: Literal["float", "base64"] = "float"
-    """base64: each row as base64 of little-endian float32."""
-
-
-Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-
-
-class CaptionParameters(msgspec.Struct, forbid_unknown_fields=True):
-    """`parameters` of img2txt."""
-
-    max_tokens: Annotated[int, Meta(ge=1, le=512)] = 30
-    temperature: Annotated[float, Meta(ge=0, le=2)] = 0.0
-    """0: greedy decoding; above: sampling."""
-    seed: Seed | None = None
-
-
-class GenerationParameters(msgspec.Struct, forbid_unknown_fields=True):
-    """`parameters` of txt2txt."""
-
-    max_tokens: Annotated[int, Meta(ge=1, le=4096)] = 64
-    temperature: Annotated[float, Meta(ge=0, le=2)] = 1.0
-    """0: greedy decoding; above: sampling."""
-    top_p: Annotated[float, Meta(gt=0, le=1)] = 1.0
-    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=8)] = []
-    """Generation ends before the first of these strings (which is not returned)."""
-    seed: Seed | None = None
-    """The same seed gives the same text, whatever else runs in the same batch."""
-
-
-Dimension = Annotated[int, Meta(ge=8, le=4096, multiple_of=8)]
-
-
-class ImageGenerationParameters(msgspec.Struct, forbid_unknown_fields=True):
-    """`parameters` of txt2img."""
-
-    steps: Annotated[int, Meta(ge=1, le=200)] = 20
-    guidance_scale: Annotated[float, Meta(ge=0, le=50)] = 7.5
-    width: Dimension | None = None
-    """Pixels, a multiple of 8; default: the model's size."""
-    height: Dimension | None = None
-    seed: Seed | None = None
-    negative_prompt: Annotated[str, Meta(max_length=10_000)] | None = None
 
 
 class Timing(msgspec.Struct):
@@ -206,15 +154,3 @@ class ModelInfo(msgspec.Struct):
 
 class ModelList(msgspec.Struct):
     models: list[ModelInfo]
-
-
-class HealthModel(msgspec.Struct):
-    model_id: str
-    version: str
-    healthy: bool
-    state: str
-    reason: str | None = None
-
-
-class HealthModels(msgspec.Struct):
-    models: list[HealthModel]

@@ -2,10 +2,12 @@
 
 from .handle import EventSink, InputList, Output, Outputs, TensorData, WorkerError, WorkerHandle, WorkerSpec
 from .launch import Launcher, SpawnLauncher, WorkerProcess, ZygoteLauncher, worker_environment
-from .states import ModelState
+from .states import TRANSITIONS, IllegalTransition, ModelState, check_transition
 
 __all__ = (
+    "TRANSITIONS",
     "EventSink",
+    "IllegalTransition",
     "InputList",
     "Launcher",
     "ModelState",
@@ -18,5 +20,6 @@ __all__ = (
     "WorkerProcess",
     "WorkerSpec",
     "ZygoteLauncher",
+    "check_transition",
     "worker_environment",
 )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInput, ModelNotFound, RegistryError, SourceError
+from ..tasks import TaskType
 from .store import ModelRecord, ModelStore, VersionRecord
 
 __all__ = (
@@ -33,7 +34,8 @@ __all__ = (
     "uninstall",
 )
 
-TASKS = ("txt2embed", "img2embed", "img2txt", "txt2txt", "txt2img")
+TASKS = tuple(str(t) for t in TaskType)
+"""The task types a model can be installed for."""
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SEMVER_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -1,7 +1,30 @@
-"""Request queues, batching and dispatch to workers."""
+"""Request queues, batching and dispatch to workers, within the memory budget."""
 
-from .dispatcher import PIPELINES, ModelRuntime, Scheduler
+from .admission import Admission, BudgetStatus
+from .batching import BatchWorker
+from .broadcast import Broadcast
 from .queues import ModelQueue
 from .request import ModelKey, Priority, Request
+from .runtime import ModelIdentity, ModelRuntime, RunningBatch, StopReason
+from .scheduler import Scheduler
+from .status import ModelStatus, StateChange
+from .supervision import WorkerOpener
 
-__all__ = ("PIPELINES", "ModelKey", "ModelQueue", "ModelRuntime", "Priority", "Request", "Scheduler")
+__all__ = (
+    "Admission",
+    "BatchWorker",
+    "Broadcast",
+    "BudgetStatus",
+    "ModelIdentity",
+    "ModelKey",
+    "ModelQueue",
+    "ModelRuntime",
+    "ModelStatus",
+    "Priority",
+    "Request",
+    "RunningBatch",
+    "Scheduler",
+    "StateChange",
+    "StopReason",
+    "WorkerOpener",
+)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import anyio
 
 from ..errors import DeadlineExceeded, ModelMoraError, QueueFull
+from .broadcast import Broadcast
 from .request import Priority, Request
 
 __all__ = ("ModelQueue",)
@@ -59,7 +60,7 @@ class ModelQueue:
         self._aged: dict[int, list[int]] = {c: [0] * (c - 1) for c in _CLASSES[1:]}
         self._count = 0
         self._items = 0
-        self._changed: anyio.Event | None = None  # created by waiters only: puts stay cheap
+        self._changed = Broadcast()
 
     def __len__(self) -> int:
         """Requests waiting (cancelled ones leave at once through `discard`)."""
@@ -71,14 +72,10 @@ class ModelQueue:
         return self._items
 
     def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        self._changed.notify()
 
     async def wait_change(self) -> None:
         """Return at the next put, or `interrupt()`."""
-        if self._changed is None:
-            self._changed = anyio.Event()
         await self._changed.wait()
 
     def interrupt(self) -> None:

@@ -73,9 +73,9 @@ class Request:
     error: ModelMoraError | None = None
     cancelled: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
-    waiter: anyio.CancelScope | None = None
-    """Cancelled when the request is done: its caller may wait on something else meanwhile
-    (e.g. for the client to disconnect) without a task of its own."""
+    on_done: Callable[[], None] | None = None
+    """Called once when the request is done (result or error): its caller may wait on something
+    else meanwhile (e.g. for the client to disconnect) without a task of its own."""
     size: int = field(init=False)
     """Number of input items (texts, images)."""
 
@@ -95,8 +95,8 @@ class Request:
     def _finish(self) -> None:
         self.finished_at = time.perf_counter()
         self.done.set()
-        if self.waiter is not None:
-            self.waiter.cancel()
+        if self.on_done is not None:
+            self.on_done()
 
     @property
     def waiting(self) -> bool:

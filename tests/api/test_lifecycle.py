@@ -258,9 +258,9 @@ async def test_workers_pss_never_exceeds_the_budget(echo_app: AppUnderTest, tmp_
 async def test_preload_loads_marked_models_without_a_request(echo_app: AppUnderTest, tmp_path: Path) -> None:
     add_models(echo_app, tmp_path, ["pre", "lazy"], weights_mb=1)
     assert (await echo_app.client.put("/api/v1/models/pre", json={"preload": True})).status_code == 200
-    assert await echo_app.scheduler.preload(echo_app.store) == ["pre@1.0.0"]
+    assert await echo_app.service.preload() == ["pre@1.0.0"]
     got = await until(lambda: states(echo_app), lambda s: s.get("pre") == "ready")
-    assert "lazy" not in got and "echo" not in got  # lazy models load on their first request
+    assert got["lazy"] == got["echo"] == "cached"  # listed (every registered model is), not loaded
 
 
 async def test_sigkill_under_load_other_models_keep_serving(echo_app: AppUnderTest, tmp_path: Path) -> None:

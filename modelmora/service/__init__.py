@@ -1,0 +1,46 @@
+"""The protocol-neutral inference core that every front end calls."""
+
+from .core import REGISTRY_SYNC_S, InferCall, InferenceService, InferStream
+from .inputs import (
+    CaptionParameters,
+    EmbeddingParameters,
+    GenerationParameters,
+    ImageGenerationParameters,
+    ImageInput,
+    TextInput,
+    convert,
+    split_validation,
+)
+from .outputs import Embeddings, GeneratedImage, Images, InferResult, Output, StreamEvent, Texts, Timing
+from .status import HealthModel, HealthModels, ServerStatus, SupervisorStatus
+from .tasks import ADAPTERS, ReturnMode, TaskAdapter
+
+__all__ = (
+    "ADAPTERS",
+    "REGISTRY_SYNC_S",
+    "CaptionParameters",
+    "EmbeddingParameters",
+    "Embeddings",
+    "GeneratedImage",
+    "GenerationParameters",
+    "HealthModel",
+    "HealthModels",
+    "ImageGenerationParameters",
+    "ImageInput",
+    "Images",
+    "InferCall",
+    "InferResult",
+    "InferStream",
+    "InferenceService",
+    "Output",
+    "ReturnMode",
+    "ServerStatus",
+    "StreamEvent",
+    "SupervisorStatus",
+    "TaskAdapter",
+    "TextInput",
+    "Texts",
+    "Timing",
+    "convert",
+    "split_validation",
+)

@@ -1,0 +1,385 @@
+"""The protocol-neutral inference core: every front end (REST today; gRPC, async jobs,
+OpenAI and Open Inference Protocol next) calls it, and nothing else below it.
+
+Given a model id, an optional version, typed task inputs and parameters, a priority, a
+deadline and a cancellation (the caller's cancel scope, or a "client went away" awaitable),
+it validates, prepares, queues, waits and returns a typed result, or an async iterator of
+events for streaming. It raises only `ModelMoraError` subclasses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ..config import ModelSettings, Settings
+from ..errors import ClientGone, InvalidInput, ModelMoraError, ModelNotFound, ModelUnavailable, StorageUnavailable
+from ..images import ImageLimits
+from ..registry import ModelRecord, ModelStore
+from ..results import ResultStore
+from ..scheduler import ModelRuntime, ModelStatus, Priority, Request, Scheduler
+from ..tasks import TaskType
+from .catalog import Catalog
+from .outputs import InferResult, StreamEvent, Timing
+from .status import HealthModel, HealthModels, ServerStatus, registered_status, supervisor_status
+from .tasks import ADAPTERS, Prepared, ReturnMode, TaskAdapter
+
+__all__ = ("InferCall", "InferStream", "InferenceService")
+
+T = TypeVar("T")
+
+log = structlog.get_logger("modelmora.service")
+
+REGISTRY_SYNC_S = 2.0
+"""How often the registry is compared with the running models (installs, changes and
+uninstalls made by `mm` in another process reach the server within this time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InferCall:
+    """One inference request, whatever protocol it came in by."""
+
+    model_id: str
+    inputs: Any
+    """`TextInput` / `ImageInput`, or the decoded JSON of `input_data` (validated by the core)."""
+    parameters: Any = None
+    """The task's parameters struct, or decoded JSON (None: defaults)."""
+    version: str | None = None
+    priority: Priority = Priority.NORMAL
+    timeout_s: float | None = None
+    """None: the task type's default (`[timeout_s]` settings)."""
+    stream: bool = False
+    return_mode: ReturnMode = "auto"
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    """A call on its way through the core."""
+
+    call: InferCall
+    record: ModelRecord
+    version: str
+    adapter: TaskAdapter
+    prepared: Prepared
+    runtime: ModelRuntime
+    request: Request
+    timeout_s: float
+    t0: float
+
+
+class InferenceService:
+    """The core over a registry store, a running scheduler and a result store.
+
+    `run()` keeps the running models in step with the registry (start it in the server's
+    task group); everything else is called by the front ends.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStore,
+        scheduler: Scheduler,
+        results: ResultStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.scheduler = scheduler
+        self.results = results
+        self.limits = ImageLimits.from_settings(settings)
+        self.catalog = Catalog(store)
+        self.started = time.time()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Compare the registry with the running models every `REGISTRY_SYNC_S` (errors are logged)."""
+        task_status.started()
+        while True:
+            await anyio.sleep(REGISTRY_SYNC_S)
+            await self.sync_registry()
+
+    async def sync_registry(self) -> None:
+        """Replace workers whose registry entry changed; stop those of uninstalled models."""
+        try:
+            records = await self.store.alist()
+        except Exception as exc:
+            log.error("registry_sync_failed", exc_info=exc)
+            return
+        self.catalog.forget_all()
+        self.scheduler.sync(records)
+
+    # -- inference --------------------------------------------------------------------------
+
+    async def _start(self, call: InferCall) -> _Job:
+        t0 = time.perf_counter()
+        start = anyio.current_time()
+        rec = await self.catalog.get(call.model_id)
+        version = call.version or rec.active_version
+        if rec.version_record(version) is None:
+            raise ModelNotFound(f"model {call.model_id!r} has no version {version!r}", field="$.version")
+        try:
+            adapter = ADAPTERS[TaskType(rec.task)]
+        except ValueError:
+            raise ModelUnavailable(f"task type {rec.task!r} of model {call.model_id!r} is not served") from None
+        prepared = await adapter.prepare(
+            call.inputs,
+            call.parameters if call.parameters is not None else {},
+            stream=call.stream,
+            return_mode=call.return_mode,
+            settings=self.settings,
+            limits=self.limits,
+            results=self.results,
+        )
+        timeout_s = call.timeout_s or getattr(self.settings.timeout_s, rec.task)
+        rt = self.scheduler.runtime_for(rec, version)
+        req = Request(rt.key, prepared.inputs, prepared.params, call.priority, start + timeout_s)
+        return _Job(call, rec, version, adapter, prepared, rt, req, timeout_s, t0)
+
+    async def _result(self, job: _Job) -> InferResult:
+        req = job.request
+        if req.error is not None:
+            raise req.error
+        output = await job.adapter.output(req.result, job.prepared, self.results)
+        timing = Timing(
+            round((req.dispatched_at - req.enqueued_at) * 1e3, 3),
+            round((req.finished_at - req.dispatched_at) * 1e3, 3),
+            round((time.perf_counter() - job.t0) * 1e3, 3),
+        )
+        return InferResult(job.record.id, job.version, job.adapter.info.type, output, timing)
+
+    async def infer(self, call: InferCall, *, gone: Callable[[], Awaitable[Any]] | None = None) -> InferResult:
+        """Run one request to its result.
+
+        Args:
+            call: the request.
+            gone: returns when the caller went away (REST: the client disconnected); the
+                request then leaves the queue (or its batch), and `ClientGone` is raised.
+
+        The caller's own cancellation withdraws the request the same way.
+
+        Raises:
+            ModelMoraError: every expected failure, each with its status.
+        """
+        if call.stream:
+            raise InvalidInput("a streaming request is served by open_stream", field="$.stream")
+        job = await self._start(call)
+        req, rt = job.request, job.runtime
+        self.scheduler.submit(rt, req)
+        client_gone = False
+        try:
+            with anyio.CancelScope(deadline=req.deadline) as waiting:
+                req.on_done = waiting.cancel
+                if gone is None:
+                    await anyio.sleep_forever()
+                else:
+                    await gone()
+                    client_gone = True
+        finally:
+            req.on_done = None
+            if not req.done.is_set():
+                self.scheduler.withdraw(rt, req)  # deadline, disconnect, cancellation: it leaves at once
+        if not req.done.is_set():
+            if client_gone:
+                raise ClientGone(f"the client of this request to model {call.model_id!r} went away")
+            raise self.scheduler.unfinished_error(rt, job.timeout_s)
+        return await self._result(job)
+
+    async def open_stream(self, call: InferCall) -> InferStream:
+        """Queue a streaming request; iterate the returned stream for its events, then its result.
+
+        Errors before anything runs (validation, queue full, failed model) are raised here.
+        """
+        job = await self._start(call)
+        send, receive = anyio.create_memory_object_stream[tuple[int, str, dict[str, Any]]](math.inf)
+        job.request.on_event = lambda item, kind, data: send.send_nowait((item, kind, data))
+        job.request.on_done = send.close  # the events end when the request is done
+        try:
+            self.scheduler.submit(job.runtime, job.request)
+        except BaseException:
+            send.close()
+            receive.close()
+            raise
+        return InferStream(self, job, send, receive)
+
+    # -- models -----------------------------------------------------------------------------
+
+    async def models(self, task_type: str | None = None) -> list[ModelRecord]:
+        """The registry, optionally of one task type.
+
+        Raises:
+            InvalidInput: `task_type` is not a task type.
+        """
+        if task_type is not None:
+            try:
+                TaskType(task_type)
+            except ValueError:
+                raise InvalidInput(
+                    f"unknown task type {task_type!r} (expected one of: {', '.join(TaskType)})", field="task_type"
+                ) from None
+        return await self._registry(self.store.alist(task_type))
+
+    async def model(self, model_id: str) -> ModelRecord:
+        rec = await self._registry(self.store.aget(model_id))
+        if rec is None:
+            raise ModelNotFound(f"model {model_id!r} is not installed")
+        return rec
+
+    async def update_settings(self, model_id: str, settings: ModelSettings) -> ModelRecord:
+        """Replace a model's settings (fields left out take the server's defaults); running
+        versions take them at once (device and dtype: their worker is replaced when idle)."""
+        rec = await self._registry(self.store.aupdate_settings(model_id, msgspec.to_builtins(settings)))
+        if rec is None:
+            raise ModelNotFound(f"model {model_id!r} is not installed")
+        self.catalog.forget(model_id)
+        for key in list(self.scheduler.models):
+            if key.model_id == model_id:
+                self.scheduler.runtime_for(rec, key.version)
+        return rec
+
+    async def _runtime(self, model_id: str, version: str | None) -> ModelRuntime:
+        rec = await self.catalog.get(model_id)
+        version = version or rec.active_version
+        if rec.version_record(version) is None:
+            raise ModelNotFound(f"model {model_id!r} has no version {version!r}", field="version")
+        return self.scheduler.runtime_for(rec, version)
+
+    async def load(self, model_id: str, version: str | None = None) -> ModelStatus:
+        """Load (and warm up) a model version now; returns once it is ready."""
+        rt = await self._runtime(model_id, version)
+        await self.scheduler.load(rt, self.settings.worker_start_timeout_s)
+        return self._status_of(rt)
+
+    async def unload(self, model_id: str, version: str | None = None) -> ModelStatus:
+        """Drain the model's queue, stop its worker, give its memory back."""
+        rt = await self._runtime(model_id, version)
+        await self.scheduler.unload(rt, self.settings.unload_grace_s)
+        return self._status_of(rt)
+
+    def _status_of(self, rt: ModelRuntime) -> ModelStatus:
+        return next(s for s in self.scheduler.status() if s.model_id == rt.key.model_id and s.version == rt.key.version)
+
+    async def preload(self) -> list[str]:
+        """Start loading (without waiting) every model whose settings say `preload`."""
+        started = []
+        for rec in await self.store.alist():
+            if not msgspec.convert(rec.settings, ModelSettings).preload:
+                continue
+            try:
+                rt = self.scheduler.runtime_for(rec)
+            except ModelMoraError as exc:
+                log.warning("preload_skipped", model=rec.id, reason=exc.message)
+                continue
+            self.scheduler.request_load(rt)
+            started.append(str(rt.key))
+        if started:
+            log.info("preloading", models=started)
+        return started
+
+    # -- status -----------------------------------------------------------------------------
+
+    async def status(self) -> ServerStatus:
+        """The runtime of every registered model version (loaded or not), the budget, the supervisor."""
+        running = self.scheduler.status()
+        seen = {(s.model_id, s.version) for s in running}
+        records = await self._registry(self.store.alist())
+        idle = [
+            registered_status(rec, v.version)
+            for rec in records
+            for v in rec.versions
+            if (rec.id, v.version) not in seen and v.version == rec.active_version
+        ]
+        launcher = self.scheduler.launcher
+        return ServerStatus(
+            supervisor_status(self.started),
+            launcher.statistics() if launcher is not None else None,
+            self.scheduler.budget_status(),
+            sorted([*running, *idle], key=lambda s: (s.model_id, s.version)),
+        )
+
+    async def health(self) -> HealthModels:
+        """Every registered model's health: a failed one is unhealthy, with why."""
+        status = await self.status()
+        return HealthModels(
+            [HealthModel(s.model_id, s.version, s.state != "failed", s.state, s.last_error) for s in status.models]
+        )
+
+    async def ready(self) -> str | None:
+        """None when a request would be served now without waiting for start-up; else why not."""
+        try:
+            await self.store.aping()
+        except Exception:
+            log.exception("registry_unreachable")
+            return "registry unreachable"
+        launcher = self.scheduler.launcher
+        if getattr(launcher, "state", None) == "starting":
+            return "the zygote is still importing the model libraries"
+        return None
+
+    @staticmethod
+    async def _registry(call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except ModelMoraError:
+            raise
+        except Exception as exc:
+            log.error("registry_failed", exc_info=exc)
+            raise StorageUnavailable("the model registry cannot be read or written now") from None
+
+
+class InferStream:
+    """The events of a streaming request, then its result (`async for` over it).
+
+    Iteration ends after the `InferResult`; an error after events were sent is raised from
+    the iteration. Close it (`aclose`) when the client goes away: the request leaves the
+    queue, or its batch is stopped.
+    """
+
+    def __init__(
+        self,
+        service: InferenceService,
+        job: _Job,
+        send: MemoryObjectSendStream[tuple[int, str, dict[str, Any]]],
+        receive: MemoryObjectReceiveStream[tuple[int, str, dict[str, Any]]],
+    ) -> None:
+        self._service = service
+        self._job = job
+        self._send = send
+        self._receive = receive
+        self._finished = False
+
+    def __aiter__(self) -> InferStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent | InferResult:
+        if self._finished:
+            raise StopAsyncIteration
+        job = self._job
+        with anyio.CancelScope(deadline=job.request.deadline):
+            try:
+                item, kind, data = await self._receive.receive()
+            except anyio.EndOfStream:
+                pass  # the request is done
+            else:
+                return StreamEvent(kind, {"index": item, **data} if item >= 0 else data)
+        self._finished = True
+        if not job.request.done.is_set():
+            await self.aclose()
+            raise self._service.scheduler.unfinished_error(job.runtime, job.timeout_s)
+        return await self._service._result(job)
+
+    async def aclose(self) -> None:
+        """Stop listening: a request still queued or running is withdrawn."""
+        self._finished = True
+        job = self._job
+        if not job.request.done.is_set():
+            self._service.scheduler.withdraw(job.runtime, job.request)
+        job.request.on_done = None
+        self._send.close()
+        self._receive.close()
