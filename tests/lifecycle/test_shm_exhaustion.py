@@ -6,6 +6,8 @@ worker keeps serving, and a worker whose rings cannot be made fails its load (50
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 
@@ -26,14 +28,14 @@ LARGE = ["x" * 90_000] * 24
 """2.1 MB of text in one request (each text under `max_text_chars`): more than a 1 MiB ring."""
 
 
-async def infer(app: AppUnderTest, text: str | list[str]) -> tuple[int, dict[str, object], str | None]:
+async def infer(app: AppUnderTest, text: str | list[str]) -> tuple[int, Any, str | None]:
     r = await app.client.post("/api/v1/infer/echo", json={"input_data": {"text": text}})
     return r.status_code, r.json(), r.headers.get("retry-after")
 
 
-async def status(app: AppUnderTest) -> dict[str, object]:
+async def status(app: AppUnderTest) -> Any:
     models = (await app.client.get("/api/v1/status")).json()["models"]
-    return {m["model_id"]: m for m in models}["echo"]  # type: ignore[no-any-return]
+    return {m["model_id"]: m for m in models}["echo"]
 
 
 @pytest.mark.settings(request_ring_mb=1, response_ring_mb=1)
@@ -42,24 +44,24 @@ async def test_a_payload_without_room_gets_503_and_the_worker_keeps_serving(
 ) -> None:
     code, body, _ = await infer(echo_app, "warm")
     assert code == 200, body
-    pid = (await status(echo_app))["worker"]["pid"]  # type: ignore[index]
+    pid = (await status(echo_app))["worker"]["pid"]
 
     no_room(monkeypatch, free=MiB)  # 1 MiB free: the 2.1 MB payload needs a segment of its own
     code, body, retry_after = await infer(echo_app, LARGE)
     assert code == 503, body
-    assert body["error"]["code"] == "shared_memory_exhausted"  # type: ignore[index]
+    assert body["error"]["code"] == "shared_memory_exhausted"
     assert retry_after == "1"
 
     code, body, _ = await infer(echo_app, "small")  # the ring still serves small payloads
     assert code == 200, body
-    assert body["output"]["embeddings"] == [[5.0, float(sum(map(ord, "small"))), 0.0, 1.0]]  # type: ignore[index]
+    assert body["output"]["embeddings"] == [[5.0, float(sum(map(ord, "small"))), 0.0, 1.0]]
     model = await status(echo_app)
-    assert model["state"] == "ready" and model["worker"]["pid"] == pid  # type: ignore[index]
+    assert model["state"] == "ready" and model["worker"]["pid"] == pid
 
     monkeypatch.undo()  # room again: the large payload goes through
     code, body, _ = await infer(echo_app, LARGE)
     assert code == 200, body
-    assert [row[0] for row in body["output"]["embeddings"]] == [90_000.0] * 24  # type: ignore[index]
+    assert [row[0] for row in body["output"]["embeddings"]] == [90_000.0] * 24
 
 
 async def test_no_room_for_the_rings_fails_the_load_not_the_server(
@@ -69,8 +71,8 @@ async def test_no_room_for_the_rings_fails_the_load_not_the_server(
     code, body, _ = await infer(echo_app, "first")
     assert code == 503, body
     error = body["error"]
-    assert error["code"] == "model_load_failed"  # type: ignore[index]
-    assert "/dev/shm" in error["message"] and "no room for the worker's rings" in error["message"]  # type: ignore[index]
+    assert error["code"] == "model_load_failed"
+    assert "/dev/shm" in error["message"] and "no room for the worker's rings" in error["message"]
     assert (await status(echo_app))["state"] == "failed"
     assert segments.our_segments(echo_app.scheduler.instance_id) == []
     assert (await echo_app.client.get("/health/live")).status_code == 200
