@@ -6,14 +6,17 @@ worker keeps serving, and a worker whose rings cannot be made fails its load (50
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
+from modelmora.errors import SharedMemoryFull
 from modelmora.ipc import segments
+from modelmora.lifecycle.handle import TensorData, WorkerHandle, WorkerSpec
 
-from conftest import AppUnderTest
+from conftest import AppUnderTest, worker_env
 
 pytestmark = pytest.mark.anyio
 
@@ -85,3 +88,39 @@ async def test_no_room_for_the_rings_fails_the_load_not_the_server(
         await anyio.sleep(0.02)
     code, body, _ = await infer(echo_app, "again")
     assert code == 200, body
+
+
+async def test_a_batch_refused_for_room_gives_back_the_segments_it_took(
+    echo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two large inputs, room for the first only: the batch fails with 503 and the first
+    input's segment is free again at once (not held until the worker ends)."""
+    spec = WorkerSpec("echo", "1.0.0", str(echo_dir), "txt2embed", "worker_pipelines:Echo")
+    async with (
+        WorkerHandle.open(
+            spec,
+            instance_id=segments.new_instance_id(),
+            request_ring_bytes=1 << 16,
+            response_ring_bytes=1 << 16,
+            start_timeout_s=60,
+            stop_grace_s=5,
+            env=worker_env(),
+        ) as handle,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(handle.read_loop)
+        pool = handle._pool
+        monkeypatch.setattr(
+            segments,
+            "shm_room",
+            lambda: segments.ShmRoom(total=64 * MiB, free=8 * MiB - pool.statistics().total_bytes),
+        )
+        inputs = {"text": ["a" * 90_000] * 30, "extra": ["b" * 90_000] * 60}  # 2.7 MB fits, 5.4 MB does not
+        with pytest.raises(SharedMemoryFull):
+            await handle.infer(inputs, {})
+        stats = pool.statistics()
+        assert (stats.segments, stats.in_use) == (1, 0)  # the first input's segment, idle and warm
+        out = await handle.infer({"text": ["a" * 90_000] * 30}, {})  # it serves the next batch
+        assert isinstance(out["embeddings"], TensorData) and out["embeddings"].shape == (30, 4)
+        assert pool.statistics().reused == 1
+        tg.cancel_scope.cancel()
