@@ -85,3 +85,30 @@ def test_a_payload_without_room_gets_503_and_the_server_keeps_serving(
         assert srv.stop() == 0
     log = srv.log.read_text()
     assert "shared_memory_exhausted" in log and "Traceback" not in log
+
+
+def test_a_second_worker_without_room_for_its_rings_fails_its_load_only(
+    tmp_path: Path, echo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """12 MiB /dev/shm, 8 MiB of rings per worker: the second model's load fails with 503
+    `model_load_failed` naming /dev/shm, and the first model keeps serving."""
+    prefix = private_shm.command_or_skip("12m")
+    command = serverproc._mm_command()
+    monkeypatch.setattr(serverproc, "_mm_command", lambda: [*prefix, *command])
+    home = tmp_path / "home"
+    for model in ("echo", "other"):
+        mm("install", str(echo_dir), "--id", model, "--task", "txt2embed", home=home)
+    srv = ServerProcess(home, _env(request_ring_mb="4", response_ring_mb="4", keep_alive="-1")).start()
+    try:
+        r = httpx.post(f"{srv.url}/api/v1/infer/echo", json={"input_data": {"text": "one"}}, timeout=60)
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{srv.url}/api/v1/infer/other", json={"input_data": {"text": "two"}}, timeout=60)
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "model_load_failed" and "/dev/shm" in error["message"]
+        r = httpx.post(f"{srv.url}/api/v1/infer/echo", json={"input_data": {"text": "three"}}, timeout=60)
+        assert r.status_code == 200, r.text
+        states = {m["model_id"]: m["state"] for m in httpx.get(f"{srv.url}/api/v1/status").json()["models"]}
+        assert states == {"echo": "ready", "other": "failed"}
+    finally:
+        assert srv.stop() == 0
