@@ -20,6 +20,7 @@ __all__ = (
     "PayloadTooLarge",
     "QueueFull",
     "RegistryError",
+    "SharedMemoryFull",
     "SourceError",
     "StorageUnavailable",
     "WorkerCrashed",
@@ -110,6 +111,14 @@ class InsufficientMemory(ModelMoraError):
 
     http_status = 503
     code = "insufficient_memory"
+
+
+class SharedMemoryFull(ModelMoraError):
+    """/dev/shm has no room for a request's payload segment (raised by the worker handle, from
+    `ipc.segments.SharedMemoryExhausted`); the worker and the server keep serving."""
+
+    http_status = 503
+    code = "shared_memory_exhausted"
 
 
 class DeadlineExceeded(ModelMoraError):

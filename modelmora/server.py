@@ -19,7 +19,7 @@ import structlog
 from hypercorn.config import Config as HypercornConfig
 
 from .api import create_app
-from .config import Settings
+from .config import ConfigError, Settings
 from .ipc import segments
 from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
 from .registry import open_store
@@ -110,6 +110,10 @@ async def serve(
     removed = segments.remove_stale()
     if removed:
         log.info("removed_stale_segments", count=len(removed))
+    try:
+        segments.ensure_ring_room(settings.request_ring_mb, settings.response_ring_mb)
+    except segments.SharedMemoryExhausted as exc:
+        raise ConfigError(str(exc)) from exc  # `mm serve` prints it as one line
     home = settings.home_path
     home.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.registry_url, home)

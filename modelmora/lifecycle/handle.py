@@ -27,7 +27,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from ..errors import InvalidInput, ModelLoadFailed, ModelMoraError, ModelUnavailable, WorkerCrashed
+from ..errors import InvalidInput, ModelLoadFailed, ModelMoraError, ModelUnavailable, SharedMemoryFull, WorkerCrashed
 from ..ipc import messages as m
 from ..ipc import segments
 from ..ipc.control import FrameDecoder, ProtocolError, encode_frame
@@ -221,7 +221,10 @@ class WorkerHandle:
         """
         launcher = launcher or SpawnLauncher()
         req_size = ShmRing.region_size(request_ring_bytes)
-        shm = segments.create(instance_id, "w", req_size + ShmRing.region_size(response_ring_bytes))
+        try:
+            shm = segments.create(instance_id, "w", req_size + ShmRing.region_size(response_ring_bytes))
+        except segments.SharedMemoryExhausted as exc:
+            raise ModelLoadFailed(f"model {spec.model_id!r}: no room for the worker's rings: {exc}") from exc
         pool = segments.SegmentPool(instance_id, "big")
         buf = shm.buf
         assert buf is not None
@@ -442,7 +445,14 @@ class WorkerHandle:
     async def _place(self, chunks: list[bytes]) -> tuple[m.Span, str | None]:
         total = sum(len(c) for c in chunks)
         if total > self.requests.capacity:
-            name, view = self._pool.acquire(total)
+            try:
+                name, view = self._pool.acquire(total)
+            except segments.SharedMemoryExhausted as exc:
+                log.warning("shared_memory_exhausted", model=self.spec.model_id, needed=exc.needed, free=exc.free)
+                raise SharedMemoryFull(
+                    f"the server has no shared memory free for this request's input ({total} bytes); retry later",
+                    retry_after_s=1.0,
+                ) from exc
             pos = 0
             for c in chunks:
                 view[pos : pos + len(c)] = c
@@ -494,12 +504,17 @@ class WorkerHandle:
         large: list[str] = []
         bid = self.new_batch_id() if batch_id is None else batch_id
         async with self._infer_lock:
-            for name, values in inputs.items():
-                chunks, build = _pack(name, values)
-                span, big = await self._place(chunks)
-                if big:
-                    large.append(big)
-                wire[name] = build(span)
+            try:
+                for name, values in inputs.items():
+                    chunks, build = _pack(name, values)
+                    span, big = await self._place(chunks)
+                    if big:
+                        large.append(big)
+                    wire[name] = build(span)
+            except BaseException:
+                for big in large:  # the batch never reached the worker: its large segments are free again
+                    self._pool.release(big)
+                raise
             slot = self._slots[bid] = _Slot(large, on_event)
             try:
                 await self._send(m.Infer(bid, wire, params))
