@@ -1,6 +1,7 @@
 """WorkerHandle over real Echo workers: the stall watchdog, stopping a stopped worker, cancellation.
 
-Workers are spawned (no zygote) and run the light Echo pipeline of tests/worker_pipelines.py.
+Workers are spawned (the stall test also forks them from a zygote that preloads only numpy) and
+run the light Echo pipeline of tests/worker_pipelines.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import structlog
 
 from modelmora.errors import WorkerCrashed
 from modelmora.ipc import segments
-from modelmora.lifecycle import SpawnLauncher, WorkerHandle, WorkerSpec, WorkerStatistics, heartbeat_interval
+from modelmora.lifecycle import (
+    Launcher,
+    SpawnLauncher,
+    WorkerHandle,
+    WorkerSpec,
+    WorkerStatistics,
+    ZygoteLauncher,
+    heartbeat_interval,
+    worker_environment,
+)
 
 from conftest import worker_env
 
@@ -31,7 +41,9 @@ SAFETY_S = 60
 
 
 @asynccontextmanager
-async def echo_worker(tmp_path: Any, *, stall_s: float, stop_grace_s: float = 1.0) -> AsyncIterator[WorkerHandle]:
+async def echo_worker(
+    tmp_path: Any, *, stall_s: float, stop_grace_s: float = 1.0, launcher: Launcher | None = None
+) -> AsyncIterator[WorkerHandle]:
     spec = WorkerSpec("echo", "1.0.0", str(tmp_path), "txt2embed", ECHO)
     async with WorkerHandle.open(
         spec,
@@ -41,7 +53,7 @@ async def echo_worker(tmp_path: Any, *, stall_s: float, stop_grace_s: float = 1.
         start_timeout_s=SAFETY_S,
         stop_grace_s=stop_grace_s,
         env=worker_env(),
-        launcher=SpawnLauncher(),
+        launcher=launcher or SpawnLauncher(),
         stall_s=stall_s,
     ) as handle:
         yield handle
@@ -69,9 +81,20 @@ async def test_a_busy_worker_is_not_stalled(tmp_path: Any) -> None:
             tg.cancel_scope.cancel()
 
 
-async def test_a_stopped_worker_is_reported_killed_and_its_batch_fails(tmp_path: Any) -> None:
+@pytest.fixture(params=["spawn", "zygote"])
+async def launcher(request: pytest.FixtureRequest) -> AsyncIterator[Launcher]:
+    if request.param == "spawn":
+        yield SpawnLauncher()
+        return
+    zygote = ZygoteLauncher(env=worker_environment(worker_env(), 1), preload=("numpy",), stop_grace_s=2.0)
+    async with zygote.running():
+        assert await zygote.wait_ready()
+        yield zygote
+
+
+async def test_a_stopped_worker_is_reported_killed_and_its_batch_fails(tmp_path: Any, launcher: Launcher) -> None:
     with structlog.testing.capture_logs() as logs, anyio.fail_after(SAFETY_S):
-        async with echo_worker(tmp_path, stall_s=1.0) as handle, anyio.create_task_group() as tg:
+        async with echo_worker(tmp_path, stall_s=1.0, launcher=launcher) as handle, anyio.create_task_group() as tg:
             tg.start_soon(handle.read_loop)
             assert (await handle.infer({"text": ["warm"]}, {}))["embeddings"].rows()[0][0] == 4
             os.kill(handle.pid, signal.SIGSTOP)
@@ -80,6 +103,7 @@ async def test_a_stopped_worker_is_reported_killed_and_its_batch_fails(tmp_path:
                     await handle.infer({"text": ["in flight"]}, {})
                 assert handle.dead and handle.crashed and handle.crash_reason == "stalled"
                 assert await handle.process.wait() == -signal.SIGKILL
+                assert handle.forked is isinstance(launcher, ZygoteLauncher)
                 with pytest.raises(WorkerCrashed):  # no new batch for a dead worker
                     await handle.infer({"text": ["after"]}, {})
             finally:
