@@ -138,6 +138,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """0: one thread per core (os.cpu_count())."""
     worker_start_timeout_s: float = 300.0
     worker_stop_grace_s: float = 5.0
+    worker_stall_s: float = 30.0
+    """A worker that sends no message at all (no result, no heartbeat) for this long is stalled:
+    it is killed, its batches fail with 503 worker_crashed, and the next request restarts it.
+    Workers send a heartbeat every stall/4 s (at most every 5 s); 0 disables the watchdog."""
     zygote: bool = True
     """Fork workers from a zygote that imported `zygote_preload` once (false: spawn each worker)."""
     zygote_preload: tuple[str, ...] = ("numpy", "torch", "transformers", "sentence_transformers")

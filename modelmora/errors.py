@@ -24,6 +24,7 @@ __all__ = (
     "SourceError",
     "StorageUnavailable",
     "WorkerCrashed",
+    "WorkerError",
 )
 
 
@@ -90,6 +91,13 @@ class WorkerCrashed(ModelMoraError):
 
     http_status = 503
     code = "worker_crashed"
+
+
+class WorkerError(ModelMoraError):
+    """The worker reported that a batch failed inside its pipeline (not a crash)."""
+
+    http_status = 500
+    code = "inference_failed"
 
 
 class ModelLoadFailed(ModelMoraError):

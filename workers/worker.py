@@ -13,6 +13,10 @@ dies (PR_SET_PDEATHSIG on Linux): the supervisor for a spawned worker
 (`python -m modelmora_workers`), the zygote for a forked one (`modelmora_workers.zygote`),
 which itself dies with the supervisor.
 
+Liveness: from the `Load` message on, a thread of its own sends a `Heartbeat` every
+`Load.heartbeat_s` while the process runs (whatever the pipeline computes), so that the
+supervisor can tell a stalled worker (stopped, or hung in a system call) from a busy one.
+
 Start-up, as reported in `Loaded`: `import_ms` (the preloaded libraries and the pipeline's
 module; near zero in a worker forked from the zygote, which imported them already),
 `load_ms` (constructing the pipeline: reading the weights) and `warmup_ms` (the test inference).
@@ -34,14 +38,12 @@ import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
-
 from modelmora.ipc import messages as m
 from modelmora.ipc.control import FrameDecoder, recv_message, send_message
-from modelmora.ipc.ring import PayloadTooLarge, RingFull, ShmRing
+from modelmora.ipc.ring import ExceedsRing, RingFull, ShmRing
 from modelmora.ipc.segments import AttachedSegments, attach
 
-from . import cancel, events
+from . import cancel, events, payloads
 from .pipelines.base import InputError, Pipeline
 
 __all__ = (
@@ -187,6 +189,8 @@ class Worker:
         """Torch threads of a batch that starts beside others (`torch_threads // streams`)."""
         self._local = threading.local()
         """Per inference thread: the torch thread count it last set."""
+        self._stopping = threading.Event()
+        """Set when the worker ends: the heartbeat thread stops."""
 
     def recv(self) -> m.Message | None:
         if self._inbox is not None:
@@ -216,6 +220,20 @@ class Worker:
         with self._send_lock:
             send_message(self.sock, msg)
 
+    def start_heartbeat(self, interval_s: float) -> None:
+        """Send a `Heartbeat` every `interval_s` from a daemon thread until the worker ends (0: never)."""
+        if interval_s <= 0:
+            return
+
+        def beat() -> None:
+            while not self._stopping.wait(interval_s):
+                try:
+                    self.send(m.Heartbeat())
+                except OSError:  # the supervisor closed the channel: the main thread sees it too
+                    return
+
+        threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
     def setup(self, load: m.Load) -> None:
         self.shm = attach(load.segment)
         buf = self.shm.buf
@@ -231,6 +249,7 @@ class Worker:
         first = self.recv()
         if not isinstance(first, m.Load):
             return 2
+        self.start_heartbeat(first.heartbeat_s)
         try:
             self.setup(first)
             t0 = time.perf_counter()
@@ -238,30 +257,35 @@ class Worker:
             cls = pipeline_class(first.pipeline)
             release_tokenizer_threads(first.threads)
             t1 = time.perf_counter()
-            self.pipeline = cls(first.path, device=first.device, dtype=first.dtype, options=first.options)
+            self.pipeline = cls(first.path, device=first.device, dtype=first.dtype, options={})
             if getattr(self.pipeline, "concurrent", False):
                 self.streams = stream_count(first.streams, str(self.pipeline.device), first.threads)
             if "torch" in sys.modules:  # inference runs on this thread with an explicit thread count
                 sys.modules["torch"].set_num_threads(max(1, first.threads))
             t2 = time.perf_counter()
-            self.send(m.Event(-1, -1, "phase", {"phase": "warming"}))
+            self.send(m.Phase("warming"))
             self.pipeline.warmup()
             t3 = time.perf_counter()
         except Exception as exc:  # the supervisor reports it; we exit
             _log("load_failed", model=first.model_id, error=repr(exc))
             traceback.print_exc()
-            self.send(m.Error(-1, "model_load_failed", f"{type(exc).__name__}: {exc}"))
+            self.send(m.Error(-1, m.ErrorCode.MODEL_LOAD_FAILED, f"{type(exc).__name__}: {exc}"))
             return 1
         import psutil
 
         rss = psutil.Process().memory_info().rss
-        info = {
-            "import_ms": (t1 - t0) * 1e3,
-            "forked": self.forked,
-            "vram_bytes": vram_bytes(self.pipeline),
-            "streams": self.streams,
-        }
-        self.send(m.Loaded((t2 - t1) * 1e3, (t3 - t2) * 1e3, rss, self.pipeline.device, info))
+        self.send(
+            m.Loaded(
+                load_ms=(t2 - t1) * 1e3,
+                warmup_ms=(t3 - t2) * 1e3,
+                rss_bytes=rss,
+                device=self.pipeline.device,
+                import_ms=(t1 - t0) * 1e3,
+                forked=self.forked,
+                vram_bytes=vram_bytes(self.pipeline),
+                streams=self.streams,
+            )
+        )
         _log("ready", model=first.model_id, version=first.version, device=self.pipeline.device)
         self.start_reader()
         work: queue.SimpleQueue[m.Infer | None] = queue.SimpleQueue()
@@ -339,26 +363,6 @@ class Worker:
             return self.requests.view(span)
         return self.large.get(span.seg)[span.start : span.start + span.nbytes]
 
-    def _decode(self, item: m.Input) -> Any:
-        view = self._view(item.span)
-        match item:
-            case m.Text(lengths=lengths):
-                raw = bytes(view)
-                return [chunk.decode("utf-8") for chunk in m.split(raw, lengths)]
-            case m.Blobs(lengths=lengths):
-                return m.split(bytes(view), lengths)
-            case m.Arrays(dtype=dtype, shapes=shapes):
-                dt = np.dtype(dtype)
-                out, pos = [], 0
-                for shape in shapes:
-                    n = int(np.prod(shape)) * dt.itemsize
-                    out.append(np.frombuffer(view[pos : pos + n], dtype=dt).reshape(shape))
-                    pos += n
-                return out
-            case m.Tensor(dtype=dtype, shape=shape):
-                return np.frombuffer(view, dtype=np.dtype(dtype)).reshape(shape)
-        raise TypeError(f"unknown input kind {type(item).__name__}")  # pragma: no cover - the union is closed
-
     def _reserve(self, nbytes: int) -> tuple[m.Span, memoryview]:
         delay = 0.0001
         while True:
@@ -367,27 +371,6 @@ class Worker:
             except RingFull:
                 time.sleep(delay)  # the supervisor releases as soon as it reads a result
                 delay = min(delay * 2, _RING_WAIT_MAX_S)
-
-    def _write(self, value: Any) -> m.Input:
-        """Place one output in the response ring: an array, or a list of str or bytes."""
-        if isinstance(value, np.ndarray):
-            array = np.ascontiguousarray(value)
-            span, view = self._reserve(array.nbytes)
-            np.frombuffer(view, dtype=np.uint8)[:] = array.reshape(-1).view(np.uint8)
-            view.release()
-            return m.Tensor(span, array.dtype.str, tuple(array.shape))
-        if not isinstance(value, list):
-            raise TypeError(f"pipeline output must be an array or a list, not {type(value).__name__}")
-        is_text = all(isinstance(v, str) for v in value)
-        chunks = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in value]
-        span, view = self._reserve(sum(len(c) for c in chunks))
-        pos = 0
-        for c in chunks:
-            view[pos : pos + len(c)] = c
-            pos += len(c)
-        view.release()
-        lengths = [len(c) for c in chunks]
-        return m.Text(span, lengths) if is_text else m.Blobs(span, lengths)
 
     def _emit(self, batch_id: int) -> events.Sink:
         def send(item: int, kind: str, data: dict[str, Any]) -> None:
@@ -400,37 +383,38 @@ class Worker:
         t0 = time.perf_counter()
         self._begin()
         try:
-            inputs = {name: self._decode(item) for name, item in msg.inputs.items()}
+            inputs = {name: payloads.decode(item, self._view(item.span)) for name, item in msg.inputs.items()}
             with cancel.running(msg.batch_id), events.sink(self._emit(msg.batch_id)):
                 outputs = self.pipeline.run(inputs, msg.params)
             del inputs
         except cancel.Cancelled:
-            self.send(m.Error(msg.batch_id, "cancelled", "cancelled by the supervisor"))
+            self.send(m.Error(msg.batch_id, m.ErrorCode.CANCELLED, "cancelled by the supervisor"))
             return
         except InputError as exc:
-            self.send(m.Error(msg.batch_id, "invalid_input", str(exc), exc.field or ""))
+            self.send(m.Error(msg.batch_id, m.ErrorCode.INVALID_INPUT, str(exc), exc.field or ""))
             return
         except Exception as exc:
             traceback.print_exc()
-            self.send(m.Error(msg.batch_id, "inference_failed", f"{type(exc).__name__}: {exc}"))
+            self.send(m.Error(msg.batch_id, m.ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}"))
             return
         finally:
             self._end()
             self._done(msg)
         with self._out_lock:
             try:
-                encoded = {name: self._write(arr) for name, arr in outputs.items()}
-            except PayloadTooLarge as exc:
-                self.send(m.Error(msg.batch_id, "result_too_large", f"{exc}; raise response_ring_mb"))
+                encoded = {name: payloads.encode(value, self._reserve) for name, value in outputs.items()}
+            except ExceedsRing as exc:
+                self.send(m.Error(msg.batch_id, m.ErrorCode.RESULT_TOO_LARGE, f"{exc}; raise response_ring_mb"))
                 return
             except (TypeError, ValueError) as exc:  # outputs the protocol cannot carry
                 traceback.print_exc()
-                self.send(m.Error(msg.batch_id, "inference_failed", f"{type(exc).__name__}: {exc}"))
+                self.send(m.Error(msg.batch_id, m.ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}"))
                 return
             elapsed_ms = (time.perf_counter() - t0) * 1e3
             self.send(m.Result(msg.batch_id, encoded, elapsed_ms, vram_bytes(self.pipeline)))
 
     def close(self) -> None:
+        self._stopping.set()
         if self.shm is not None:
             self.requests.close()
             self.responses.close()
@@ -445,7 +429,7 @@ def serve(fd: int, *, ppid: int, preload: Sequence[str] = (), forked: bool = Fal
         fd: the worker's end of its control socket pair (this function closes it).
         ppid: the pid of the parent the worker must die with (supervisor or zygote).
         preload: modules to import before the pipeline (timed as `import_ms`).
-        forked: whether this process was forked from the zygote (reported in `Loaded.info`).
+        forked: whether this process was forked from the zygote (reported in `Loaded.forked`).
     """
     die_with_parent(ppid)
     hold_tokenizer_threads()

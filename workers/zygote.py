@@ -1,6 +1,6 @@
 """The zygote: imports the model libraries once, then forks one worker per request.
 
-Started by the supervisor (`modelmora.lifecycle.launch.ZygoteLauncher`) as
+Started by the supervisor (`modelmora.lifecycle.ZygoteLauncher`) as
 `python -m modelmora_workers.zygote --fd N --ppid P [--preload torch,...] [--grace S]`, with
 the environment every worker gets. It imports the preload list (a failed import is reported,
 not fatal), freezes the garbage collector's view of those objects (so that children do not

@@ -1,19 +1,46 @@
 """IPC shared by the supervisor and the workers: stdlib + msgspec only, synchronous, sans-IO."""
 
 from .control import FrameDecoder, ProtocolError, encode_frame, recv_message, send_message
-from .messages import PROTOCOL_VERSION, Error, Hello, Infer, Load, Loaded, Message, Result, Shutdown, Span, Tensor, Text
-from .ring import PayloadTooLarge, RingFull, ShmRing
+from .messages import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Error,
+    ErrorCode,
+    Event,
+    Heartbeat,
+    Hello,
+    Infer,
+    Load,
+    Loaded,
+    Message,
+    Phase,
+    Result,
+    Shutdown,
+    Span,
+    Tensor,
+    Text,
+)
+from .payloads import InputList, Output, Outputs, TensorData, pack, unpack
+from .ring import ExceedsRing, RingFull, ShmRing
 
 __all__ = (
     "PROTOCOL_VERSION",
+    "Cancel",
     "Error",
+    "ErrorCode",
+    "Event",
+    "ExceedsRing",
     "FrameDecoder",
+    "Heartbeat",
     "Hello",
     "Infer",
+    "InputList",
     "Load",
     "Loaded",
     "Message",
-    "PayloadTooLarge",
+    "Output",
+    "Outputs",
+    "Phase",
     "ProtocolError",
     "Result",
     "RingFull",
@@ -21,8 +48,11 @@ __all__ = (
     "Shutdown",
     "Span",
     "Tensor",
+    "TensorData",
     "Text",
     "encode_frame",
+    "pack",
     "recv_message",
     "send_message",
+    "unpack",
 )

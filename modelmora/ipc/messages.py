@@ -11,6 +11,7 @@ announces its version in `Hello` and the supervisor refuses a mismatch.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import msgspec
@@ -21,12 +22,15 @@ __all__ = (
     "Blobs",
     "Cancel",
     "Error",
+    "ErrorCode",
     "Event",
+    "Heartbeat",
     "Hello",
     "Infer",
     "Load",
     "Loaded",
     "Message",
+    "Phase",
     "Result",
     "Shutdown",
     "Span",
@@ -35,7 +39,9 @@ __all__ = (
     "split",
 )
 
-PROTOCOL_VERSION = 4  # 2: Cancel; 3: Arrays, Blobs, Event, non-tensor outputs; 4: Load.streams
+PROTOCOL_VERSION = 5
+"""2: Cancel; 3: Arrays, Blobs, Event, non-tensor outputs; 4: Load.streams; 5: Heartbeat, Phase,
+typed `Loaded` fields, `ErrorCode`, `Load.heartbeat_s` (and no `Load.options`)."""
 
 
 class Span(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -105,11 +111,12 @@ class Load(msgspec.Struct, tag="load", array_like=True, frozen=True):
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 1
-    options: dict[str, Any] = {}
     streams: int = 1
     """Batches the worker may run at once, each on its own thread (pipelines that declare
     `concurrent`; others run one at a time): alone on `threads` torch threads, beside others on
-    threads // streams; 0: 2 on a GPU, 1 on a CPU. `Loaded.info["streams"]` says how many it runs."""
+    threads // streams; 0: 2 on a GPU, 1 on a CPU. `Loaded.streams` says how many it runs."""
+    heartbeat_s: float = 0.0
+    """Send a `Heartbeat` this often from a thread of its own, from now until exit; 0: never."""
 
 
 class Infer(msgspec.Struct, tag="infer", array_like=True, frozen=True, gc=False):
@@ -144,10 +151,19 @@ class Loaded(msgspec.Struct, tag="loaded", array_like=True, frozen=True):
     """The model is loaded and its test inference passed."""
 
     load_ms: float
+    """Constructing the pipeline (reading the weights)."""
     warmup_ms: float
+    """The test inference."""
     rss_bytes: int
     device: str
-    info: dict[str, Any] = {}
+    import_ms: float = 0.0
+    """The preloaded libraries and the pipeline's module (near zero in a forked worker)."""
+    forked: bool = False
+    """Whether the worker is a fork of the zygote."""
+    vram_bytes: int = 0
+    """GPU memory the worker holds once loaded; 0 on the CPU."""
+    streams: int = 1
+    """Batches the worker runs at once."""
 
 
 class Result(msgspec.Struct, tag="result", array_like=True, frozen=True, gc=False):
@@ -163,9 +179,7 @@ class Result(msgspec.Struct, tag="result", array_like=True, frozen=True, gc=Fals
 class Event(msgspec.Struct, tag="event", array_like=True, frozen=True, gc=False):
     """Something happened while a batch runs (a generated token, a diffusion step).
 
-    `item` is the input's index in the batch, or -1 for every input of the batch. With
-    `batch_id` -1 it is about the worker itself: kind "phase", data {"phase": "warming"} once
-    the weights are loaded and the test inference starts.
+    `item` is the input's index in the batch, or -1 for every input of the batch.
     """
 
     batch_id: int
@@ -174,13 +188,40 @@ class Event(msgspec.Struct, tag="event", array_like=True, frozen=True, gc=False)
     data: dict[str, Any]
 
 
+class Phase(msgspec.Struct, tag="phase", array_like=True, frozen=True):
+    """Where the worker's load stands, before `Loaded`: "warming" once the weights are loaded and
+    the test inference starts."""
+
+    phase: str
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True, frozen=True, gc=False):
+    """The worker's process runs (sent every `Load.heartbeat_s` by a thread that keeps going while
+    the pipeline computes). A worker that sends no message at all for a while is stalled."""
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a batch or the load failed, as the worker reports it in `Error.code`."""
+
+    MODEL_LOAD_FAILED = "model_load_failed"
+    """Loading the pipeline or its test inference raised (batch_id -1)."""
+    INVALID_INPUT = "invalid_input"
+    """The pipeline refused the inputs (`InputError`); `Error.field` names the input."""
+    INFERENCE_FAILED = "inference_failed"
+    """The pipeline raised, or returned outputs the protocol cannot carry."""
+    CANCELLED = "cancelled"
+    """The batch stopped at a pipeline step after a `Cancel`."""
+    RESULT_TOO_LARGE = "result_too_large"
+    """An output exceeds the response ring."""
+
+
 class Error(msgspec.Struct, tag="error", array_like=True, frozen=True):
     """A batch (or, with batch_id -1, the load) failed inside the worker."""
 
     batch_id: int
-    code: str
+    code: ErrorCode
     message: str
     field: str = ""
 
 
-Message = Load | Infer | Cancel | Shutdown | Hello | Loaded | Result | Event | Error
+Message = Load | Infer | Cancel | Shutdown | Hello | Loaded | Result | Event | Phase | Heartbeat | Error

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from .messages import Span
 
-__all__ = ("ALIGN", "HEADER_BYTES", "PayloadTooLarge", "RingFull", "RingStatistics", "ShmRing")
+__all__ = ("ALIGN", "HEADER_BYTES", "ExceedsRing", "RingFull", "RingStatistics", "ShmRing")
 
 ALIGN = 64
 HEADER_BYTES = 128
@@ -49,7 +49,7 @@ class RingFull(Exception):
     """Raised by `ShmRing.reserve_nowait` when the payload fits the ring but not its free space now."""
 
 
-class PayloadTooLarge(Exception):
+class ExceedsRing(Exception):
     """Raised by `ShmRing.reserve_nowait` when a payload is larger than the whole ring."""
 
 
@@ -130,7 +130,7 @@ class ShmRing:
         """Reserve a contiguous span of `nbytes` and return it with a writable view.
 
         Raises:
-            PayloadTooLarge: `nbytes` exceeds the ring's capacity.
+            ExceedsRing: `nbytes` exceeds the ring's capacity.
             RingFull: not enough space has been released yet; retry after the consumer
                 releases (the caller decides how to wait, e.g. polling `fits`).
             ValueError: `nbytes` is negative.
@@ -138,7 +138,7 @@ class ShmRing:
         if nbytes < 0:
             raise ValueError(f"negative payload size {nbytes}")
         if nbytes > self.capacity:
-            raise PayloadTooLarge(f"payload of {nbytes} bytes exceeds ring capacity {self.capacity}")
+            raise ExceedsRing(f"payload of {nbytes} bytes exceeds ring capacity {self.capacity}")
         start = self._placement(nbytes)
         if start is None:
             raise RingFull(nbytes)
@@ -151,7 +151,7 @@ class ShmRing:
         """Copy `chunks` back to back into one new span.
 
         Raises:
-            PayloadTooLarge: the chunks together exceed the capacity.
+            ExceedsRing: the chunks together exceed the capacity.
             RingFull: see `reserve_nowait`.
         """
         total = sum(memoryview(c).nbytes for c in chunks)

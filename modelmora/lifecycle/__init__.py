@@ -1,10 +1,22 @@
 """Worker processes and model-version lifecycle (supervisor side)."""
 
-from .handle import EventSink, InputList, Output, Outputs, TensorData, WorkerError, WorkerHandle, WorkerSpec
-from .launch import Launcher, SpawnLauncher, WorkerProcess, ZygoteLauncher, worker_environment
+from ..errors import WorkerError
+from ..ipc.payloads import InputList, Output, Outputs, TensorData
+from .handle import (
+    DEFAULT_STALL_S,
+    EventSink,
+    PhaseSink,
+    WorkerHandle,
+    WorkerSpec,
+    WorkerStatistics,
+    heartbeat_interval,
+)
+from .launchers import Launcher, SpawnLauncher, WorkerProcess, worker_environment
 from .states import TRANSITIONS, IllegalTransition, ModelState, check_transition
+from .zygote import ZygoteLauncher
 
 __all__ = (
+    "DEFAULT_STALL_S",
     "TRANSITIONS",
     "EventSink",
     "IllegalTransition",
@@ -13,13 +25,16 @@ __all__ = (
     "ModelState",
     "Output",
     "Outputs",
+    "PhaseSink",
     "SpawnLauncher",
     "TensorData",
     "WorkerError",
     "WorkerHandle",
     "WorkerProcess",
     "WorkerSpec",
+    "WorkerStatistics",
     "ZygoteLauncher",
     "check_transition",
+    "heartbeat_interval",
     "worker_environment",
 )

@@ -13,22 +13,41 @@ import re
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-__all__ = ("MemoryBudget", "Reservation", "parse_keep_alive", "pss_bytes")
+__all__ = ("MemoryBudget", "Reservation", "parse_keep_alive", "process_memory", "pss_bytes", "smaps_rollup")
 
 _MB = 2**20
 _DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
-def pss_bytes(pid: int) -> int | None:
-    """The PSS of process `pid` in bytes; None when it is gone or unreadable."""
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """RSS and PSS of process `pid` in bytes (keys "rss", "pss") from `/proc/PID/smaps_rollup`;
+    empty when it is gone or unreadable (any `OSError`, out of file descriptors included: a
+    memory figure is never worth an exception in a periodic task).
+
+    Reading it walks every mapping of the process (~16 ms for a 900 MB worker): call it off
+    the event loop where that matters.
+    """
+    out: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             for line in f:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return None
+                key, _, rest = line.partition(b":")
+                if key in (b"Rss", b"Pss"):
+                    out[key.decode().lower()] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def pss_bytes(pid: int) -> int | None:
+    """The PSS of process `pid` in bytes; None when it is gone or unreadable."""
+    return smaps_rollup(pid).get("pss")
+
+
+def process_memory(pid: int) -> dict[str, float] | None:
+    """RSS and PSS of `pid` in MiB (`rss_mb`, `pss_mb`); None when unreadable."""
+    memory = smaps_rollup(pid)
+    return {f"{k}_mb": round(v / _MB, 1) for k, v in memory.items()} if memory else None
 
 
 def parse_keep_alive(value: str | float | int | None) -> float | None:

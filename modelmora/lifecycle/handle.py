@@ -7,6 +7,15 @@ grace period) and unlinks every segment, however the worker ended.
 `read_loop()` must run in a task beside the user of `infer()`: it turns Result/Error
 messages into results and, when the channel closes, fails exactly the batches in flight.
 
+Liveness: the worker sends a `Heartbeat` every `heartbeat_interval(stall_s)` from a thread
+of its own. While `read_loop()` runs, a worker that sends no message of any kind for
+`stall_s` (stopped, or hung where not even that thread runs) is stalled: the handle logs it,
+kills the process (SIGKILL), and fails the batches it held with `WorkerCrashed`, as for a
+crash (`crashed` True, `crash_reason` "stalled").
+
+Cancellation: a caller cancelled inside `infer()` once the batch was sent tells the worker
+(a `Cancel` message, sent shielded), which stops the batch at the pipeline's next step.
+
 `start_ms` in `statistics()` splits the cold start: `launch` (spawn or fork call),
 `boot` (until the worker's Hello: interpreter start-up, or the child's set-up after a fork),
 `import`, `load` and `warmup` (as the worker measured them), and `total` (launch to ready).
@@ -15,28 +24,51 @@ messages into results and, when the channel closes, fails exactly the batches in
 from __future__ import annotations
 
 import contextlib
-import math
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 import structlog
 
-from ..errors import InvalidInput, ModelLoadFailed, ModelMoraError, ModelUnavailable, SharedMemoryFull, WorkerCrashed
+from ..errors import (
+    InvalidInput,
+    ModelLoadFailed,
+    ModelMoraError,
+    ModelUnavailable,
+    SharedMemoryFull,
+    WorkerCrashed,
+    WorkerError,
+)
 from ..ipc import messages as m
 from ..ipc import segments
 from ..ipc.control import FrameDecoder, ProtocolError, encode_frame
-from ..ipc.ring import PayloadTooLarge, ShmRing
-from .launch import Launcher, SpawnLauncher, WorkerProcess, worker_environment
+from ..ipc.payloads import InputList, Outputs, pack, unpack
+from ..ipc.ring import ExceedsRing, ShmRing
+from .launchers import Launcher, SpawnLauncher, WorkerProcess, worker_environment
 
-__all__ = ("EventSink", "InputList", "Output", "Outputs", "TensorData", "WorkerError", "WorkerHandle", "WorkerSpec")
+__all__ = (
+    "DEFAULT_STALL_S",
+    "EventSink",
+    "PhaseSink",
+    "WorkerHandle",
+    "WorkerSpec",
+    "WorkerStatistics",
+    "heartbeat_interval",
+)
 
 log = structlog.get_logger("modelmora.worker")
+
+DEFAULT_STALL_S = 30.0
+"""A worker silent this long is stalled (the `worker_stall_s` setting's default)."""
+_MAX_HEARTBEAT_S = 5.0
+_CANCEL_SEND_S = 1.0
+"""How long a cancelled caller may spend telling the worker (the channel is full: it is stuck)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,83 +83,42 @@ class WorkerSpec:
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 1
-    options: dict[str, Any] = field(default_factory=dict)
     streams: int = 1
     """Batches the worker may run at once (see `messages.Load.streams`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class TensorData:
-    """An output array copied out of the response ring (the supervisor has no numpy)."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes
-
-    def rows(self) -> list[list[float]]:
-        """A 2-D float32 array as Python lists."""
-        if self.dtype != "<f4" or len(self.shape) != 2:
-            raise TypeError(f"expected a 2-D <f4 array, got {self.dtype} {self.shape}")
-        flat = memoryview(self.data).cast("f")
-        n, d = self.shape
-        return [cast("list[float]", flat[i * d : (i + 1) * d].tolist()) for i in range(n)]
-
-    def slice_rows(self, start: int, stop: int) -> TensorData:
-        """Rows [start, stop) along the first dimension."""
-        n = self.shape[0]
-        row = len(self.data) // n if n else 0
-        return TensorData(self.dtype, (stop - start, *self.shape[1:]), self.data[start * row : stop * row])
-
-    def row_bytes(self) -> list[bytes]:
-        n = self.shape[0] if self.shape else 0
-        size = len(self.data) // n if n else 0
-        return [self.data[i * size : (i + 1) * size] for i in range(n)]
-
-
-Output = TensorData | list[str] | list[bytes] | list[TensorData]
-"""One output of a batch: an array with a row per item, or one str / bytes / array per item."""
-Outputs = dict[str, Output]
-InputList = list[str] | list[bytes] | list[TensorData]
-"""One input of a batch: texts, byte strings, or arrays of one dtype (e.g. RGB images)."""
 EventSink = Callable[[int, str, dict[str, Any]], None]
 """Receives a running batch's events: (item index or -1, kind, data)."""
+PhaseSink = Callable[[str], None]
+"""Receives the worker's load phases ("warming") during the handshake."""
 
 
-def _pack(name: str, values: InputList) -> tuple[list[bytes], Callable[[m.Span], m.Input]]:
-    """The bytes to place for one input list, and how to describe them once placed."""
-    if not values or isinstance(values[0], str):
-        encoded = [cast("str", v).encode("utf-8") for v in values]
-        return encoded, lambda span: m.Text(span, [len(b) for b in encoded])
-    if isinstance(values[0], bytes):
-        blobs = values
-        return blobs, lambda span: m.Blobs(span, [len(b) for b in blobs])
-    arrays = values
-    dtype = arrays[0].dtype
-    if any(a.dtype != dtype for a in arrays):
-        raise TypeError(f"input {name!r}: arrays of one batch must share a dtype")
-    return [a.data for a in arrays], lambda span: m.Arrays(span, dtype, [a.shape for a in arrays])
+def heartbeat_interval(stall_s: float) -> float:
+    """How often a worker says it runs, for a watchdog that gives up after `stall_s` (0: never):
+    a quarter of it, at most every 5 s."""
+    return 0.0 if stall_s <= 0 else min(stall_s / 4, _MAX_HEARTBEAT_S)
 
 
-def _unpack(item: m.Input, raw: bytes) -> Output:
-    match item:
-        case m.Tensor(dtype=dtype, shape=shape):
-            return TensorData(dtype, tuple(shape), raw)
-        case m.Text(lengths=lengths):
-            return [b.decode("utf-8") for b in m.split(raw, lengths)]
-        case m.Blobs(lengths=lengths):
-            return m.split(raw, lengths)
-        case m.Arrays(dtype=dtype, shapes=shapes):
-            size = int(dtype[2:])  # numpy dtype strings: byte order, kind, item size ("|u1", "<f4")
-            lengths = [math.prod(s) * size for s in shapes]
-            return [TensorData(dtype, tuple(s), b) for s, b in zip(shapes, m.split(raw, lengths), strict=True)]
-    raise ProtocolError(f"unknown output kind {type(item).__name__}")  # pragma: no cover - the union is closed
+class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of one worker, for the status endpoint."""
 
-
-class WorkerError(ModelMoraError):
-    """The worker reported that a batch failed (not a crash)."""
-
-    http_status = 500
-    code = "inference_failed"
+    pid: int
+    in_flight_batches: int
+    """Batches sent and not answered yet."""
+    streams: int
+    """Batches the worker runs at once."""
+    rss_mb: float | None
+    """Resident memory once loaded (as the worker measured it)."""
+    device: str | None
+    load_ms: float | None
+    forked: bool
+    """Whether the worker is a fork of the zygote."""
+    start_ms: dict[str, float]
+    """The cold start: launch, boot, import, load, warmup, total."""
+    uptime_s: float
+    request_ring_used_bytes: int
+    vram_mb: float
+    """GPU memory the worker holds, as it last reported."""
 
 
 class _Slot:
@@ -173,13 +164,20 @@ class WorkerHandle:
         the order of their request-ring spans, which it releases in that order."""
         self.dead = False
         self.crashed = False
+        self.crash_reason: str | None = None
+        """Why a crashed worker ended: "exited" (it died), "stalled" (the watchdog killed it)."""
+        self.stall_s = 0.0
+        """No message for this long is a stall (0: no watchdog)."""
+        self._last_message_at = 0.0
+        self._stopping = False
+        """Set once `_stop` asked the worker to exit: its end is then no crash."""
         self.loaded: m.Loaded | None = None
         self.started_at = time.monotonic()
         self.ready_at = 0.0
         self.start_ms: dict[str, float] = {}
         self.forked = False
         self._hello_at = 0.0
-        self.on_phase: Callable[[str], None] | None = None
+        self.on_phase: PhaseSink | None = None
         """Called with the worker's load phases ("warming") during the handshake."""
         self.vram_bytes = 0
         """GPU memory the worker holds, as it last reported (at load and after each batch)."""
@@ -201,7 +199,8 @@ class WorkerHandle:
         stop_grace_s: float,
         env: Mapping[str, str] | None = None,
         launcher: Launcher | None = None,
-        on_phase: Callable[[str], None] | None = None,
+        on_phase: PhaseSink | None = None,
+        stall_s: float = DEFAULT_STALL_S,
     ) -> AsyncIterator[WorkerHandle]:
         """Start a worker for `spec` and yield it once the model is ready.
 
@@ -215,6 +214,8 @@ class WorkerHandle:
             env: the worker's environment (default: ours), with OMP/MKL thread counts added.
             launcher: how to start the process (default: spawn).
             on_phase: called with "warming" when the weights are loaded and the test inference starts.
+            stall_s: once ready, a worker that sends no message (result, event, heartbeat) for
+                this long is killed as stalled (see `read_loop`); 0 disables the watchdog.
 
         Raises:
             ModelLoadFailed: the process failed to start, load or warm up in time.
@@ -240,13 +241,14 @@ class WorkerHandle:
             try:
                 with anyio.fail_after(start_timeout_s):
                     try:
-                        process = await launcher.launch(child_sock, worker_env, spec)
+                        process = await launcher.launch(child_sock, worker_env, spec.model_id)
                     finally:
                         child_sock.close()
                     t_launched = time.perf_counter()
                     stream = await anyio.abc.UNIXSocketStream.from_socket(parent_sock)
                     handle = cls(spec, process, stream, shm, requests, responses, pool)
                     handle.on_phase = on_phase
+                    handle.stall_s = max(0.0, stall_s)
                     log.info("worker_starting", model=spec.model_id, version=spec.version, pid=process.pid)
                     await handle._handshake(shm.name, request_ring_bytes, response_ring_bytes)
             except TimeoutError as exc:
@@ -281,12 +283,12 @@ class WorkerHandle:
         self.start_ms = {
             "launch": (t_launched - t0) * 1e3,
             "boot": (self._hello_at - t_launched) * 1e3,
-            "import": float(loaded.info.get("import_ms", 0.0)),
+            "import": loaded.import_ms,
             "load": loaded.load_ms,
             "warmup": loaded.warmup_ms,
             "total": total,
         }
-        self.forked = bool(loaded.info.get("forked", False))
+        self.forked = loaded.forked
 
     async def _recv(self) -> m.Message | None:
         while not self._backlog:
@@ -294,6 +296,7 @@ class WorkerHandle:
                 data = await self._stream.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return None
+            self._last_message_at = anyio.current_time()
             self._backlog.extend(self._decoder.feed(data))
         return self._backlog.pop(0)
 
@@ -324,29 +327,29 @@ class WorkerHandle:
                 spec.device,
                 spec.dtype,
                 spec.threads,
-                spec.options,
                 spec.streams,
+                heartbeat_interval(self.stall_s),
             )
         )
         reply = await self._recv()
-        while isinstance(reply, m.Event):  # the worker's load phases
-            if reply.kind == "phase" and self.on_phase is not None:
-                self.on_phase(str(reply.data.get("phase", "")))
+        while isinstance(reply, m.Phase | m.Heartbeat):
+            if isinstance(reply, m.Phase) and self.on_phase is not None:
+                self.on_phase(reply.phase)
             reply = await self._recv()
         if isinstance(reply, m.Error):
             raise ModelLoadFailed(f"model {spec.model_id!r} failed to load: {reply.message}")
         if not isinstance(reply, m.Loaded):
             raise ModelLoadFailed(f"model {spec.model_id!r}: worker died while loading")
         self.loaded = reply
-        self.vram_bytes = int(reply.info.get("vram_bytes", 0))
-        self.streams = max(1, int(reply.info.get("streams", 1)))
+        self.vram_bytes = reply.vram_bytes
+        self.streams = max(1, reply.streams)
         self.ready_at = time.monotonic()
         log.info(
             "worker_ready",
             model=spec.model_id,
             pid=self.pid,
-            forked=bool(reply.info.get("forked", False)),
-            import_ms=round(float(reply.info.get("import_ms", 0.0)), 1),
+            forked=reply.forked,
+            import_ms=round(reply.import_ms, 1),
             load_ms=round(reply.load_ms, 1),
             warmup_ms=round(reply.warmup_ms, 1),
             rss_mb=round(reply.rss_bytes / 2**20, 1),
@@ -354,25 +357,34 @@ class WorkerHandle:
         )
 
     async def _stop(self, grace_s: float) -> None:
-        """Ask the worker to exit, SIGKILL it after `grace_s`, wait for it, fail what it held."""
-        if not self.dead:
-            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                await self._send(m.Shutdown())
+        """Ask the worker to exit, SIGKILL it after `grace_s`, wait for it, fail what it held.
+
+        The grace period bounds sending `Shutdown` too: a stopped (SIGSTOP) or hung worker
+        reads nothing, and once its socket buffer is full a send would wait forever.
+        """
+        self._stopping = True
         with anyio.move_on_after(grace_s) as scope:
+            if not self.dead:
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    await self._send(m.Shutdown())
             await self.process.wait()
         if scope.cancelled_caught:
+            log.warning("worker_kill", model=self.spec.model_id, pid=self.pid, grace_s=grace_s)
             self.process.kill()
             await self.process.wait()
         self._mark_dead(crashed=False)
         log.info("worker_stopped", model=self.spec.model_id, pid=self.pid, returncode=self.process.returncode)
 
-    def _mark_dead(self, *, crashed: bool) -> None:
+    def _mark_dead(self, *, crashed: bool, reason: str = "exited") -> None:
         if self.dead:
             return
         self.dead = True
         self.crashed = crashed
+        if crashed:
+            self.crash_reason = reason
+        what = "stalled" if reason == "stalled" else "exited"
         err = WorkerCrashed(
-            f"the worker of model {self.spec.model_id!r} exited while running this request", retry_after_s=1.0
+            f"the worker of model {self.spec.model_id!r} {what} while running this request", retry_after_s=1.0
         )
         for slot in self._slots.values():
             if not slot.event.is_set():
@@ -382,25 +394,57 @@ class WorkerHandle:
         self._progress.set()
 
     async def read_loop(self) -> None:
-        """Deliver results until the worker's channel closes; then fail what is in flight."""
+        """Deliver results until the worker's channel closes; then fail what is in flight.
+
+        With a watchdog (`stall_s` > 0), a worker that sends nothing for `stall_s` is killed as
+        stalled and this returns at once.
+        """
+        self._last_message_at = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            if self.stall_s > 0:
+                tg.start_soon(self._watchdog, tg.cancel_scope)
+            await self._read()
+            tg.cancel_scope.cancel()
+
+    async def _read(self) -> None:
         try:
             while True:
                 msg = await self._recv()
                 if msg is None:
                     break
+                if isinstance(msg, m.Heartbeat):
+                    continue
                 self._dispatch(msg)
                 self._progress.set()
                 self._progress = anyio.Event()
         except ProtocolError:
             log.exception("worker_protocol_error", model=self.spec.model_id, pid=self.pid)
             self.process.kill()
-        crashed = not self.dead
+        crashed = not self.dead and not self._stopping
         if crashed:
             with anyio.CancelScope(shield=True):
                 with anyio.move_on_after(1.0):
                     await self.process.wait()
             log.warning("worker_crashed", model=self.spec.model_id, pid=self.pid, returncode=self.process.returncode)
         self._mark_dead(crashed=crashed)
+
+    async def _watchdog(self, reader: anyio.CancelScope) -> None:
+        """Kill the worker once it has been silent for `stall_s`, and stop the reader."""
+        # each message moves the deadline; sleeping until it is one wake-up per stall_s, not a poll
+        while (deadline := self._last_message_at + self.stall_s) > anyio.current_time():  # noqa: ASYNC110
+            await anyio.sleep_until(deadline)
+        if self.dead:
+            return
+        log.error(
+            "worker_stalled",
+            model=self.spec.model_id,
+            pid=self.pid,
+            stall_s=self.stall_s,
+            in_flight_batches=len(self._slots),
+        )
+        self.process.kill()
+        self._mark_dead(crashed=True, reason="stalled")
+        reader.cancel()
 
     def _dispatch(self, msg: m.Message) -> None:
         match msg:
@@ -412,7 +456,7 @@ class WorkerHandle:
                         raise ProtocolError("worker results must be in the response ring")
                     raw = self.responses.read(item.span)
                     self.responses.release(item.span)
-                    data[name] = _unpack(item, raw)
+                    data[name] = unpack(item, raw)
                 self._resolve(bid, data, None)
             case m.Event(batch_id=bid, item=item, kind=kind, data=payload):
                 slot = self._slots.get(bid)
@@ -420,13 +464,15 @@ class WorkerHandle:
                     slot.on_event(item, kind, payload)
             case m.Error(batch_id=bid, code=code, message=message, field=fld):
                 err: ModelMoraError
-                if code == "invalid_input":
-                    err = InvalidInput(message, field=fld or None)
-                elif code == "cancelled":
-                    err = ModelUnavailable(f"model {self.spec.model_id!r}: the request was cancelled")
-                else:
-                    err = WorkerError(f"model {self.spec.model_id!r}: {code}")
-                    log.error("worker_batch_failed", model=self.spec.model_id, code=code, detail=message)
+                match code:
+                    case m.ErrorCode.INVALID_INPUT:
+                        err = InvalidInput(message, field=fld or None)
+                    case m.ErrorCode.CANCELLED:
+                        log.info("worker_batch_cancelled", model=self.spec.model_id, pid=self.pid, batch=bid)
+                        err = ModelUnavailable(f"model {self.spec.model_id!r}: the request was cancelled")
+                    case _:
+                        err = WorkerError(f"model {self.spec.model_id!r}: {code}")
+                        log.error("worker_batch_failed", model=self.spec.model_id, code=str(code), detail=message)
                 self._resolve(bid, None, err)
             case _:
                 raise ProtocolError(f"unexpected message from worker: {type(msg).__name__}")
@@ -465,7 +511,7 @@ class WorkerHandle:
             await self._progress.wait()
         try:
             return self.requests.write_nowait(*chunks), None
-        except PayloadTooLarge as exc:  # pragma: no cover - checked above
+        except ExceedsRing as exc:  # pragma: no cover - checked above
             raise AssertionError from exc
 
     def new_batch_id(self) -> int:
@@ -491,10 +537,12 @@ class WorkerHandle:
 
         Inputs are written once into the request ring (or a pooled large segment); images
         travel as raw arrays. `on_event` receives the batch's events (tokens, progress) as
-        they arrive, on the event loop.
+        they arrive, on the event loop. A caller cancelled here once the batch was sent tells
+        the worker (`Cancel`, shielded), which stops it at the pipeline's next step; its
+        segments stay held until the worker answers.
 
         Raises:
-            WorkerCrashed: the worker died (before or) while running the batch.
+            WorkerCrashed: the worker died (before or) while running the batch, or stalled.
             InvalidInput: the pipeline refused the inputs.
             WorkerError: the pipeline failed.
         """
@@ -506,39 +554,51 @@ class WorkerHandle:
         async with self._infer_lock:
             try:
                 for name, values in inputs.items():
-                    chunks, build = _pack(name, values)
+                    chunks, build = pack(name, values)
                     span, big = await self._place(chunks)
                     if big:
                         large.append(big)
                     wire[name] = build(span)
-            except BaseException:
-                for big in large:  # the batch never reached the worker: its large segments are free again
+            except BaseException:  # cancelled (or refused) before the worker heard of it
+                for big in large:  # its large segments are free again
                     self._pool.release(big)
                 raise
             slot = self._slots[bid] = _Slot(large, on_event)
             try:
-                await self._send(m.Infer(bid, wire, params))
+                # shielded: a frame is sent whole or the channel is broken (a stuck worker is the
+                # watchdog's or `_stop`'s to kill); once sent, the worker owns the batch's segments
+                with anyio.CancelScope(shield=True):
+                    await self._send(m.Infer(bid, wire, params))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                self._slots.pop(bid, None)
+                if self._slots.pop(bid, None) is not None:
+                    for name in large:
+                        self._pool.release(name)
                 raise WorkerCrashed(f"the worker of model {self.spec.model_id!r} is gone", retry_after_s=1.0) from exc
-        await slot.event.wait()  # if cancelled, the slot stays until the worker answers; the result is dropped
+        try:
+            await slot.event.wait()
+        except anyio.get_cancelled_exc_class():
+            if not slot.event.is_set():  # the slot stays until the worker answers; the answer is dropped
+                with anyio.move_on_after(_CANCEL_SEND_S, shield=True):
+                    await self.cancel(bid)
+            raise
         if slot.error is not None:
             raise slot.error
         assert slot.value is not None
         return slot.value
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> WorkerStatistics:
+        """A snapshot of this worker (its fields are those of the status endpoint's `worker`)."""
         loaded = self.loaded
-        return {
-            "pid": self.pid,
-            "in_flight_batches": len(self._slots),
-            "streams": self.streams,
-            "rss_mb": round(loaded.rss_bytes / 2**20, 1) if loaded else None,
-            "device": loaded.device if loaded else None,
-            "load_ms": round(loaded.load_ms, 1) if loaded else None,
-            "forked": self.forked,
-            "start_ms": {k: round(v, 1) for k, v in self.start_ms.items()},
-            "uptime_s": round(time.monotonic() - self.started_at, 1),
-            "request_ring_used_bytes": self.requests.statistics().used_bytes,
-            "vram_mb": round(self.vram_bytes / 2**20, 1),
-        }
+        return WorkerStatistics(
+            pid=self.pid,
+            in_flight_batches=len(self._slots),
+            streams=self.streams,
+            rss_mb=round(loaded.rss_bytes / 2**20, 1) if loaded else None,
+            device=loaded.device if loaded else None,
+            load_ms=round(loaded.load_ms, 1) if loaded else None,
+            forked=self.forked,
+            start_ms={k: round(v, 1) for k, v in self.start_ms.items()},
+            uptime_s=round(time.monotonic() - self.started_at, 1),
+            request_ring_used_bytes=self.requests.statistics().used_bytes,
+            vram_mb=round(self.vram_bytes / 2**20, 1),
+        )

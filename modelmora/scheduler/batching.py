@@ -41,8 +41,6 @@ class BatchWorker(Protocol):
 
     def new_batch_id(self) -> int: ...
 
-    async def cancel(self, batch_id: int) -> None: ...
-
     async def infer(
         self,
         inputs: dict[str, list[Any]],
@@ -128,10 +126,8 @@ async def _run_batch(
             except Exception as exc:  # a bug below us fails this batch, not the server
                 log.error("batch_failed_unexpectedly", model=str(rt.key), exc_info=exc)
                 error = ModelUnavailable(f"model {rt.key.model_id!r} failed while running this request")
-        if run.scope.cancelled_caught:
+        if run.scope.cancelled_caught:  # the handle told the worker to stop it at its next step
             log.info("batch_cancelled", model=str(rt.key), batch=bid)
-            with anyio.CancelScope(shield=True):
-                await worker.cancel(bid)  # the worker stops it at the pipeline's next step
         elif outputs is not None:
             on_batch_done(rt, worker)
             _deliver(batch, outputs)

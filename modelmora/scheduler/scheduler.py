@@ -84,6 +84,7 @@ class Scheduler:
             response_ring_bytes=s.response_ring_mb * _MB,
             start_timeout_s=s.worker_start_timeout_s,
             stop_grace_s=s.worker_stop_grace_s,
+            stall_s=s.worker_stall_s,
             env=self.worker_env,
             on_phase=on_phase,
             **extra,

@@ -154,7 +154,8 @@ class ModelSupervisor:
         if worker.crashed:
             rt.crashes += 1
             rt.crash_streak += 1
-            rt.last_error = f"worker {worker.pid} exited unexpectedly"
+            how = "stalled and was killed" if worker.crash_reason == "stalled" else "exited unexpectedly"
+            rt.last_error = f"worker {worker.pid} {how}"
             rt.set_state(ModelState.CACHED, "worker crashed")
         else:
             rt.set_state(ModelState.UNLOADING, str(rt.stop_reason or "stopping"))

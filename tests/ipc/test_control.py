@@ -20,11 +20,14 @@ from modelmora.ipc.control import MAX_FRAME_BYTES, FrameDecoder, ProtocolError, 
 from modelmora.ipc.messages import (
     PROTOCOL_VERSION,
     Error,
+    ErrorCode,
+    Heartbeat,
     Hello,
     Infer,
     Load,
     Loaded,
     Message,
+    Phase,
     Result,
     Shutdown,
     Span,
@@ -43,10 +46,14 @@ inputs = st.builds(
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Infer, st.integers(0, 2**31), st.dictionaries(names, inputs, max_size=3), params),
     st.builds(Result, st.integers(-1, 2**31), st.dictionaries(names, inputs, max_size=3), st.floats(0, 1e6)),
-    st.builds(Error, st.integers(-1, 2**31), names, st.text(max_size=200)),
+    st.builds(Error, st.integers(-1, 2**31), st.sampled_from(ErrorCode), st.text(max_size=200)),
     st.builds(Hello, st.just(PROTOCOL_VERSION), st.integers(1, 2**22)),
     st.builds(Shutdown),
-    st.builds(Loaded, st.floats(0, 1e6), st.floats(0, 1e6), st.integers(0, 2**40), names, params),
+    st.builds(
+        Loaded, st.floats(0, 1e6), st.floats(0, 1e6), st.integers(0, 2**40), names, st.floats(0, 1e6), st.booleans()
+    ),
+    st.builds(Phase, names),
+    st.builds(Heartbeat),
     st.builds(
         Load, names, st.integers(0, 2**30), st.integers(0, 2**30), names, names, names, names, names, names, names
     ),
@@ -83,7 +90,7 @@ def test_oversized_frame_header_is_a_protocol_error() -> None:
 
 def test_encoding_an_oversized_message_is_refused() -> None:
     with pytest.raises(ProtocolError, match="exceeds"):
-        encode_frame(Error(1, "big", "x" * (MAX_FRAME_BYTES + 1)))
+        encode_frame(Error(1, ErrorCode.INFERENCE_FAILED, "x" * (MAX_FRAME_BYTES + 1)))
 
 
 @given(body=st.binary(max_size=200))
@@ -123,9 +130,13 @@ def test_messages_before_a_bad_frame_are_consumed() -> None:
 def test_recv_message_over_a_socketpair() -> None:
     a, b = socket.socketpair()
     with a, b:
-        msgs: list[Message] = [Hello(PROTOCOL_VERSION, os.getpid()), Shutdown(), Error(-1, "load", "é" * 10)]
+        msgs: list[Message] = [
+            Hello(PROTOCOL_VERSION, os.getpid()),
+            Shutdown(),
+            Error(-1, ErrorCode.MODEL_LOAD_FAILED, "é" * 10),
+        ]
         a.sendall(b"".join(encode_frame(m) for m in msgs))  # several frames in one read
-        big = Error(7, "big", "z" * 3_000_000)  # many reads for one frame
+        big = Error(7, ErrorCode.INFERENCE_FAILED, "z" * 3_000_000)  # many reads for one frame
         sender = threading.Thread(target=send_message, args=(a, big))
         sender.start()
         decoder, backlog = FrameDecoder(), []

@@ -18,8 +18,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from modelmora.ipc import segments
 from modelmora.ipc.control import FrameDecoder, encode_frame, recv_message, send_message
-from modelmora.ipc.messages import Error, Infer, Message, Result, Shutdown, Span, Tensor, Text
-from modelmora.ipc.ring import ALIGN, PayloadTooLarge, RingFull, ShmRing
+from modelmora.ipc.messages import Error, ErrorCode, Infer, Message, Result, Shutdown, Span, Tensor, Text
+from modelmora.ipc.ring import ALIGN, ExceedsRing, RingFull, ShmRing
 
 capacities = st.integers(min_value=1, max_value=48).map(lambda k: k * ALIGN)
 
@@ -122,7 +122,7 @@ class RingMachine(RuleBasedStateMachine):
         payload = _payload(self.counter, nbytes)
         if nbytes > self.capacity:
             assert not self.producer.fits(nbytes)
-            with pytest.raises(PayloadTooLarge):
+            with pytest.raises(ExceedsRing):
                 self.producer.write_nowait(payload)
             return
         placed = self.model.place(nbytes)
@@ -214,9 +214,9 @@ def test_payload_larger_than_the_ring(capacity: int, extra: int) -> None:
     producer, _ = _pair(capacity)
     nbytes = capacity + extra
     assert not producer.fits(nbytes)
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(ExceedsRing):
         producer.reserve_nowait(nbytes)
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(ExceedsRing):
         producer.write_nowait(b"x" * nbytes)
     assert producer.statistics().used_bytes == 0
 
@@ -363,7 +363,7 @@ def _consumer(name: str, capacity: int, sock: socket.socket) -> None:
 
 
 def _error(batch_id: int, what: str) -> Message:
-    return Error(batch_id, "mismatch", what)
+    return Error(batch_id, ErrorCode.INFERENCE_FAILED, what)
 
 
 def test_producer_and_consumer_in_two_processes(instance_id: str) -> None:

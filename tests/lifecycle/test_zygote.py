@@ -25,7 +25,8 @@ from modelmora.ipc import segments
 from modelmora.ipc import zygote as zw
 from modelmora.ipc.control import ProtocolError
 from modelmora.lifecycle import SpawnLauncher, WorkerHandle, WorkerSpec, ZygoteLauncher, worker_environment
-from modelmora.lifecycle.launch import ForkedProcess, ZygoteUnavailable, _Zygote, process_memory
+from modelmora.lifecycle.budget import process_memory
+from modelmora.lifecycle.zygote import ForkedProcess, ZygoteUnavailable, _Zygote
 
 from conftest import TESTS_DIR
 
@@ -102,7 +103,7 @@ class TestForkedWorkers:
                 assert handle.forked and handle.pid != zl.pid
                 assert psutil.Process(handle.pid).ppid() == zl.pid
                 assert set(handle.start_ms) == {"launch", "boot", "import", "load", "warmup", "total"}
-                assert handle.statistics()["forked"] is True
+                assert handle.statistics().forked is True
                 stats = zl.statistics()
                 assert stats["state"] == "ready" and stats["pid"] == zl.pid and stats["workers"] == 1
                 assert stats["pss_mb"] > 0 and stats["rss_mb"] >= stats["pss_mb"]

@@ -1,18 +1,12 @@
-"""How worker processes start: plain spawn, or a fork of the zygote.
+"""The zygote client: workers forked from a zygote process that imported the libraries once.
 
-A `Launcher` starts the process of one worker on the worker's end of its control socket
-pair, and returns a `WorkerProcess`: what `WorkerHandle` needs to wait for, kill and forget
-that process, whoever its parent is.
-
-- `SpawnLauncher`: a fresh interpreter (`python -m modelmora_workers`), a child of the
-  supervisor. It imports the libraries itself: seconds, and its own copy of them in memory.
-- `ZygoteLauncher`: owns a zygote (`python -m modelmora_workers.zygote`), a child of the
-  supervisor that imported the libraries once; each worker is a fork of it, ready to load
-  weights at once, sharing the imported pages copy-on-write. The supervisor passes the
-  worker's socket with `SCM_RIGHTS` and keeps its own end. A forked worker is the zygote's
-  child, not ours: the zygote reaps it and reports its exit status; we watch it through a
-  pidfd the zygote sends with its pid (`anyio.wait_readable` on it works on asyncio and
-  trio), and kill it through that pidfd too (no pid reuse race).
+`ZygoteLauncher` owns a zygote (`python -m modelmora_workers.zygote`), a child of the
+supervisor that imported the libraries once; each worker is a fork of it, ready to load
+weights at once, sharing the imported pages copy-on-write. The supervisor passes the
+worker's socket with `SCM_RIGHTS` and keeps its own end. A forked worker is the zygote's
+child, not ours: the zygote reaps it and reports its exit status; we watch it through a
+pidfd the zygote sends with its pid (`anyio.wait_readable` on it works on asyncio and
+trio), and kill it through that pidfd too (no pid reuse race).
 
 Failure handling: while the zygote imports, launches wait for it (a spawn would import the
 same libraries, competing for the same cores). When the zygote cannot start (it fails or
@@ -40,7 +34,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -49,22 +43,10 @@ import structlog
 from ..errors import ModelLoadFailed
 from ..ipc import zygote as zw
 from ..ipc.control import ProtocolError
+from .budget import process_memory, pss_bytes
+from .launchers import SpawnLauncher, WorkerProcess
 
-if TYPE_CHECKING:
-    from .handle import WorkerSpec
-
-__all__ = (
-    "DEFAULT_PRELOAD",
-    "ForkedProcess",
-    "Launcher",
-    "SpawnLauncher",
-    "SpawnedProcess",
-    "WorkerProcess",
-    "ZygoteLauncher",
-    "ZygoteUnavailable",
-    "process_memory",
-    "worker_environment",
-)
+__all__ = ("DEFAULT_PRELOAD", "ForkedProcess", "ZygoteLauncher", "ZygoteUnavailable")
 
 log = structlog.get_logger("modelmora.launch")
 
@@ -72,129 +54,6 @@ DEFAULT_PRELOAD = ("numpy", "torch", "transformers", "sentence_transformers")
 """What the zygote imports unless configured otherwise (`zygote_preload`)."""
 
 _EXIT_REPORT_WAIT_S = 1.0
-
-
-def worker_environment(base: Mapping[str, str] | None, threads: int) -> dict[str, str]:
-    """The environment of a worker: `base` (default: ours) with its OpenMP/MKL thread counts."""
-    count = str(max(1, threads))
-    return {**(os.environ if base is None else base), "OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count}
-
-
-def _smaps_rollup(pid: int) -> dict[str, int]:
-    """RSS and PSS of `pid` in bytes, from `/proc/PID/smaps_rollup` (empty when unreadable)."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("Rss", "Pss"):
-                    out[key.lower()] = int(rest.split()[0]) * 1024
-    except OSError:
-        return {}
-    return out
-
-
-def process_memory(pid: int) -> dict[str, float] | None:
-    """RSS and PSS of `pid` in MiB (`rss_mb`, `pss_mb`); None when unreadable."""
-    memory = _smaps_rollup(pid)
-    return {f"{k}_mb": round(v / 2**20, 1) for k, v in memory.items()} if memory else None
-
-
-class WorkerProcess(Protocol):
-    """A started worker process, whoever its parent is."""
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def returncode(self) -> int | None:
-        """The exit status once known (-N: killed by signal N); None while it runs, or if unknown."""
-
-    async def wait(self) -> int | None:
-        """Wait until the process has exited; its exit status when known."""
-
-    def kill(self) -> None:
-        """SIGKILL it (nothing when it is gone)."""
-
-    def close(self) -> None:
-        """Release what watching it holds (after the last `wait`)."""
-
-
-class Launcher(Protocol):
-    """Starts worker processes."""
-
-    async def launch(self, child_sock: socket.socket, env: Mapping[str, str], spec: WorkerSpec) -> WorkerProcess:
-        """Start a worker serving `child_sock` (the caller closes its copy afterwards).
-
-        Raises:
-            ModelLoadFailed: no process could be started.
-        """
-
-    def statistics(self) -> dict[str, Any] | None:
-        """The zygote's state for the status endpoint; None when there is no zygote."""
-
-
-class SpawnedProcess:
-    """A worker spawned as our own child (adapts `anyio.abc.Process`)."""
-
-    def __init__(self, process: anyio.abc.Process) -> None:
-        self._process = process
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._process.returncode
-
-    async def wait(self) -> int:
-        return await self._process.wait()
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self._process.kill()
-
-    def close(self) -> None:
-        """Nothing to release: the worker has no pipes."""
-
-
-class SpawnLauncher:
-    """Each worker is a fresh interpreter: `python -m modelmora_workers --fd N --ppid P`.
-
-    Args:
-        python: the interpreter.
-        preload: modules the worker imports before its pipeline (as the zygote would have),
-            timed apart from the load.
-        extra_args: appended to the command line.
-    """
-
-    def __init__(self, *, python: str = sys.executable, preload: Sequence[str] = (), extra_args: Sequence[str] = ()):
-        self.python = python
-        self.preload = tuple(preload)
-        self.extra_args = tuple(extra_args)
-
-    async def launch(self, child_sock: socket.socket, env: Mapping[str, str], spec: WorkerSpec) -> SpawnedProcess:
-        """Spawn the worker (see `Launcher.launch`)."""
-        fd = child_sock.fileno()
-        cmd = [self.python, "-m", "modelmora_workers", "--fd", str(fd), "--ppid", str(os.getpid())]
-        if self.preload:
-            cmd += ["--preload", ",".join(self.preload)]
-        try:
-            process = await anyio.open_process(
-                [*cmd, *self.extra_args],
-                stdin=subprocess.DEVNULL,
-                stdout=None,
-                stderr=None,
-                pass_fds=(fd,),
-                env=dict(env),
-            )
-        except OSError as exc:
-            raise ModelLoadFailed(f"model {spec.model_id!r}: cannot start a worker process") from exc
-        return SpawnedProcess(process)
-
-    def statistics(self) -> None:
-        return None
 
 
 class ZygoteUnavailable(Exception):
@@ -583,7 +442,7 @@ class ZygoteLauncher:
         if msg.failed:
             log.warning("zygote_preload_failed", modules=msg.failed)
 
-    async def launch(self, child_sock: socket.socket, env: Mapping[str, str], spec: WorkerSpec) -> WorkerProcess:
+    async def launch(self, child_sock: socket.socket, env: Mapping[str, str], name: str) -> WorkerProcess:
         """Fork the worker from the zygote, or spawn it when there is no zygote (see `Launcher.launch`)."""
         if await self.wait_ready():
             zygote = self._zygote
@@ -593,19 +452,19 @@ class ZygoteLauncher:
             try:
                 process = await zygote.fork(child_sock, diff, unset)
             except ZygoteUnavailable as exc:
-                log.warning("zygote_fork_failed", model=spec.model_id, error=str(exc), fallback="spawn")
+                log.warning("zygote_fork_failed", model=name, error=str(exc), fallback="spawn")
             else:
                 self.forks += 1
                 return process
         else:
-            log.warning("zygote_unavailable", model=spec.model_id, state=self.state, fallback="spawn")
+            log.warning("zygote_unavailable", model=name, state=self.state, fallback="spawn")
         self.spawns += 1
-        return await self.fallback.launch(child_sock, env, spec)
+        return await self.fallback.launch(child_sock, env, name)
 
     def shared_pss_bytes(self) -> int | None:
         """The zygote's PSS in bytes (it counts against the workers' budget); None without a zygote."""
         pid = self.pid
-        return _smaps_rollup(pid).get("pss") if pid is not None else None
+        return pss_bytes(pid) if pid is not None else None
 
     def statistics(self) -> dict[str, Any]:
         """State, pid, memory (RSS and PSS from smaps_rollup) and counters of the zygote."""
