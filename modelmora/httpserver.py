@@ -28,13 +28,12 @@ from typing import Any
 import anyio
 import anyio.abc
 import msgspec
-import sniffio
 import structlog
 from hypercorn.config import Config
 from hypercorn.typing import AppWrapper
 from hypercorn.utils import wrap_app
 
-__all__ = ("HttpListener", "REFUSAL")
+__all__ = ("REFUSAL", "HttpListener", "current_backend")
 
 log = structlog.get_logger("modelmora.http")
 
@@ -153,7 +152,19 @@ class HttpListener:
 
 
 def _asyncio_running() -> bool:
-    return sniffio.current_async_library() == "asyncio"
+    """True inside a running asyncio loop (else we run on trio)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def current_backend() -> str:
+    """ "asyncio" or "trio": the backend running the calling task."""
+    return "asyncio" if _asyncio_running() else "trio"
 
 
 def _worker_context() -> Any:

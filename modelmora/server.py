@@ -17,13 +17,12 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import sniffio
 import structlog
 from hypercorn.config import Config as HypercornConfig
 
 from .api import create_app
 from .config import Settings
-from .httpserver import HttpListener
+from .httpserver import HttpListener, current_backend
 from .ipc import segments
 from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
 from .registry import ModelStore, open_store
@@ -164,7 +163,7 @@ async def serve(
     removed = segments.remove_stale()
     if removed:
         log.info("removed_stale_segments", count=len(removed))
-    check_backend(settings, sniffio.current_async_library())
+    check_backend(settings, current_backend())
     home = settings.home_path
     try:
         home.mkdir(parents=True, exist_ok=True)
@@ -223,7 +222,7 @@ async def _serve(
             url=f"http://{settings.host}:{port}",
             home=str(home),
             instance=instance_id,
-            backend=sniffio.current_async_library(),
+            backend=current_backend(),
             max_connections=listener.limit,
         )
         task_status.started(port)
