@@ -1,7 +1,8 @@
 """The supervisor's root: one task group owning the scheduler (and so every worker) and the
-HTTP server (Hypercorn: HTTP/1.1 and HTTP/2 cleartext on one port), inside the zygote's
-owner (`ZygoteLauncher.running`), which so outlives every worker it forked. Runs on asyncio
-in production; the same code runs on trio."""
+HTTP listener (`httpserver`: Hypercorn's HTTP/1.1 and HTTP/2 cleartext on one port, behind our
+accept loop with its connection cap), inside the zygote's owner (`ZygoteLauncher.running`),
+which so outlives every worker it forked. Runs on asyncio by default, on trio with
+`backend = "trio"`. A failure to start is one `StartupError` line (`mm serve` exits 2)."""
 
 from __future__ import annotations
 
