@@ -33,9 +33,13 @@ def _settings(config: Path | None, home: Path | None = None, **overrides: Any) -
     return load_settings(config, home=str(home) if home else None, **overrides)
 
 
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    sys.exit(1)
+def _fail(message: str, status: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(status)
+
+
+class _StartFailed(Exception):
+    """`mm serve` could not start: the message is printed as one line and the exit status is 2."""
 
 
 @app.command
@@ -43,6 +47,7 @@ def serve(
     *,
     host: str | None = None,
     port: int | None = None,
+    backend: Literal["asyncio", "trio"] | None = None,
     config: Path | None = None,
     home: Path | None = None,
 ) -> None:
@@ -54,17 +59,25 @@ def serve(
         Address to listen on (default 127.0.0.1; binding others is explicit).
     port
         TCP port (default 8000; 0 picks a free one).
+    backend
+        Event loop: asyncio (default, the `backend` setting) or trio.
     config
         TOML configuration file.
     home
         Data directory (registry, model files); default $MODELMORA_HOME.
     """
     from .logs import configure_logging
-    from .server import run
+    from .server import StartupError, run
 
-    settings = _settings(config, home, host=host, port=port)
+    try:
+        settings = _settings(config, home, host=host, port=port, backend=backend)
+    except ConfigError as exc:
+        raise _StartFailed(str(exc)) from None
     configure_logging(settings.log_level, settings.log_format)
-    run(settings)
+    try:
+        run(settings)
+    except (StartupError, ConfigError) as exc:
+        raise _StartFailed(str(exc)) from None
 
 
 @app.command
@@ -239,9 +252,12 @@ def uninstall(model_id: str, *, config: Path | None = None, home: Path | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: expected errors become one clear line and exit status 1."""
+    """Console entry point: expected errors become one clear line and exit status 1; a server
+    that cannot start (bad configuration, address in use, home not writable) exits 2."""
     try:
         app(sys.argv[1:] if argv is None else argv)
+    except _StartFailed as exc:
+        _fail(str(exc), status=2)
     except (ModelMoraError, ConfigError) as exc:
         message = exc.message if isinstance(exc, ModelMoraError) else str(exc)
         _fail(message)

@@ -9,8 +9,12 @@ are an error naming the key.
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,15 +29,27 @@ class ConfigError(Exception):
 
 KEEP_ALIVE_PATTERN = r"^(-1|0|\d+(\.\d+)?(ms|s|m|h)?)$"
 
+PATTERN_WORDS: dict[str, str] = {
+    KEEP_ALIVE_PATTERN: "a duration like '30s', '10m', '1.5h', '0' (right after use) or '-1' (never)",
+    r"^(auto|cpu|cuda|cuda:\d+)$": "'auto', 'cpu', 'cuda' or 'cuda:N'",
+}
+"""What each pattern of a string setting means, in words, for error messages."""
+
+Count = Annotated[int, msgspec.Meta(ge=1)]
+"""A count or size that must be at least 1."""
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+"""A duration, rate or factor that must be above 0."""
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
 
 class TaskDefaults(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Per-task-type request timeout defaults, in seconds."""
 
-    txt2embed: float = 30.0
-    img2embed: float = 30.0
-    img2txt: float = 120.0
-    txt2txt: float = 300.0
-    txt2img: float = 600.0
+    txt2embed: Positive = 30.0
+    img2embed: Positive = 30.0
+    img2txt: Positive = 120.0
+    txt2txt: Positive = 300.0
+    txt2img: Positive = 600.0
 
 
 class S3Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -75,70 +91,81 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     home: str = ""
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    """TCP port (0: a free one)."""
+    backend: Literal["asyncio", "trio"] = "asyncio"
+    """The AnyIO event loop (`mm serve --backend`). trio runs the backend-neutral server (REST, SQLite
+    registry, filesystem or inline results); an adapter that needs asyncio (the s3 result store)
+    refuses to start on it."""
+    max_connections: Count = 1000
+    """Open client connections at most; a connection beyond it is answered 503 (`too_many_connections`)
+    and closed. Lowered at start to fit the process's file descriptor limit."""
+    keep_alive_timeout_s: Positive = 5.0
+    """An idle keep-alive connection is closed after this long (one whose client closed its side is
+    closed at once, whatever this is)."""
     registry_url: str = ""
     """Empty: SQLite file `$MODELMORA_HOME/registry.sqlite3`."""
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_texts_per_request: int = 2048
-    max_text_chars: int = 100_000
-    max_image_bytes: int = 20 * 1024 * 1024
+    max_body_bytes: Count = 32 * 1024 * 1024
+    max_texts_per_request: Count = 2048
+    max_text_chars: Count = 100_000
+    max_image_bytes: Count = 20 * 1024 * 1024
     """Largest encoded image (decoded base64, or fetched from a URL)."""
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: Count = 4096 * 4096
     """Largest decoded image, width x height (checked before the pixels are decoded)."""
-    max_images_per_request: int = 64
-    max_request_pixels: int = 64 * 2**20
+    max_images_per_request: Count = 64
+    max_request_pixels: Count = 64 * 2**20
     """All images of one request together (decoded RGB: 3 bytes per pixel, held until it is answered);
     keep it >= max_image_pixels."""
-    url_fetch_timeout_s: float = 10.0
+    url_fetch_timeout_s: Positive = 10.0
     """Time limit for fetching one image URL (connect, redirects and body together)."""
     allow_private_urls: bool = False
     """Allow image URLs that resolve to loopback, private, link-local or reserved addresses."""
     result_store: Literal["filesystem", "s3", "inline"] = "filesystem"
     """Where large results (images) go: files under home served at signed URLs, S3, or inline base64."""
-    result_ttl_s: float = 3600.0
+    result_ttl_s: Positive = 3600.0
     """How long a result URL stays valid; stored files are swept after it expires."""
     result_secret: str = ""
     """HMAC key for signed result URLs; empty: generated once and kept in home (replicas: set it)."""
     public_url: str = ""
     """Base URL clients reach this server at, for result URLs; empty: taken from each request."""
     s3: S3Settings = S3Settings()
-    queue_limit: int = 1024
-    max_batch_size: int = 32
-    max_wait_ms: float = 0.0
+    queue_limit: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
+    max_batch_size: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
+    max_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] = 0.0
     """An idle worker waits this long for a fuller batch (0: dispatch at once)."""
     inference_streams: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     """Batches a worker may run at once, each on its own thread (embedding pipelines; the others run
     one batch at a time); a further batch starts only when a full one waits. A batch running alone
     gets all torch_threads, one beside others torch_threads / streams. 0: 2 on a GPU (one batch
     tokenizes while another runs on the GPU), 1 on a CPU."""
-    priority_aging_ms: float = 5000.0
+    priority_aging_ms: NonNegative = 5000.0
     """A waiting request moves up one priority class every this many ms (0: no ageing)."""
     memory_budget_mb: float = 0.0
     """MiB for all workers and the zygote (PSS). 0: 75% of the machine's RAM; negative: unlimited."""
-    vram_budget_mb: float = 0.0
+    vram_budget_mb: NonNegative = 0.0
     """MiB of GPU memory for all GPU workers (torch's reserved pools, as the workers report them after
     load and after each batch); admission evicts LRU GPU models to fit. 0: not limited."""
-    admission_factor: float = 1.5
+    admission_factor: Positive = 1.5
     """An unmeasured model is estimated as worker base + weights x this factor."""
-    worker_base_mb: float = 0.0
+    worker_base_mb: NonNegative = 0.0
     """Memory of an empty worker for estimates; 0: learned from the first measured worker (400 until then)."""
     keep_alive: Annotated[str, msgspec.Meta(pattern=KEEP_ALIVE_PATTERN)] = "30m"
     """Default idle time before a worker is stopped (per model: the `keep_alive` setting)."""
-    load_retry_base_s: float = 1.0
-    load_retry_cap_s: float = 60.0
-    load_retry_attempts: int = 5
+    load_retry_base_s: NonNegative = 1.0
+    load_retry_cap_s: NonNegative = 60.0
+    load_retry_attempts: Count = 5
     """Consecutive failed loads after which a model stays failed until an explicit load."""
-    unload_grace_s: float = 30.0
+    unload_grace_s: NonNegative = 30.0
     """An explicit unload drains queued requests for at most this long, then fails the rest."""
-    memory_poll_ms: float = 5000.0
+    memory_poll_ms: Positive = 5000.0
     """How often workers' PSS is re-measured (also measured right after each load)."""
-    request_ring_mb: int = 16
-    response_ring_mb: int = 16
-    torch_threads: int = 0
+    request_ring_mb: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = 16
+    response_ring_mb: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = 16
+    torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 0
     """0: one thread per core (os.cpu_count())."""
-    worker_start_timeout_s: float = 300.0
-    worker_stop_grace_s: float = 5.0
-    worker_stall_s: float = 30.0
+    worker_start_timeout_s: Positive = 300.0
+    worker_stop_grace_s: NonNegative = 5.0
+    worker_stall_s: NonNegative = 30.0
     """A worker that sends no message at all (no result, no heartbeat) for this long is stalled:
     it is killed, its batches fail with 503 worker_crashed, and the next request restarts it.
     Workers send a heartbeat every stall/4 s (at most every 5 s); 0 disables the watchdog."""
@@ -146,12 +173,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Fork workers from a zygote that imported `zygote_preload` once (false: spawn each worker)."""
     zygote_preload: tuple[str, ...] = ("numpy", "torch", "transformers", "sentence_transformers")
     """Modules the zygote imports (a spawned worker imports them first); env: comma-separated."""
-    shutdown_grace_s: float = 10.0
+    shutdown_grace_s: NonNegative = 10.0
     timeout_s: TaskDefaults = TaskDefaults()
     pipelines: dict[str, str] = {}
     """Task type -> "module:Class" overriding the built-in worker pipeline (custom pipelines)."""
-    log_level: str = "info"
-    log_format: str = "console"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_format: Literal["console", "json"] = "console"
+    """"json": every line the server and its workers write is one JSON object."""
 
     @property
     def home_path(self) -> Path:
@@ -247,9 +275,69 @@ def load_settings(
             data = tomllib.loads(path.expanduser().read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    data = _merge(data, _env_overrides(env))
+    from_env = _env_overrides(env)
+    data = _merge(data, from_env)
     data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+    for key in ("log_level", "log_format", "backend"):
+        if isinstance(data.get(key), str):
+            data[key] = data[key].lower()
     try:
         return msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+        raise ConfigError(_explain(str(exc), data, from_env, overrides, path)) from None
+
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_BOUND = re.compile(r"^Expected `(?P<type>int|float)` (?P<bound>[<>]=? ?-?[\d.e+]+)$")
+_PATTERN = re.compile(r"^Expected `str` matching regex (?P<pattern>'.*')$", re.DOTALL)
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _explain(
+    message: str, data: dict[str, Any], from_env: dict[str, Any], overrides: dict[str, Any], path: Path | None
+) -> str:
+    """msgspec's validation message as one line in words, naming the key, its value and where it came
+    from (`$.request_ring_mb` + `Expected `int` >= 1` -> "request_ring_mb must be an integer >= 1 (got -5)")."""
+    match = _AT.match(message.strip())
+    assert match is not None  # the pattern matches any text
+    what, at = match["what"], (match["path"] or "").lstrip(".")
+    if what.startswith("Object contains unknown field"):
+        field = what.split("`")[1] if "`" in what else "?"
+        return f"invalid configuration: unknown key {'.'.join(p for p in (at, field) if p)!r}"
+    parts = [p for p in re.split(r"\.|\[|\]", at) if p]
+    value: Any = data
+    for part in parts:
+        value = value.get(part) if isinstance(value, dict) else None
+    if bound := _BOUND.match(what):
+        expected = f"must be {_TYPE_WORDS[bound['type']]} {bound['bound']}"
+    elif pattern := _PATTERN.match(what):
+        regex = ast.literal_eval(pattern["pattern"])
+        expected = f"must be {PATTERN_WORDS.get(regex, f'a string matching {regex}')}"
+    elif what.startswith("Invalid enum value"):
+        expected = f"must be one of {', '.join(repr(c) for c in _choices(parts))}"
+    elif typed := re.match(r"^Expected `(\w+)`", what):
+        expected = f"must be {_TYPE_WORDS.get(typed[1], typed[1])}"
+    else:
+        expected = what[:1].lower() + what[1:]
+    key = ".".join(parts) or "configuration"
+    origin = f", in {path}" if path is not None else ""
+    section, _, sub = key.partition(".")
+    if parts and parts[0] in overrides and overrides[parts[0]] is not None:
+        origin = ", from the command line"
+    elif section in from_env and (not sub or sub in from_env[section]):
+        origin = f", from {'MODELMORA_' + (section.upper() + '__' + sub.upper() if sub else section.upper())}"
+    got = f" (got {value!r}{origin})" if value is not None else (f" ({origin[2:]})" if origin else "")
+    return f"invalid configuration: {key} {expected}{got}"
+
+
+def _choices(parts: list[str]) -> tuple[str, ...]:
+    """The allowed values of the Literal setting at `parts` (empty when it is not one)."""
+    owner: Any = Settings
+    hint: Any = None
+    for part in parts:
+        hints = typing.get_type_hints(owner, include_extras=True) if isinstance(owner, type) else {}
+        hint = hints.get(part)
+        owner = hint
+    while typing.get_origin(hint) in (Annotated, typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return tuple(str(a) for a in typing.get_args(hint)) if typing.get_origin(hint) is Literal else ()

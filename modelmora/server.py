@@ -1,15 +1,19 @@
 """The supervisor's root: one task group owning the scheduler (and so every worker) and the
-HTTP server (Hypercorn: HTTP/1.1 and HTTP/2 cleartext on one port), inside the zygote's
-owner (`ZygoteLauncher.running`), which so outlives every worker it forked. Runs on asyncio
-in production; the same code runs on trio."""
+HTTP listener (`httpserver`: Hypercorn's HTTP/1.1 and HTTP/2 cleartext on one port, behind our
+accept loop with its connection cap), inside the zygote's owner (`ZygoteLauncher.running`),
+which so outlives every worker it forked. Runs on asyncio by default, on trio with
+`backend = "trio"`. A failure to start is one `StartupError` line (`mm serve` exits 2)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import resource
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+import sqlite3
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -19,29 +23,100 @@ import structlog
 from hypercorn.config import Config as HypercornConfig
 
 from .api import create_app
-from .config import ConfigError, Settings
+from .config import Settings
+from .httpserver import HttpListener, current_backend
 from .ipc import segments
 from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
-from .registry import open_store
+from .registry import ModelStore, open_store
 from .results import open_result_store
 from .scheduler import Scheduler
 from .service import InferenceService
 from .tasks import task_info
 
-__all__ = ("bind_socket", "make_launcher", "run", "serve")
+__all__ = ("StartupError", "bind_socket", "make_launcher", "raise_fd_limit", "run", "serve")
 
 log = structlog.get_logger("modelmora.server")
 
 
+class StartupError(Exception):
+    """The server cannot start: address in use, home not writable, a setting the backend cannot
+    serve... The message is one line for the operator (`mm serve` prints it and exits 2)."""
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0 picks a free one)."""
+    """A listening TCP socket (port 0 picks a free one), close-on-exec: no worker or zygote holds it.
+
+    Raises:
+        StartupError: the address cannot be bound (in use, not local, no permission).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.set_inheritable(True)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
     return sock
+
+
+FD_RESERVE = 256
+"""File descriptors kept beside client connections: the registry, rings and segments, worker
+sockets and pipes, result files, image URL fetches."""
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # e.g. above fs.nr_open: keep the soft limit
+            pass
+    return soft
+
+
+def connection_limit(settings: Settings) -> int:
+    """`max_connections`, lowered to leave `FD_RESERVE` descriptors of the soft limit (at least half
+    of it) to everything else."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return settings.max_connections
+    room = max(soft - FD_RESERVE, soft // 2, 1)
+    if settings.max_connections > room:
+        log.warning("max_connections_lowered", max_connections=settings.max_connections, to=room, open_files_limit=soft)
+    return min(settings.max_connections, room)
+
+
+def _worker_env(settings: Settings, worker_env: Mapping[str, str] | None) -> dict[str, str] | None:
+    """Workers log as we do: with `log_format = "json"` they learn it from the environment and
+    draw no progress bars."""
+    if settings.log_format != "json":
+        return dict(worker_env) if worker_env is not None else None
+    return {
+        **(os.environ if worker_env is None else worker_env),
+        "MODELMORA_LOG_FORMAT": "json",
+        "TQDM_DISABLE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    }
+
+
+def check_backend(settings: Settings, backend: str) -> None:
+    """Refuse settings that need asyncio on trio.
+
+    Raises:
+        StartupError: a setting names an adapter that runs only on asyncio.
+    """
+    if backend == "trio" and settings.result_store == "s3":
+        raise StartupError(
+            "result_store = 's3' runs only on the asyncio backend: set backend = 'asyncio' "
+            "(or mm serve --backend asyncio), or another result_store"
+        )
 
 
 def preload_for(settings: Settings, tasks: Iterable[str] = ()) -> tuple[str, ...]:
@@ -76,27 +151,6 @@ def _owned(launcher: SpawnLauncher | ZygoteLauncher) -> AbstractAsyncContextMana
     return launcher.running() if isinstance(launcher, ZygoteLauncher) else contextlib.nullcontext()
 
 
-def _on_asyncio() -> bool:
-    import asyncio
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-async def _hypercorn(app: Any, config: HypercornConfig, shutdown: Callable[[], Awaitable[None]]) -> None:
-    if not _on_asyncio():
-        from hypercorn.trio import serve as trio_serve
-
-        await trio_serve(app, config, shutdown_trigger=shutdown)
-    else:
-        from hypercorn.asyncio import serve as asyncio_serve
-
-        await asyncio_serve(app, config, shutdown_trigger=shutdown)
-
-
 async def serve(
     settings: Settings,
     *,
@@ -110,47 +164,87 @@ async def serve(
     removed = segments.remove_stale()
     if removed:
         log.info("removed_stale_segments", count=len(removed))
+    check_backend(settings, current_backend())
     try:
         segments.ensure_ring_room(settings.request_ring_mb, settings.response_ring_mb)
     except segments.SharedMemoryExhausted as exc:
-        raise ConfigError(str(exc)) from exc  # `mm serve` prints it as one line
+        raise StartupError(str(exc)) from None
     home = settings.home_path
-    home.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings.registry_url, home)
-    instance_id = segments.new_instance_id()
-    launcher = make_launcher(settings, worker_env, {rec.task for rec in await store.alist()})
-    scheduler = Scheduler(settings, instance_id, pipelines=pipelines, worker_env=worker_env, launcher=launcher)
-    sock = sock or bind_socket(settings.host, settings.port)
-    port = sock.getsockname()[1]
-    config = HypercornConfig()
-    config.bind = [f"fd://{sock.fileno()}"]
-    config.accesslog = None
-    config.errorlog = None
-    config.graceful_timeout = settings.shutdown_grace_s
-    config.keep_alive_timeout = 75
-    stop = stop or anyio.Event()
     try:
-        async with _owned(launcher), open_result_store(settings) as results, anyio.create_task_group() as tg:
-            service = InferenceService(settings, store, scheduler, results)
-            app = create_app(service)
-            await tg.start(scheduler.run)
-            await service.preload()  # starts the loads; requests are accepted meanwhile
-            background = anyio.CancelScope()  # tasks that end with the HTTP server
-            tg.start_soon(_background, background, functools.partial(_signals, stop), service.run)
-            log.info("listening", url=f"http://{settings.host}:{port}", home=str(home), instance=instance_id)
-            task_status.started(port)
-            # In a task of its own: on asyncio, Hypercorn's shutdown (an asyncio.TaskGroup
-            # aborted by its ShutdownError, Python 3.11) can leave a cancel request on the
-            # task that ran it, which would then leak out of the zygote owner's cancel scope.
-            async with anyio.create_task_group() as http:
-                http.start_soon(_hypercorn, app, config, stop.wait, name="http")
-            log.info("stopping")
-            background.cancel()
-            scheduler.close()
+        home.mkdir(parents=True, exist_ok=True)
+        store = open_store(settings.registry_url, home)
+    except (OSError, sqlite3.Error, ValueError) as exc:
+        where = settings.registry_url or str(home)
+        raise StartupError(f"cannot open the registry {where}: {_reason(exc)}") from None
+    try:
+        sock = sock or bind_socket(settings.host, settings.port)
+    except StartupError:
+        store.close()
+        raise
+    try:
+        await _serve(settings, store, sock, stop, _worker_env(settings, worker_env), pipelines, task_status)
     finally:
         store.close()
         with contextlib.suppress(OSError):
             sock.close()
+
+
+async def _serve(
+    settings: Settings,
+    store: ModelStore,
+    sock: socket.socket,
+    stop: anyio.Event | None,
+    worker_env: dict[str, str] | None,
+    pipelines: dict[str, str] | None,
+    task_status: anyio.abc.TaskStatus[int],
+) -> None:
+    home = settings.home_path
+    instance_id = segments.new_instance_id()
+    launcher = make_launcher(settings, worker_env, {rec.task for rec in await store.alist()})
+    scheduler = Scheduler(settings, instance_id, pipelines=pipelines, worker_env=worker_env, launcher=launcher)
+    port = sock.getsockname()[1]
+    config = HypercornConfig()
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = settings.shutdown_grace_s
+    config.keep_alive_timeout = settings.keep_alive_timeout_s
+    limit = connection_limit(settings)
+    stop = stop or anyio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            results = await stack.enter_async_context(open_result_store(settings))
+        except OSError as exc:
+            raise StartupError(f"cannot open the result store under {home}: {_reason(exc)}") from None
+        await stack.enter_async_context(_owned(launcher))
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        service = InferenceService(settings, store, scheduler, results)
+        listener = HttpListener(create_app(service), config, sock, limit=limit)
+        await tg.start(scheduler.run)
+        await service.preload()  # starts the loads; requests are accepted meanwhile
+        background = anyio.CancelScope()  # tasks that end with the HTTP server
+        tg.start_soon(_background, background, functools.partial(_signals, stop), service.run)
+        log.info(
+            "listening",
+            url=f"http://{settings.host}:{port}",
+            home=str(home),
+            instance=instance_id,
+            backend=current_backend(),
+            max_connections=listener.limit,
+        )
+        task_status.started(port)
+        # In a task group of its own: the connections' tasks end before the scheduler stops.
+        async with anyio.create_task_group() as http:
+            http.start_soon(listener.serve, stop.wait, name="http")
+        log.info("stopping", **listener.statistics())
+        background.cancel()
+        scheduler.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """An OS or SQLite error in a few words (`Read-only file system: '/x/result_secret'`)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {str(exc.filename)!r}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 async def _background(scope: anyio.CancelScope, *tasks: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -168,8 +262,16 @@ async def _signals(stop: anyio.Event) -> None:
             return
 
 
-def run(settings: Settings, *, backend: str = "asyncio") -> None:
-    """Blocking entry point used by `mm serve`."""
+def run(settings: Settings, *, backend: str | None = None) -> None:
+    """Blocking entry point used by `mm serve`: raises the open-files limit, then serves on
+    `backend` (default: the `backend` setting).
+
+    Raises:
+        StartupError: the server could not start (one line for the operator).
+    """
+    backend = backend or settings.backend
+    check_backend(settings, backend)
+    raise_fd_limit()
     options: dict[str, Any] = {}
     if backend == "asyncio":
         try:
@@ -178,4 +280,13 @@ def run(settings: Settings, *, backend: str = "asyncio") -> None:
             pass
         else:
             options["use_uvloop"] = True
-    anyio.run(serve, settings, backend=backend, backend_options=options)
+    try:
+        anyio.run(serve, settings, backend=backend, backend_options=options)
+    except BaseExceptionGroup as group:
+        startup = group.subgroup(StartupError)
+        if startup is None:
+            raise
+        first: BaseException = startup
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -41,7 +42,15 @@ def _mm_command() -> list[str]:
 class ServerProcess:
     """`mm serve` on a free port with its own MODELMORA_HOME."""
 
-    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+        preexec_fn: Callable[[], object] | None = None,
+    ) -> None:
+        self.args = tuple(args)
+        self.preexec_fn = preexec_fn
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -53,8 +62,9 @@ class ServerProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [*_mm_command(), "serve", "--port", str(self.port)],
+                [*_mm_command(), "serve", "--port", str(self.port), *self.args],
                 env=self.env,
+                preexec_fn=self.preexec_fn,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

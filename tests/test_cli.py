@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -170,3 +176,56 @@ def test_set_changes_model_settings(
     assert code == 0 and "server defaults" in out
     code, _, err = run_cli(capsys, monkeypatch, "set", "nope", "--pinned")
     assert code == 1 and "not installed" in err
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def _serve_fails(home: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """`mm serve ARGS` in a subprocess: it must exit 2 with one line on stderr, and no traceback."""
+    proc = mm("serve", *args, home=home, env={"MODELMORA_ZYGOTE": "false", **(env or {})}, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_serve_start_up_failures_are_one_line_and_exit_2(tmp_path: Path, busy_port: int) -> None:
+    home = tmp_path / "home"
+    assert f"cannot listen on 127.0.0.1:{busy_port}: Address already in use" in _serve_fails(
+        home, "--port", str(busy_port)
+    )
+    assert "port must be an integer <= 65535 (got 99999" in _serve_fails(home, "--port", "99999")
+    assert "log_level must be one of" in _serve_fails(home, "--port", "0", env={"MODELMORA_LOG_LEVEL": "loud"})
+    line = _serve_fails(home, "--port", "0", "--backend", "trio", env={"MODELMORA_RESULT_STORE": "s3"})
+    assert "result_store = 's3' runs only on the asyncio backend" in line
+    assert "cannot open the registry nosuch://x" in _serve_fails(
+        home, "--port", "0", env={"MODELMORA_REGISTRY_URL": "nosuch://x"}
+    )
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_serve_with_a_read_only_home_is_one_line(tmp_path: Path) -> None:
+    """A home on a read-only file system (a read-only bind mount in a private mount namespace),
+    no result secret yet: one line naming the result store and the file system, exit 2."""
+    home = tmp_path / "home"
+    home.mkdir()
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no permission for a private mount namespace")
+    script = f'mount --bind -o ro "{home}" "{home}" && exec "{sys.executable}" -m modelmora serve --port 0'
+    env = {
+        **os.environ,
+        "MODELMORA_HOME": str(home),
+        "MODELMORA_REGISTRY_URL": f"sqlite:///{tmp_path / 'registry.sqlite3'}",
+        "MODELMORA_ZYGOTE": "false",
+    }
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "cannot open the result store" in proc.stderr and "Read-only file system" in proc.stderr

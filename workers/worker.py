@@ -43,7 +43,7 @@ from modelmora.ipc.control import FrameDecoder, recv_message, send_message
 from modelmora.ipc.ring import ExceedsRing, RingFull, ShmRing
 from modelmora.ipc.segments import AttachedSegments, attach
 
-from . import cancel, events, payloads
+from . import cancel, events, logline, payloads
 from .pipelines.base import InputError, Pipeline
 
 __all__ = (
@@ -79,9 +79,7 @@ def die_with_parent(expected_ppid: int) -> None:
 
 
 def _log(event: str, **fields: Any) -> None:
-    kv = " ".join(f"{k}={v}" for k, v in fields.items())
-    sys.stderr.write(f"[worker {os.getpid()}] {event} {kv}\n")
-    sys.stderr.flush()
+    logline.write("worker", event, **fields)
 
 
 def preload(modules: Iterable[str]) -> tuple[dict[str, float], dict[str, str]]:
@@ -454,6 +452,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: `python -m modelmora_workers --fd N --ppid P [--preload mod1,mod2]`."""
+    logline.configure()
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     modules = [name for name in opts.get("--preload", "").split(",") if name]
     return serve(int(opts["--fd"]), ppid=int(opts.get("--ppid", os.getppid())), preload=modules)

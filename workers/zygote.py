@@ -47,6 +47,7 @@ from typing import Any, NoReturn
 from modelmora.ipc import zygote as zw
 from modelmora.ipc.control import ProtocolError
 
+from . import logline
 from .worker import die_with_parent, hold_tokenizer_threads, parse_args, preload, serve
 
 __all__ = ("ALWAYS_PRELOADED", "Zygote", "main")
@@ -59,9 +60,7 @@ Handlers = dict[int, Callable[[int, Any], Any] | int]
 
 
 def _log(event: str, **fields: Any) -> None:
-    kv = " ".join(f"{k}={v}" for k, v in fields.items())
-    sys.stderr.write(f"[zygote {os.getpid()}] {event} {kv}\n")
-    sys.stderr.flush()
+    logline.write("zygote", event, **fields)
 
 
 def _set_name(name: bytes) -> None:
@@ -299,6 +298,7 @@ class Zygote:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: `python -m modelmora_workers.zygote --fd N --ppid P [--preload mod1,mod2] [--grace S]`."""
     handlers = signal_handlers()  # before we change any: what a freshly spawned worker has
+    logline.configure()
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     die_with_parent(int(opts.get("--ppid", os.getppid())))
     _set_name(b"mm-zygote")

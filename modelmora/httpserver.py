@@ -1,0 +1,238 @@
+"""The HTTP listener: our own accept loop in front of Hypercorn's per-connection protocol code
+(HTTP/1.1 and HTTP/2 cleartext), on asyncio or trio.
+
+Hypercorn's `serve` is not used because, under connection churn, it let the process run out of
+file descriptors: it has no connection cap, a connection whose client had closed its side
+(as curl does after each response) stayed open in CLOSE-WAIT until the keep-alive timeout, and it
+marks the listening socket inheritable (so the zygote and every worker held the HTTP port). Here:
+
+- at most `limit` connections are served at once; one beyond it is accepted, answered
+  `503 too_many_connections` (with `Retry-After: 1` and `Connection: close`) and closed at once,
+  so the excess costs a descriptor for an instant, never for the life of a connection;
+- a connection is closed as soon as its client has closed its side and no request of it is
+  running (an idle keep-alive connection after `keep_alive_timeout`);
+- an accept that fails for lack of descriptors or memory is logged (once per burst), and the
+  loop waits a little and goes on, like trio's `serve_listeners`;
+- the listening socket stays close-on-exec.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import socket
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+from hypercorn.config import Config
+from hypercorn.typing import AppWrapper
+from hypercorn.utils import wrap_app
+
+__all__ = ("REFUSAL", "HttpListener", "current_backend")
+
+log = structlog.get_logger("modelmora.http")
+
+_REFUSAL_BODY = msgspec.json.encode(
+    {"error": {"code": "too_many_connections", "message": "the server has too many open connections; retry"}}
+)
+REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+    b"connection: close\r\ncontent-length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY
+)
+"""What a connection beyond the cap receives before it is closed."""
+
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN, errno.EINTR})
+_ACCEPT_PAUSE_S = 0.1
+
+
+def _refuse(conn: socket.socket) -> None:
+    """Answer 503 without waiting and close. What the client already sent is read first, so that
+    the close sends FIN rather than a reset that could discard the answer."""
+    try:
+        conn.setblocking(False)
+        with suppress(OSError):
+            conn.send(REFUSAL)
+            while conn.recv(65536):
+                pass
+        with suppress(OSError):
+            conn.shutdown(socket.SHUT_WR)
+    finally:
+        conn.close()
+
+
+class HttpListener:
+    """Serves `app` on the listening socket `sock` with at most `limit` open connections."""
+
+    def __init__(self, app: Any, config: Config, sock: socket.socket, *, limit: int) -> None:
+        self.app: AppWrapper = wrap_app(app, config.wsgi_max_body_size, "asgi")
+        self.config = config
+        self.sock = sock
+        self.limit = limit
+        self.open = 0
+        self.accepted = 0
+        self.refused = 0
+        self.accept_errors = 0
+        self._context: Any = None
+        self._drained: anyio.Event | None = None
+
+    def statistics(self) -> dict[str, int]:
+        """Open connections, the cap, and totals since start."""
+        return {
+            "open": self.open,
+            "limit": self.limit,
+            "accepted": self.accepted,
+            "refused": self.refused,
+            "accept_errors": self.accept_errors,
+        }
+
+    async def serve(self, shutdown: Callable[[], Awaitable[None]]) -> None:
+        """Accept until `shutdown` returns; then close idle connections, give running ones
+        `config.graceful_timeout` seconds, and cancel what is left."""
+        self._context = _worker_context()
+        self.sock.setblocking(False)
+        async with anyio.create_task_group() as connections:
+            async with anyio.create_task_group() as front:
+                front.start_soon(self._accept_forever, connections)
+                await shutdown()
+                front.cancel_scope.cancel()
+            await self._context.terminated.set()
+            self._drained = anyio.Event()
+            if self.open:
+                with anyio.move_on_after(self.config.graceful_timeout):
+                    await self._drained.wait()
+            connections.cancel_scope.cancel()
+
+    async def _accept_forever(self, connections: anyio.abc.TaskGroup) -> None:
+        failing = False
+        while True:
+            await anyio.wait_readable(self.sock)
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno in _TRANSIENT_ERRNOS:
+                    continue
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    raise
+                self.accept_errors += 1
+                if not failing:  # once per burst, not once per attempt
+                    log.warning("accept_failed", error=errno.errorcode.get(exc.errno or 0, str(exc)), open=self.open)
+                failing = True
+                await anyio.sleep(_ACCEPT_PAUSE_S)
+                continue
+            failing = False
+            if self.open >= self.limit:
+                self.refused += 1
+                _refuse(conn)
+                continue
+            self.accepted += 1
+            self.open += 1
+            connections.start_soon(self._connection, conn)
+
+    async def _connection(self, conn: socket.socket) -> None:
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if _asyncio_running():
+                await _serve_asyncio(self.app, self.config, self._context, conn)
+            else:
+                await _serve_trio(self.app, self.config, self._context, conn)
+        except OSError:
+            conn.close()
+        finally:
+            self.open -= 1
+            if not self.open and self._drained is not None:
+                self._drained.set()
+
+
+def _asyncio_running() -> bool:
+    """True inside a running asyncio loop (else we run on trio)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def current_backend() -> str:
+    """ "asyncio" or "trio": the backend running the calling task."""
+    return "asyncio" if _asyncio_running() else "trio"
+
+
+def _worker_context() -> Any:
+    if _asyncio_running():
+        from hypercorn.asyncio.worker_context import WorkerContext as AsyncioContext
+
+        return AsyncioContext(None)
+    from hypercorn.trio.worker_context import WorkerContext as TrioContext
+
+    return TrioContext(None)
+
+
+@functools.cache
+def _asyncio_connection() -> type[Any]:
+    from hypercorn.asyncio.tcp_server import TCPServer
+    from hypercorn.events import Event, Updated
+
+    class Connection(TCPServer):
+        """Closes as soon as the client has closed its side and no request of it runs (Hypercorn
+        would wait for the keep-alive timeout, holding the socket in CLOSE-WAIT)."""
+
+        peer_closed = False
+
+        async def _read_data(self) -> None:
+            await super()._read_data()
+            self.peer_closed = True
+            await self.idle_task.stop()
+
+        async def protocol_send(self, event: Event) -> None:
+            if isinstance(event, Updated) and event.idle and self.peer_closed:
+                return  # nothing more can arrive: the connection ends instead of idling
+            await super().protocol_send(event)
+
+    return Connection
+
+
+@functools.cache
+def _trio_connection() -> type[Any]:
+    from hypercorn.events import Event, Updated
+    from hypercorn.trio.tcp_server import TCPServer
+
+    class Connection(TCPServer):
+        """The trio twin of `_asyncio_connection`."""
+
+        peer_closed = False
+
+        async def _read_data(self) -> None:
+            await super()._read_data()
+            self.peer_closed = True
+            await self.idle_task.stop()
+
+        async def protocol_send(self, event: Event) -> None:
+            if isinstance(event, Updated) and event.idle and self.peer_closed:
+                return
+            await super().protocol_send(event)
+
+    return Connection
+
+
+async def _serve_asyncio(app: AppWrapper, config: Config, context: Any, conn: socket.socket) -> None:
+    import asyncio
+
+    reader, writer = await asyncio.open_connection(sock=conn)
+    await _asyncio_connection()(app, asyncio.get_running_loop(), config, context, {}, reader, writer)
+
+
+async def _serve_trio(app: AppWrapper, config: Config, context: Any, conn: socket.socket) -> None:
+    import trio
+
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+    await _trio_connection()(app, config, context, {}, stream)

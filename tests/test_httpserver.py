@@ -1,0 +1,88 @@
+"""The HTTP listener on both backends, in process: the connection cap answers the excess 503 and
+closes it; a connection whose client closed its side is closed at once, not after the keep-alive
+timeout (300 s here); the listening socket is close-on-exec."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+from hypercorn.config import Config
+
+from modelmora.httpserver import REFUSAL, HttpListener
+from modelmora.server import bind_socket
+
+pytestmark = pytest.mark.anyio
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def hello(
+    scope: MutableMapping[str, Any],
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+) -> None:
+    assert scope["type"] == "http"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@asynccontextmanager
+async def listening(limit: int) -> AsyncIterator[tuple[HttpListener, int]]:
+    sock = bind_socket("127.0.0.1", 0)
+    config = Config()
+    config.keep_alive_timeout = 300
+    config.graceful_timeout = 1
+    listener = HttpListener(hello, config, sock, limit=limit)
+    stop = anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, stop.wait)
+            yield listener, sock.getsockname()[1]
+            stop.set()
+    finally:
+        sock.close()
+
+
+async def read_to_eof(stream: anyio.abc.SocketStream) -> bytes:
+    data = b""
+    with anyio.fail_after(30):  # a safety net: EOF comes at once, the keep-alive timeout is 300 s
+        try:
+            while True:
+                data += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return data
+
+
+async def test_a_client_that_closed_its_side_is_closed_at_once() -> None:
+    async with listening(limit=10) as (_, port), await anyio.connect_tcp("127.0.0.1", port) as client:
+        await client.send(REQUEST)
+        await client.send_eof()  # what a client closing after its request leaves the server with
+        answer = await read_to_eof(client)
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok")
+
+
+async def test_connections_over_the_cap_are_answered_503_and_closed() -> None:
+    async with listening(limit=2) as (listener, port):
+        kept = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(2)]
+        for _ in range(3000):  # until the server has accepted both (a safety net of 30 s)
+            if listener.accepted == 2:
+                break
+            await anyio.sleep(0.01)
+        async with await anyio.connect_tcp("127.0.0.1", port) as extra:
+            assert await read_to_eof(extra) == REFUSAL
+        assert listener.statistics()["refused"] == 1
+        for stream in kept:  # those within the cap are served
+            await stream.send(REQUEST)
+            assert (await stream.receive()).startswith(b"HTTP/1.1 200 ")
+            await stream.aclose()
+
+
+def test_the_listening_socket_is_not_inherited() -> None:
+    sock = bind_socket("127.0.0.1", 0)
+    with sock:
+        assert not sock.get_inheritable()
