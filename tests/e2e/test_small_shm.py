@@ -41,7 +41,7 @@ def test_rings_larger_than_shm_refuse_to_start_in_one_line(tmp_path: Path) -> No
         timeout=60,
         check=False,
     )
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr  # start-up failures exit 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     line = lines[0]

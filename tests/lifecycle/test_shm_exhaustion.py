@@ -14,7 +14,7 @@ import pytest
 
 from modelmora.errors import SharedMemoryFull
 from modelmora.ipc import segments
-from modelmora.lifecycle.handle import TensorData, WorkerHandle, WorkerSpec
+from modelmora.lifecycle import TensorData, WorkerHandle, WorkerSpec
 
 from conftest import AppUnderTest, worker_env
 
