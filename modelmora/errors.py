@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = (
     "DeadlineExceeded",
     "Forbidden",
+    "ImageBudgetExhausted",
     "InsufficientMemory",
     "InvalidInput",
     "MalformedRequest",
@@ -108,6 +109,14 @@ class InsufficientMemory(ModelMoraError):
 
     http_status = 503
     code = "insufficient_memory"
+
+
+class ImageBudgetExhausted(ModelMoraError):
+    """No room for the request's decoded pixels in the server-wide image budget before its deadline
+    (`max_decoded_pixels_in_flight`): other requests' images are being decoded or served."""
+
+    http_status = 503
+    code = "image_budget_exhausted"
 
 
 class DeadlineExceeded(ModelMoraError):
