@@ -116,6 +116,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_request_pixels: Count = 64 * 2**20
     """All images of one request together (decoded RGB: 3 bytes per pixel, held until it is answered);
     keep it >= max_image_pixels."""
+    max_decoded_pixels_in_flight: Count = 4 * 64 * 2**20
+    """All requests' decoded images together, server-wide (3 bytes per pixel: 768 MiB by default); a
+    request waits within its deadline for room (then 503 image_budget_exhausted); keep it >=
+    max_request_pixels (a larger request is refused with 413)."""
     url_fetch_timeout_s: Positive = 10.0
     """Time limit for fetching one image URL (connect, redirects and body together)."""
     allow_private_urls: bool = False

@@ -10,6 +10,7 @@ __all__ = (
     "ClientGone",
     "DeadlineExceeded",
     "Forbidden",
+    "ImageBudgetExhausted",
     "InsufficientMemory",
     "InvalidInput",
     "MalformedRequest",
@@ -127,6 +128,14 @@ class SharedMemoryFull(ModelMoraError):
 
     http_status = 503
     code = "shared_memory_exhausted"
+
+
+class ImageBudgetExhausted(ModelMoraError):
+    """No room for the request's decoded pixels in the server-wide image budget before its deadline
+    (`max_decoded_pixels_in_flight`): other requests' images are being decoded or served."""
+
+    http_status = 503
+    code = "image_budget_exhausted"
 
 
 class DeadlineExceeded(ModelMoraError):

@@ -29,6 +29,8 @@ from modelmora import images
 from modelmora.config import Settings
 from modelmora.errors import InvalidInput, PayloadTooLarge
 from modelmora.images import ImageLimits, Pixels, decode_image, fetch_url, load_image, load_images
+from modelmora.images import decode as image_decode
+from modelmora.images import load as image_load
 
 FIELD = "$.input_data.image"
 PRIVATE_MESSAGE = "image URL resolves to a private/loopback/link-local address; set allow_private_urls to allow it"
@@ -254,7 +256,7 @@ def test_memory_error_propagates(monkeypatch: pytest.MonkeyPatch) -> None:
     def exhausted(img: Image.Image) -> Image.Image:
         raise MemoryError
 
-    monkeypatch.setattr(images, "_to_rgb", exhausted)
+    monkeypatch.setattr(image_decode, "_to_rgb", exhausted)
     with pytest.raises(MemoryError):
         decode_image(PNG, FIELD, limits())
 
@@ -439,9 +441,9 @@ async def test_load_images_names_failing_item() -> None:
 async def test_load_images_bounded_concurrency(monkeypatch: pytest.MonkeyPatch) -> None:
     active = peak = 0
     lock = threading.Lock()
-    original = images._decode_base64_image
+    original = image_load.decode_image
 
-    def tracked(text: str, field: str, lim: ImageLimits) -> Pixels:
+    def tracked(data: bytes, field: str, lim: ImageLimits) -> Pixels:
         nonlocal active, peak
         with lock:
             active += 1
@@ -449,9 +451,9 @@ async def test_load_images_bounded_concurrency(monkeypatch: pytest.MonkeyPatch) 
         time.sleep(0.02)
         with lock:
             active -= 1
-        return original(text, field, lim)
+        return original(data, field, lim)
 
-    monkeypatch.setattr(images, "_decode_base64_image", tracked)
+    monkeypatch.setattr(image_load, "decode_image", tracked)
     out = await load_images([b64(PNG)] * 24, FIELD, limits())
     assert len(out) == 24 and all(p.data == EXPECTED for p in out)
     assert 2 <= peak <= images.MAX_CONCURRENT_LOADS

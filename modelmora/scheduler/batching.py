@@ -79,14 +79,15 @@ async def dispatch(rt: ModelRuntime, worker: BatchWorker, settings: Settings, on
                     await queue.wait_change()  # a batch finished (it pokes) or requests arrived
                     continue
             elif not len(queue):
+                # idle: until keep_alive after the last use (a settings change wakes it to look again)
                 keep_alive = keep_alive_s(rt, settings)
-                with anyio.move_on_after(math.inf if keep_alive is None else keep_alive) as idle:
-                    while not len(queue) and rt.stop_reason is None:
-                        await queue.wait_change()
-                if idle.cancelled_caught:
+                idle_until = math.inf if keep_alive is None else rt.last_used + keep_alive
+                if anyio.current_time() >= idle_until:
                     log.info("idle_unload", model=str(rt.key), keep_alive_s=keep_alive)
                     rt.stop(StopReason.IDLE)
                     break
+                with anyio.CancelScope(deadline=idle_until):
+                    await queue.wait_change()
                 continue
             else:
                 max_wait_ms = rt.model_settings.max_wait_ms

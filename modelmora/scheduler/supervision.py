@@ -144,6 +144,7 @@ class ModelSupervisor:
         rt.device = worker.loaded.device if worker.loaded is not None else None
         self.admission.record_vram(rt, worker.vram_bytes)
         await self.admission.measure(rt, worker.pid)
+        rt.last_used = anyio.current_time()  # idle time counts from here
         rt.set_state(ModelState.READY)
         if rt.stale:
             rt.stop(StopReason.REPLACE)

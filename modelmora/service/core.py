@@ -23,7 +23,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..config import ModelSettings, Settings
 from ..errors import ClientGone, InvalidInput, ModelMoraError, ModelNotFound, ModelUnavailable, StorageUnavailable
-from ..images import ImageLimits
+from ..images import ImageLimits, PixelBudget
 from ..registry import ModelRecord, ModelStore
 from ..results import ResultStore
 from ..scheduler import ModelRuntime, ModelStatus, Priority, Request, Scheduler
@@ -95,6 +95,8 @@ class InferenceService:
         self.scheduler = scheduler
         self.results = results
         self.limits = ImageLimits.from_settings(settings)
+        self.pixels = PixelBudget.from_settings(settings)
+        """Decoded pixels of all requests in flight (held from decoding until the answer)."""
         self.catalog = Catalog(store)
         self.started = time.time()
 
@@ -128,6 +130,7 @@ class InferenceService:
             adapter = ADAPTERS[TaskType(rec.task)]
         except ValueError:
             raise ModelUnavailable(f"task type {rec.task!r} of model {call.model_id!r} is not served") from None
+        timeout_s = call.timeout_s or getattr(self.settings.timeout_s, rec.task)
         prepared = await adapter.prepare(
             call.inputs,
             call.parameters if call.parameters is not None else {},
@@ -136,9 +139,14 @@ class InferenceService:
             settings=self.settings,
             limits=self.limits,
             results=self.results,
+            pixels=self.pixels,
+            deadline=start + timeout_s,
         )
-        timeout_s = call.timeout_s or getattr(self.settings.timeout_s, rec.task)
-        rt = self.scheduler.runtime_for(rec, version)
+        try:
+            rt = self.scheduler.runtime_for(rec, version)
+        except BaseException:
+            prepared.release()
+            raise
         req = Request(rt.key, prepared.inputs, prepared.params, call.priority, start + timeout_s)
         return _Job(call, rec, version, adapter, prepared, rt, req, timeout_s, t0)
 
@@ -170,6 +178,12 @@ class InferenceService:
         if call.stream:
             raise InvalidInput("a streaming request is served by open_stream", field="$.stream")
         job = await self._start(call)
+        try:
+            return await self._run(job, gone)
+        finally:
+            job.prepared.release()
+
+    async def _run(self, job: _Job, gone: Callable[[], Awaitable[Any]] | None) -> InferResult:
         req, rt = job.request, job.runtime
         self.scheduler.submit(rt, req)
         client_gone = False
@@ -187,7 +201,7 @@ class InferenceService:
                 self.scheduler.withdraw(rt, req)  # deadline, disconnect, cancellation: it leaves at once
         if not req.done.is_set():
             if client_gone:
-                raise ClientGone(f"the client of this request to model {call.model_id!r} went away")
+                raise ClientGone(f"the client of this request to model {job.record.id!r} went away")
             raise self.scheduler.unfinished_error(rt, job.timeout_s)
         return await self._result(job)
 
@@ -205,6 +219,7 @@ class InferenceService:
         except BaseException:
             send.close()
             receive.close()
+            job.prepared.release()
             raise
         return InferStream(self, job, send, receive)
 
@@ -300,6 +315,7 @@ class InferenceService:
             supervisor_status(self.started),
             launcher.statistics() if launcher is not None else None,
             self.scheduler.budget_status(),
+            self.pixels.statistics(),
             sorted([*running, *idle], key=lambda s: (s.model_id, s.version)),
         )
 
@@ -381,5 +397,6 @@ class InferStream:
         if not job.request.done.is_set():
             self._service.scheduler.withdraw(job.runtime, job.request)
         job.request.on_done = None
+        job.prepared.release()
         self._send.close()
         self._receive.close()

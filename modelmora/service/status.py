@@ -11,6 +11,7 @@ import msgspec
 import psutil
 
 from ..config import ModelSettings
+from ..images import PixelBudgetStatistics
 from ..registry import ModelRecord
 from ..scheduler import BudgetStatus, ModelStatus
 
@@ -29,6 +30,8 @@ class ServerStatus(msgspec.Struct):
     zygote: Any
     """The zygote's state, pid, memory and counters; null when workers are spawned."""
     budget: BudgetStatus
+    images: PixelBudgetStatistics
+    """Decoded image pixels of the requests in flight (`max_decoded_pixels_in_flight`)."""
     models: list[ModelStatus]
     """Every registered model's active version, and every other version that ran since start."""
 

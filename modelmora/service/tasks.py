@@ -11,6 +11,7 @@ generated images go to the result store unless inline results are asked for.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,7 +21,7 @@ import msgspec
 
 from ..config import Settings
 from ..errors import InvalidInput, ModelMoraError
-from ..images import ImageLimits, load_images
+from ..images import ImageLimits, LoadedImages, PixelBudget, load_images
 from ..lifecycle import TensorData
 from ..results import ResultStore
 from ..tasks import TASKS, TaskInfo, TaskType
@@ -49,6 +50,13 @@ class Prepared:
     options: Any
     """The validated parameters struct."""
     return_mode: ReturnMode
+    images: LoadedImages | None = None
+    """The decoded images, holding their room in the server's pixel budget: release when answered."""
+
+    def release(self) -> None:
+        """Give the request's decoded pixels back to the server's budget (once)."""
+        if self.images is not None:
+            self.images.release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +75,8 @@ class TaskAdapter:
         settings: Settings,
         limits: ImageLimits,
         results: ResultStore | None,
+        pixels: PixelBudget | None = None,
+        deadline: float = math.inf,
     ) -> Prepared:
         """Validate and prepare one request (inputs and parameters typed, or as decoded JSON).
 
@@ -90,11 +100,12 @@ class TaskAdapter:
             if isinstance(parameters, self.params_type)
             else convert(parameters, self.params_type, "$.parameters")
         )
+        worker_params = self.worker_params(options, stream)
         if info.input_kind == "text":
-            worker_inputs: dict[str, list[Any]] = {"text": _texts(inputs, settings)}
-        else:
-            worker_inputs = {"image": await _images(inputs, settings, limits)}
-        return Prepared(worker_inputs, self.worker_params(options, stream), options, return_mode)
+            return Prepared({"text": _texts(inputs, settings)}, worker_params, options, return_mode)
+        images = await _images(inputs, settings, limits, pixels, deadline)
+        arrays = [TensorData("|u1", (p.height, p.width, 3), p.data) for p in images]
+        return Prepared({"image": arrays}, worker_params, options, return_mode, images)
 
     async def output(self, result: dict[str, Any], prepared: Prepared, results: ResultStore | None) -> Output:
         """The typed result of one request from its share of the batch's outputs."""
@@ -126,7 +137,9 @@ def _texts(inputs: Any, settings: Settings) -> list[str]:
     return texts
 
 
-async def _images(inputs: Any, settings: Settings, limits: ImageLimits) -> list[TensorData]:
+async def _images(
+    inputs: Any, settings: Settings, limits: ImageLimits, pixels: PixelBudget | None, deadline: float
+) -> LoadedImages:
     inp = inputs if isinstance(inputs, ImageInput) else convert(inputs, ImageInput, "$.input_data")
     limit = settings.max_images_per_request
     if isinstance(inp.image, str):
@@ -138,12 +151,11 @@ async def _images(inputs: Any, settings: Settings, limits: ImageLimits) -> list[
                 f"{len(refs)} images exceed the limit of {limit} per request (max_images_per_request)", field=field
             )
     try:
-        pixels = await load_images(refs, field or "$.input_data.image", limits)
+        return await load_images(refs, field or "$.input_data.image", limits, budget=pixels, deadline=deadline)
     except ModelMoraError as exc:
         if field is None and exc.field == "$.input_data.image[0]":
             exc.field = "$.input_data.image"  # a single image is not a list
         raise
-    return [TensorData("|u1", (p.height, p.width, 3), p.data) for p in pixels]
 
 
 async def _store_images(pngs: list[bytes], return_mode: ReturnMode, store: ResultStore | None) -> Images:

@@ -38,11 +38,18 @@ def test_small_batch_size_keeps_all_rows_in_order(img2embed: ImageEmbedding, ima
 
 
 def test_images_are_not_kept(img2embed: ImageEmbedding, images: list[np.ndarray]) -> None:
-    """Inputs are views over shared memory: the result must not change when the buffer does."""
-    buf = images[0].copy()
-    out = img2embed.run({"image": [buf]}, {"batch_size": 1})["embeddings"].copy()
-    buf[:] = 0
-    np.testing.assert_array_equal(out, img2embed.run({"image": [images[0]]}, {"batch_size": 1})["embeddings"])
+    """Inputs are views over shared memory that the next batch overwrites: a result must not change
+    when the buffer does, and the next batch in the same buffer gets its own result."""
+    first, second = images[0], 255 - images[0]
+    want_first = img2embed.run({"image": [first.copy()]}, {"batch_size": 1})["embeddings"].copy()
+    want_second = img2embed.run({"image": [second.copy()]}, {"batch_size": 1})["embeddings"].copy()
+    assert not np.allclose(want_first, want_second)
+    segment = bytearray(first.tobytes())  # as in the worker: one buffer, reused batch after batch
+    view = np.frombuffer(segment, dtype=np.uint8).reshape(first.shape)
+    out = img2embed.run({"image": [view]}, {"batch_size": 1})["embeddings"]
+    segment[:] = second.tobytes()
+    np.testing.assert_array_equal(out, want_first)
+    np.testing.assert_array_equal(img2embed.run({"image": [view]}, {"batch_size": 1})["embeddings"], want_second)
 
 
 @pytest.mark.parametrize(

@@ -13,16 +13,20 @@ Outputs, by field name; every output has one entry per input item, in input orde
 Params arrive validated by the supervisor with the task's defaults filled in, plus
 "batch_size" (the model's max_batch_size: run forward passes of at most that many items).
 While a batch runs, long pipelines call `cancel.check()` between steps (it raises
-`cancel.Cancelled`) and may report progress with `events.emit(...)`.
+`cancel.Cancelled`) and may report progress with `events.emit(...)`; one-pass pipelines given more
+items than "batch_size" run them in `sub_batches`, which checks between forward passes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ("InputError", "Output", "Pipeline")
+from .. import cancel
+
+__all__ = ("InputError", "Output", "Pipeline", "sub_batches")
 
 Output = np.ndarray | list[str] | list[bytes]
 
@@ -53,3 +57,16 @@ class Pipeline(Protocol):
     def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, Output]:
         """Run one batch."""
         ...
+
+
+def sub_batches(count: int, size: int) -> Iterator[slice]:
+    """Slices of at most `size` items covering `count` items in order, checking the cancel flag before
+    each: a cancelled batch stops within one sub-batch (one forward pass of `size` items).
+
+    Raises:
+        cancel.Cancelled: the batch this thread runs was cancelled.
+    """
+    size = max(1, size)
+    for start in range(0, count, size):
+        cancel.check()
+        yield slice(start, min(start + size, count))

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..devices import load_kwargs, resolve_device
-from .base import InputError
+from .base import InputError, sub_batches
 
 __all__ = ("ImageEmbedding", "images_input")
 
@@ -76,7 +76,7 @@ class ImageEmbedding:
     def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, np.ndarray]:
         images = images_input(inputs)
         size = max(1, int(params.get("batch_size") or 32))
-        rows = [self._embed(images[start : start + size]) for start in range(0, len(images), size)]
+        rows = [self._embed(images[part]) for part in sub_batches(len(images), size)]  # checks the cancel flag
         out = np.concatenate(rows, axis=0).astype(np.float32, copy=False)
         if params.get("normalize", False):
             norms = np.linalg.norm(out, axis=1, keepdims=True)

@@ -1,4 +1,10 @@
-"""txt2embed: sentence-transformers models."""
+"""txt2embed: sentence-transformers models.
+
+A batch of at most "batch_size" texts is one `encode` call (one forward pass). A larger one (a
+request larger than the model's max_batch_size runs alone) is sorted by length, as `encode` sorts
+it, and run one forward pass at a time through `sub_batches`, so that a cancelled request stops
+within one forward pass instead of holding the worker until the last text.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import cancel
 from ..devices import resolve_device, torch_dtype
-from .base import InputError
+from .base import InputError, sub_batches
 
 __all__ = ("TextEmbedding",)
 
@@ -55,10 +62,27 @@ class TextEmbedding:
         texts = inputs.get("text")
         if not isinstance(texts, list):
             raise InputError("txt2embed needs 'text'", "$.input_data.text")
-        out = self.model.encode(
-            texts,
-            batch_size=int(params.get("batch_size", 32)),
-            normalize_embeddings=bool(params.get("normalize", False)),
-            convert_to_numpy=True,
-        )
+        size = max(1, int(params.get("batch_size", 32)))
+        normalize = bool(params.get("normalize", False))
+        if len(texts) <= size:
+            cancel.check()
+            out = self._encode(texts, size, normalize)
+        else:
+            out = self._encode_in_sub_batches(texts, size, normalize)
         return {"embeddings": np.ascontiguousarray(out, dtype=np.float32)}
+
+    def _encode(self, texts: list[str], size: int, normalize: bool) -> np.ndarray:
+        out = self.model.encode(texts, batch_size=size, normalize_embeddings=normalize, convert_to_numpy=True)
+        return np.asarray(out, dtype=np.float32)
+
+    def _encode_in_sub_batches(self, texts: list[str], size: int, normalize: bool) -> np.ndarray:
+        """Longest texts first (as `encode` orders them: little padding per pass), one pass per sub-batch,
+        rows put back in input order."""
+        order = np.argsort([-len(text) for text in texts], kind="stable")
+        rows = [
+            self._encode([texts[i] for i in order[part]], size, normalize) for part in sub_batches(len(texts), size)
+        ]
+        sorted_rows = np.concatenate(rows, axis=0)
+        out = np.empty_like(sorted_rows)
+        out[order] = sorted_rows
+        return out
