@@ -296,7 +296,8 @@ class Scheduler:
         raise ModelUnavailable(f"model {rt.key.model_id!r} did not become ready within {timeout_s:g} s")
 
     async def unload(self, rt: ModelRuntime, grace_s: float) -> None:
-        """Drain the queue (up to `grace_s`; then fail what is left), stop the worker, wait for it."""
+        """Drain the queue and let running batches finish (up to `grace_s`; then fail what is left),
+        stop the worker (SIGKILL after `worker_stop_grace_s` if it does not exit), wait for it."""
         rt.load_requested = False
         if rt.state == ModelState.FAILED:  # an unload also stops the background retries
             rt.retry_at = None
@@ -311,6 +312,8 @@ class Scheduler:
         if len(rt.queue):
             rt.queue.fail_all(ModelUnavailable(f"model {rt.key.model_id!r} was unloaded while this request waited"))
         rt.stop(StopReason.UNLOAD_NOW)
+        for run in rt.running:  # the grace period is over: stop the running batches too (hung or slow)
+            run.scope.cancel()
         # wait for that worker to be gone (a request arriving meanwhile may start a new one)
         while (worker is not None and rt.worker is worker) or rt.state == ModelState.UNLOADING:
             await rt.changed.wait()
