@@ -383,16 +383,29 @@ def _ours_body() -> tuple[str, str]:
 
 
 @contextmanager
-def modelmora(model_dir: Path, threads: int, max_batch: int, tmp: Path, extra_env: dict[str, str]) -> Iterator[Target]:
-    home = tmp / f"mm-home-{max_batch}"
-    mm("install", str(model_dir), "--id", MODEL, "--task", "txt2embed", home=home)
+def modelmora(
+    model_dir: Path,
+    threads: int,
+    max_batch: int,
+    tmp: Path,
+    extra_env: dict[str, str],
+    build: str | None = None,
+) -> Iterator[Target]:
+    """ModelMora, this checkout's, or with `build` the `mm` executable of another build (e.g. the
+    previous main in an environment of its own), labelled "ModelMora (baseline)"."""
+    home = tmp / f"mm-home-{max_batch}{'-baseline' if build else ''}"
+    install = ["install", str(model_dir), "--id", MODEL, "--task", "txt2embed"]
+    if build is None:
+        mm(*install, home=home)
+    else:
+        subprocess.run([build, *install], env={**os.environ, "MODELMORA_HOME": str(home)}, check=True)
     env = {
         "MODELMORA_TORCH_THREADS": str(threads),
         "MODELMORA_LOG_LEVEL": "warning",
         "MODELMORA_MAX_BATCH_SIZE": str(max_batch),
         **extra_env,
     }
-    srv = ServerProcess(home, env).start()
+    srv = ServerProcess(home, env, command=[build] if build else None).start()
     try:
         with httpx.Client(base_url=srv.url, timeout=300) as client:
             check_embedding(
@@ -406,7 +419,7 @@ def modelmora(model_dir: Path, threads: int, max_batch: int, tmp: Path, extra_en
 
             prefix, suffix = _ours_body()
             yield Target(
-                "ModelMora",
+                "ModelMora (baseline)" if build else "ModelMora",
                 f"max_batch_size {max_batch}",
                 f"{srv.url}/api/v1/infer/{MODEL}",
                 prefix,
@@ -778,6 +791,17 @@ def findings(
             " at every operator, so whenever the supervisor (or anything else) takes a core from one of them, both"
             " stall: on 2 cores the supervisor's CPU per request is the lever."
         )
+    base = {r.concurrency: r for r in runs if r.server == "ModelMora (baseline)" and r.config == chosen}
+    if base:
+        parts = []
+        for cc in sorted(c for c in base if c in mine):
+            ours_r, base_r = mine[cc], base[cc]
+            drift = ""
+            if ours_r.extra.get("raw_before") and base_r.extra.get("raw_before"):
+                normed = (ours_r.rate / ours_r.extra["raw_before"]) / (base_r.rate / base_r.extra["raw_before"])
+                drift = f", {normed:.2f}x of raw-before ratios"
+            parts.append(f"c={cc}: {ours_r.rate:.0f} vs {base_r.rate:.0f} = {ours_r.rate / base_r.rate:.2f}x{drift}")
+        out.append(f"- ModelMora against the baseline build ({chosen}), sentences/s: {'; '.join(parts)}.")
     for peer in ("Infinity", "naive"):
         theirs = {r.concurrency: r for r in runs if r.server == peer}
         if not theirs:
@@ -834,6 +858,12 @@ def main() -> None:
     )
     ap.add_argument("--retries", type=int, default=2, help="repeats of a disturbed run (the least disturbed kept)")
     ap.add_argument("--servers", default="modelmora,naive,infinity", help="which servers to run")
+    ap.add_argument(
+        "--baseline-mm",
+        default="",
+        help="the `mm` executable of another build (e.g. the previous main in its own environment): its runs"
+        " follow ModelMora's, as 'ModelMora (baseline)'",
+    )
     ap.add_argument("--skip-infinity", action="store_true")
     ap.add_argument(
         "--infinity-venv",
@@ -875,6 +905,12 @@ def main() -> None:
         if "modelmora" in servers:
             for mbs in (int(b) for b in args.mm_batch_sizes.split(",")):
                 with modelmora(model_dir, args.threads, mbs, tmp, mm_env) as target:
+                    for r in sweep(target, args, tmp, probe):
+                        r.extra["max_batch"] = mbs
+                        runs.append(r)
+        if args.baseline_mm:  # the same runs with another build, right after ours
+            for mbs in (int(b) for b in args.mm_batch_sizes.split(",")):
+                with modelmora(model_dir, args.threads, mbs, tmp, mm_env, args.baseline_mm) as target:
                     for r in sweep(target, args, tmp, probe):
                         r.extra["max_batch"] = mbs
                         runs.append(r)

@@ -48,7 +48,10 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         args: Sequence[str] = (),
         preexec_fn: Callable[[], object] | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
+        self.command = list(command) if command is not None else _mm_command()
+        """The `mm` to run (another build's, for benchmarks against it)."""
         self.args = tuple(args)
         self.preexec_fn = preexec_fn
         self.home = home
@@ -62,7 +65,7 @@ class ServerProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [*_mm_command(), "serve", "--port", str(self.port), *self.args],
+                [*self.command, "serve", "--port", str(self.port), *self.args],
                 env=self.env,
                 preexec_fn=self.preexec_fn,
                 stdout=out,
