@@ -23,7 +23,7 @@ import structlog
 
 from ..config import Settings
 from ..errors import InsufficientMemory, ModelLoadFailed
-from ..lifecycle import ModelState, WorkerHandle, WorkerSpec
+from ..lifecycle import TRANSITIONS, ModelState, WorkerHandle, WorkerSpec
 from . import batching
 from .admission import Admission
 from .runtime import ModelIdentity, ModelRuntime, StopReason
@@ -53,7 +53,17 @@ class ModelSupervisor:
             except Exception as exc:  # a bug: this model fails, the server and the other models go on
                 self.unexpected_errors += 1
                 log.error("model_task_failed", model=str(rt.key), errors=self.unexpected_errors, exc_info=exc)
-                self._load_failed(rt, ModelLoadFailed(f"model {rt.key.model_id!r} failed unexpectedly"))
+                await self._after_unexpected(rt)
+
+    async def _after_unexpected(self, rt: ModelRuntime) -> None:
+        """Fail the model's waiting requests, mark it failed where its state allows, and pause
+        before the task goes on (a bug that repeats must not spin)."""
+        error = ModelLoadFailed(f"model {rt.key.model_id!r} failed unexpectedly (see the server log)")
+        rt.last_error = error.message
+        rt.queue.fail_all(error)
+        if ModelState.FAILED in TRANSITIONS[rt.state]:
+            self._load_failed(rt, error)
+        await anyio.sleep(self.settings.load_retry_base_s)
 
     async def _serve_once(self, rt: ModelRuntime) -> None:
         if not await self._wait_for_work(rt):
