@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
+from ..lifecycle import WorkerStatistics
 from .admission import Admission
 from .runtime import ModelRuntime
 
@@ -48,7 +47,7 @@ class ModelStatus(msgspec.Struct, omit_defaults=True):
     batches: int
     cancelled: int
     history: list[StateChange]
-    worker: Any = None
+    worker: WorkerStatistics | None = None
     """The worker's statistics (pid, in-flight batches, streams, memory, start times...)."""
 
 

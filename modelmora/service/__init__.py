@@ -1,5 +1,6 @@
 """The protocol-neutral inference core that every front end calls."""
 
+from ..scheduler import Priority
 from .core import REGISTRY_SYNC_S, InferCall, InferenceService, InferStream
 from .inputs import (
     CaptionParameters,
@@ -33,6 +34,7 @@ __all__ = (
     "InferStream",
     "InferenceService",
     "Output",
+    "Priority",
     "ReturnMode",
     "ServerStatus",
     "StreamEvent",

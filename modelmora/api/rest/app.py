@@ -19,8 +19,7 @@ from ...config import ModelSettings
 from ...errors import ClientGone, ModelMoraError
 from ...registry import ModelRecord
 from ...results import FilesystemResultStore, result_route
-from ...scheduler import Priority
-from ...service import InferCall, InferenceService, InferResult
+from ...service import InferCall, InferenceService, InferResult, Priority
 from .. import openapi
 from ..schemas import InferRequest, ModelInfo, ModelList, ModelVersionInfo
 from .body import decode, read_body
