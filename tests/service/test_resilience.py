@@ -23,6 +23,7 @@ async def embed(app: AppUnderTest, model: str) -> tuple[int, dict[str, Any]]:
     return r.status_code, r.json()
 
 
+@pytest.mark.settings(load_retry_base_s=60.0)  # no background retry during the test
 async def test_an_unexpected_error_in_one_models_load_fails_that_model_only(
     echo_app: AppUnderTest, echo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
