@@ -43,13 +43,14 @@ NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class TaskDefaults(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Per-task-type request timeout defaults, in seconds."""
+    """Per-task-type request timeouts in seconds, overriding the task table's defaults
+    (`modelmora.tasks.TaskInfo.timeout_s`); None: the task table's default."""
 
-    txt2embed: Positive = 30.0
-    img2embed: Positive = 30.0
-    img2txt: Positive = 120.0
-    txt2txt: Positive = 300.0
-    txt2img: Positive = 600.0
+    txt2embed: Positive | None = None
+    img2embed: Positive | None = None
+    img2txt: Positive | None = None
+    txt2txt: Positive | None = None
+    txt2img: Positive | None = None
 
 
 class S3Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

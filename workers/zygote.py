@@ -48,7 +48,8 @@ from modelmora.ipc import zygote as zw
 from modelmora.ipc.control import ProtocolError
 
 from . import logline
-from .worker import die_with_parent, hold_tokenizer_threads, parse_args, preload, serve
+from .process import die_with_parent, hold_tokenizer_threads, parse_args, preload
+from .worker import serve
 
 __all__ = ("ALWAYS_PRELOADED", "Zygote", "main")
 

@@ -2,9 +2,9 @@
 
 from ..errors import WorkerError
 from ..ipc.payloads import InputList, Output, Outputs, TensorData
+from .channel import EventSink, WorkerChannel
 from .handle import (
     DEFAULT_STALL_S,
-    EventSink,
     PhaseSink,
     WorkerHandle,
     WorkerSpec,
@@ -28,6 +28,7 @@ __all__ = (
     "PhaseSink",
     "SpawnLauncher",
     "TensorData",
+    "WorkerChannel",
     "WorkerError",
     "WorkerHandle",
     "WorkerProcess",

@@ -1,12 +1,10 @@
-"""The zygote client: workers forked from a zygote process that imported the libraries once.
+"""The zygote launcher: workers forked from a zygote process that imported the libraries once.
 
 `ZygoteLauncher` owns a zygote (`python -m modelmora_workers.zygote`), a child of the
 supervisor that imported the libraries once; each worker is a fork of it, ready to load
-weights at once, sharing the imported pages copy-on-write. The supervisor passes the
-worker's socket with `SCM_RIGHTS` and keeps its own end. A forked worker is the zygote's
-child, not ours: the zygote reaps it and reports its exit status; we watch it through a
-pidfd the zygote sends with its pid (`anyio.wait_readable` on it works on asyncio and
-trio), and kill it through that pidfd too (no pid reuse race).
+weights at once, sharing the imported pages copy-on-write. This module supervises the zygote
+process (start, ready check, restart, give up) and chooses between a fork and a spawn; the
+fork protocol itself (asking for a worker, watching it through a pidfd) is `zygote_client`'s.
 
 Failure handling: while the zygote imports, launches wait for it (a spawn would import the
 same libraries, competing for the same cores). When the zygote cannot start (it fails or
@@ -25,9 +23,7 @@ per worker, since the zygote never initialises CUDA.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -40,11 +36,11 @@ import anyio
 import anyio.abc
 import structlog
 
-from ..errors import ModelLoadFailed
 from ..ipc import zygote as zw
 from ..ipc.control import ProtocolError
 from .budget import process_memory, pss_bytes
 from .launchers import SpawnLauncher, WorkerProcess
+from .zygote_client import ForkedProcess, ZygoteClient, ZygoteUnavailable
 
 __all__ = ("DEFAULT_PRELOAD", "ForkedProcess", "ZygoteLauncher", "ZygoteUnavailable")
 
@@ -52,196 +48,6 @@ log = structlog.get_logger("modelmora.launch")
 
 DEFAULT_PRELOAD = ("numpy", "torch", "transformers", "sentence_transformers")
 """What the zygote imports unless configured otherwise (`zygote_preload`)."""
-
-_EXIT_REPORT_WAIT_S = 1.0
-
-
-class ZygoteUnavailable(Exception):
-    """The zygote could not start, or went away: spawn instead.
-
-    Args:
-        message: why.
-        permanent: trying again cannot help (e.g. a preload initialised CUDA).
-    """
-
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.permanent = permanent
-
-
-class ForkedProcess:
-    """A worker forked by the zygote: watched and killed through its pidfd.
-
-    Its exit status comes from the zygote (its parent, which reaps it) in an `Exited`
-    message; when the zygote died first it stays unknown (None).
-    """
-
-    def __init__(self, pid: int, pidfd: int) -> None:
-        self._pid = pid
-        self._pidfd = pidfd
-        self._returncode: int | None = None
-        self._exited = False
-        self._reported = anyio.Event()
-        self._wait_lock = anyio.Lock()
-
-    @property
-    def pid(self) -> int:
-        return self._pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._returncode
-
-    def report(self, returncode: int | None) -> None:
-        """Record the exit status the zygote reported (None: it will never report)."""
-        if not self._reported.is_set():
-            self._returncode = returncode
-            self._reported.set()
-
-    async def wait(self) -> int | None:
-        """Wait for the pidfd to turn readable (the process exited), then briefly for its status."""
-        async with self._wait_lock:  # one waiter per descriptor
-            if not self._exited:
-                if self._pidfd < 0:
-                    raise anyio.ClosedResourceError
-                await anyio.wait_readable(self._pidfd)
-                self._exited = True
-        with anyio.move_on_after(_EXIT_REPORT_WAIT_S):  # the zygote reaps it and reports at once
-            await self._reported.wait()
-        return self._returncode
-
-    def kill(self) -> None:
-        if self._pidfd >= 0 and not self._exited:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-
-    def close(self) -> None:
-        if self._pidfd >= 0:
-            anyio.notify_closing(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
-
-
-class _PendingFork:
-    __slots__ = ("done", "error", "process")
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.process: ForkedProcess | None = None
-        self.error = ""
-
-
-class _Zygote:
-    """One running zygote, seen from the supervisor: its process and its control socket."""
-
-    def __init__(self, process: anyio.abc.Process, sock: socket.socket) -> None:
-        self.process = process
-        self.pid = process.pid
-        self.sock = sock
-        self.ready: zw.Ready | None = None
-        self.children: dict[int, ForkedProcess] = {}
-        self._pending: dict[int, _PendingFork] = {}
-        self._next_id = 0
-        self._send_lock = anyio.Lock()
-        self._closed = False
-
-    async def receive(self) -> tuple[zw.ZygoteMessage | None, list[int]]:
-        """The next packet and its descriptors; (None, []) when the zygote closed the socket."""
-        while True:
-            await anyio.wait_readable(self.sock)
-            try:
-                data, fds, flags, _ = socket.recv_fds(self.sock, zw.MAX_PACKET_BYTES, 1, socket.MSG_CMSG_CLOEXEC)
-            except BlockingIOError:  # pragma: no cover - spurious wake-up
-                continue
-            except ConnectionResetError:
-                return None, []
-            if not data and not fds:
-                return None, []
-            return zw.decode(data, flags, fds), fds
-
-    async def _send(self, msg: zw.ZygoteMessage, fds: list[int]) -> None:
-        data = zw.encode(msg)
-        async with self._send_lock:
-            while True:
-                if self._closed:
-                    raise ZygoteUnavailable("the zygote is gone")
-                try:
-                    socket.send_fds(self.sock, [data], fds)
-                    return
-                except BlockingIOError:  # pragma: no cover - the zygote reads promptly
-                    try:
-                        await anyio.wait_writable(self.sock)
-                    except anyio.ClosedResourceError as exc:
-                        raise ZygoteUnavailable("the zygote is gone") from exc
-                except OSError as exc:
-                    raise ZygoteUnavailable(f"the zygote is gone: {exc}") from exc
-
-    async def fork(self, child_sock: socket.socket, env: dict[str, str], unset: list[str]) -> ForkedProcess:
-        """Ask for a worker on `child_sock`.
-
-        Raises:
-            ZygoteUnavailable: the zygote went away before answering.
-            ModelLoadFailed: the zygote could not fork.
-        """
-        self._next_id += 1
-        rid = self._next_id
-        pending = self._pending[rid] = _PendingFork()
-        try:
-            await self._send(zw.Fork(rid, env, unset), [child_sock.fileno()])
-            await pending.done.wait()
-        finally:  # cancelled: a late answer finds no request, and its pidfd is closed
-            self._pending.pop(rid, None)
-        if pending.process is not None:
-            return pending.process
-        if self._closed:
-            raise ZygoteUnavailable(pending.error)
-        raise ModelLoadFailed(f"cannot start a worker: {pending.error}")
-
-    async def serve(self) -> None:
-        """Dispatch the zygote's messages until it closes the socket.
-
-        Raises:
-            ProtocolError: the zygote sent something that is no valid answer.
-        """
-        while True:
-            msg, fds = await self.receive()
-            match msg:
-                case None:
-                    return
-                case zw.Forked(request_id=rid, pid=pid):
-                    pending = self._pending.get(rid)
-                    if pending is None or len(fds) != 1:
-                        zw.close_fds(fds)  # an abandoned request: its child exits at EOF on its socket
-                        continue
-                    process = self.children[pid] = ForkedProcess(pid, fds[0])
-                    pending.process = process
-                    pending.done.set()
-                case zw.ForkFailed(request_id=rid, message=text):
-                    zw.close_fds(fds)
-                    pending = self._pending.get(rid)
-                    if pending is not None:
-                        pending.error = text
-                        pending.done.set()
-                case zw.Exited(pid=pid, returncode=code):
-                    zw.close_fds(fds)
-                    child = self.children.pop(pid, None)
-                    if child is not None:
-                        child.report(code)
-                case _:
-                    zw.close_fds(fds)
-                    raise ProtocolError(f"unexpected message from the zygote: {type(msg).__name__}")
-
-    def close(self) -> None:
-        """Fail what waits on this zygote and close the socket (the zygote exits at EOF)."""
-        self._closed = True
-        for pending in self._pending.values():
-            pending.error = "the zygote exited"
-            pending.done.set()
-        for child in self.children.values():
-            child.report(None)  # the zygote reaps no more: the status stays unknown
-        self.children.clear()
-        anyio.notify_closing(self.sock)
-        self.sock.close()
 
 
 class ZygoteLauncher:
@@ -290,7 +96,7 @@ class ZygoteLauncher:
         self.starts = 0
         self.forks = 0
         self.spawns = 0
-        self._zygote: _Zygote | None = None
+        self._zygote: ZygoteClient | None = None
         self._changed: anyio.Event | None = None
 
     @property
@@ -365,7 +171,7 @@ class ZygoteLauncher:
         """
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         process: anyio.abc.Process | None = None
-        zygote: _Zygote | None = None
+        zygote: ZygoteClient | None = None
         try:
             cmd = [self.python, "-m", "modelmora_workers.zygote", "--fd", str(child.fileno())]
             cmd += ["--ppid", str(os.getpid()), "--preload", ",".join(self.preload)]
@@ -379,7 +185,7 @@ class ZygoteLauncher:
             finally:
                 child.close()
             parent.setblocking(False)
-            zygote = _Zygote(process, parent)
+            zygote = ZygoteClient(process, parent)
             self.starts += 1
             log.info("zygote_starting", pid=process.pid, preload=",".join(self.preload))
             t0 = time.perf_counter()

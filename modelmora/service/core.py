@@ -130,7 +130,7 @@ class InferenceService:
             adapter = ADAPTERS[TaskType(rec.task)]
         except ValueError:
             raise ModelUnavailable(f"task type {rec.task!r} of model {call.model_id!r} is not served") from None
-        timeout_s = call.timeout_s or getattr(self.settings.timeout_s, rec.task)
+        timeout_s = call.timeout_s or getattr(self.settings.timeout_s, rec.task) or adapter.info.timeout_s
         prepared = await adapter.prepare(
             call.inputs,
             call.parameters if call.parameters is not None else {},

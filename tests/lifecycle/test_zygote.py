@@ -26,7 +26,7 @@ from modelmora.ipc import zygote as zw
 from modelmora.ipc.control import ProtocolError
 from modelmora.lifecycle import SpawnLauncher, WorkerHandle, WorkerSpec, ZygoteLauncher, worker_environment
 from modelmora.lifecycle.budget import process_memory
-from modelmora.lifecycle.zygote import ForkedProcess, ZygoteUnavailable, _Zygote
+from modelmora.lifecycle.zygote_client import ForkedProcess, ZygoteClient, ZygoteUnavailable
 
 from conftest import TESTS_DIR
 
@@ -185,7 +185,7 @@ class TestForkedWorkers:
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
-        zygote = _Zygote(Process(), ours)  # type: ignore[arg-type]
+        zygote = ZygoteClient(Process(), ours)  # type: ignore[arg-type]
         with theirs:
             r, w = os.pipe()
             zw.send_packet(theirs, zw.Forked(5, 1234), [r])  # answers no request: descriptor closed

@@ -24,6 +24,7 @@ from modelmora_workers import cancel
 from modelmora_workers.pipelines.image_embedding import ImageEmbedding
 from modelmora_workers.pipelines.text_embedding import TextEmbedding
 
+from .params import worker_params
 from conftest import worker_env
 
 WORDS = [
@@ -85,7 +86,7 @@ def passes(txt2embed: TextEmbedding, monkeypatch: pytest.MonkeyPatch) -> Passes:
 @pytest.mark.parametrize("normalize", [False, True])
 def test_a_large_batch_gives_the_rows_of_one_encode(txt2embed: TextEmbedding, passes: Passes, normalize: bool) -> None:
     batch = texts(37, 60)
-    got = txt2embed.run({"text": batch}, {"batch_size": 8, "normalize": normalize})["embeddings"]
+    got = txt2embed.run({"text": batch}, worker_params("txt2embed", batch_size=8, normalize=normalize))["embeddings"]
     assert passes.sizes == [8, 8, 8, 8, 5]
     want = txt2embed.model.encode(batch, batch_size=64, normalize_embeddings=normalize, convert_to_numpy=True)
     assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == (37, 384)
@@ -93,7 +94,7 @@ def test_a_large_batch_gives_the_rows_of_one_encode(txt2embed: TextEmbedding, pa
 
 
 def test_a_batch_within_batch_size_is_one_pass(txt2embed: TextEmbedding, passes: Passes) -> None:
-    got = txt2embed.run({"text": texts(8, 60)}, {"batch_size": 8})["embeddings"]
+    got = txt2embed.run({"text": texts(8, 60)}, worker_params("txt2embed", batch_size=8))["embeddings"]
     assert passes.sizes == [8] and got.shape == (8, 384)
 
 
@@ -101,17 +102,17 @@ def test_a_cancelled_large_batch_stops_after_one_sub_batch(txt2embed: TextEmbedd
     """The issue's case: 2,048 texts of up to 300 words; the cancel arrives during the first forward pass."""
     passes.on_pass = lambda number: cancel.request(41)
     with cancel.running(41), pytest.raises(cancel.Cancelled):
-        txt2embed.run({"text": texts(2048, 300)}, {"batch_size": 32})
+        txt2embed.run({"text": texts(2048, 300)}, worker_params("txt2embed", batch_size=32))
     assert passes.sizes == [32]
     assert not cancel.is_cancelled()
-    assert txt2embed.run({"text": ["after"]}, {"batch_size": 32})["embeddings"].shape == (1, 384)
+    assert txt2embed.run({"text": ["after"]}, worker_params("txt2embed", batch_size=32))["embeddings"].shape == (1, 384)
 
 
 @pytest.mark.parametrize("count", [4, 100])
 def test_a_batch_cancelled_before_it_starts_runs_no_pass(txt2embed: TextEmbedding, passes: Passes, count: int) -> None:
     with cancel.running(42), pytest.raises(cancel.Cancelled):
         cancel.request(42)
-        txt2embed.run({"text": texts(count, 20)}, {"batch_size": 8})
+        txt2embed.run({"text": texts(count, 20)}, worker_params("txt2embed", batch_size=8))
     assert passes.sizes == []
 
 
@@ -128,7 +129,7 @@ def test_a_cancelled_image_batch_stops_after_one_sub_batch(
 
     monkeypatch.setattr(img2embed, "_embed", counted)
     with cancel.running(43), pytest.raises(cancel.Cancelled):
-        img2embed.run({"image": images * 20}, {"batch_size": 4})
+        img2embed.run({"image": images * 20}, worker_params("img2embed", batch_size=4))
     assert sizes == [4]
 
 
@@ -167,19 +168,23 @@ async def test_a_cancelled_large_request_frees_the_worker(minilm_path: Path) -> 
 
         async def run_big() -> None:
             try:
-                outcome.append(await handle.infer({"text": texts(2048, 300)}, {"batch_size": 32}, batch_id=big))
+                outcome.append(
+                    await handle.infer(
+                        {"text": texts(2048, 300)}, worker_params("txt2embed", batch_size=32), batch_id=big
+                    )
+                )
             except ModelUnavailable as exc:
                 outcome.append(exc)
             done.set()
 
         tg.start_soon(run_big)
-        while handle.statistics()["in_flight_batches"] == 0:  # noqa: ASYNC110 - the handle has no event for it
+        while handle.statistics().in_flight_batches == 0:  # noqa: ASYNC110 - the handle has no event for it
             await anyio.sleep(0.01)
         await handle.cancel(big)
-        probe = await handle.infer({"text": ["a one-text probe"]}, {"batch_size": 32})
+        probe = await handle.infer({"text": ["a one-text probe"]}, worker_params("txt2embed", batch_size=32))
         with anyio.fail_after(30):  # a safety net: the worker runs one batch at a time, the big one first
             await done.wait()
         assert isinstance(outcome[0], ModelUnavailable) and "cancelled" in outcome[0].message
-        want = reference.run({"text": ["a one-text probe"]}, {"batch_size": 32})["embeddings"]
+        want = reference.run({"text": ["a one-text probe"]}, worker_params("txt2embed", batch_size=32))["embeddings"]
         np.testing.assert_allclose(np.asarray(probe["embeddings"].rows(), dtype=np.float32), want, atol=1e-5)
         tg.cancel_scope.cancel()

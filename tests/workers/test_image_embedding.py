@@ -8,9 +8,11 @@ import pytest
 from modelmora_workers.pipelines.base import InputError
 from modelmora_workers.pipelines.image_embedding import ImageEmbedding
 
+from .params import worker_params
+
 
 def test_one_float32_row_per_image(img2embed: ImageEmbedding, images: list[np.ndarray]) -> None:
-    out = img2embed.run({"image": images[:3]}, {"normalize": False, "batch_size": 32})
+    out = img2embed.run({"image": images[:3]}, worker_params("img2embed", batch_size=32))
     assert list(out) == ["embeddings"]
     emb = out["embeddings"]
     assert isinstance(emb, np.ndarray)
@@ -22,8 +24,8 @@ def test_one_float32_row_per_image(img2embed: ImageEmbedding, images: list[np.nd
 
 
 def test_normalize_gives_unit_rows(img2embed: ImageEmbedding, images: list[np.ndarray]) -> None:
-    raw = img2embed.run({"image": images}, {"normalize": False, "batch_size": 8})["embeddings"]
-    unit = img2embed.run({"image": images}, {"normalize": True, "batch_size": 8})["embeddings"]
+    raw = img2embed.run({"image": images}, worker_params("img2embed", batch_size=8))["embeddings"]
+    unit = img2embed.run({"image": images}, worker_params("img2embed", normalize=True, batch_size=8))["embeddings"]
     assert unit.dtype == np.float32
     assert unit.flags.c_contiguous
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
@@ -31,8 +33,9 @@ def test_normalize_gives_unit_rows(img2embed: ImageEmbedding, images: list[np.nd
 
 
 def test_small_batch_size_keeps_all_rows_in_order(img2embed: ImageEmbedding, images: list[np.ndarray]) -> None:
-    batched = img2embed.run({"image": images}, {"batch_size": 2})["embeddings"]
-    alone = np.concatenate([img2embed.run({"image": [im]}, {"batch_size": 2})["embeddings"] for im in images])
+    two = worker_params("img2embed", batch_size=2)
+    batched = img2embed.run({"image": images}, two)["embeddings"]
+    alone = np.concatenate([img2embed.run({"image": [im]}, two)["embeddings"] for im in images])
     assert batched.shape == (len(images), 16)
     np.testing.assert_allclose(batched, alone, atol=1e-5)
 
@@ -41,15 +44,16 @@ def test_images_are_not_kept(img2embed: ImageEmbedding, images: list[np.ndarray]
     """Inputs are views over shared memory that the next batch overwrites: a result must not change
     when the buffer does, and the next batch in the same buffer gets its own result."""
     first, second = images[0], 255 - images[0]
-    want_first = img2embed.run({"image": [first.copy()]}, {"batch_size": 1})["embeddings"].copy()
-    want_second = img2embed.run({"image": [second.copy()]}, {"batch_size": 1})["embeddings"].copy()
+    one = worker_params("img2embed", batch_size=1)
+    want_first = img2embed.run({"image": [first.copy()]}, one)["embeddings"].copy()
+    want_second = img2embed.run({"image": [second.copy()]}, one)["embeddings"].copy()
     assert not np.allclose(want_first, want_second)
     segment = bytearray(first.tobytes())  # as in the worker: one buffer, reused batch after batch
     view = np.frombuffer(segment, dtype=np.uint8).reshape(first.shape)
-    out = img2embed.run({"image": [view]}, {"batch_size": 1})["embeddings"]
+    out = img2embed.run({"image": [view]}, one)["embeddings"]
     segment[:] = second.tobytes()
     np.testing.assert_array_equal(out, want_first)
-    np.testing.assert_array_equal(img2embed.run({"image": [view]}, {"batch_size": 1})["embeddings"], want_second)
+    np.testing.assert_array_equal(img2embed.run({"image": [view]}, one)["embeddings"], want_second)
 
 
 @pytest.mark.parametrize(
@@ -66,5 +70,5 @@ def test_images_are_not_kept(img2embed: ImageEmbedding, images: list[np.ndarray]
 )
 def test_bad_images_are_input_errors(img2embed: ImageEmbedding, inputs: dict[str, object], field: str) -> None:
     with pytest.raises(InputError) as info:
-        img2embed.run(inputs, {"batch_size": 4})
+        img2embed.run(inputs, worker_params("img2embed", batch_size=4))
     assert info.value.field == field

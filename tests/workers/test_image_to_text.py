@@ -11,9 +11,11 @@ from modelmora_workers import cancel
 from modelmora_workers.pipelines.base import InputError
 from modelmora_workers.pipelines.image_to_text import ImageToText
 
+from .params import worker_params
+
 
 def params(**overrides: Any) -> dict[str, Any]:
-    return {"max_tokens": 8, "temperature": 0.0, "seed": None, "batch_size": 8, **overrides}
+    return worker_params("img2txt", **{"max_tokens": 8, "temperature": 0.0, **overrides})
 
 
 def test_one_caption_and_reason_per_image(img2txt: ImageToText, images: list[np.ndarray]) -> None:

@@ -14,6 +14,8 @@ from modelmora_workers.pipelines.image_to_text import ImageToText
 from modelmora_workers.pipelines.text_generation import TextGeneration
 from modelmora_workers.pipelines.text_to_image import TextToImage
 
+from .params import worker_params
+
 
 @pytest.mark.parametrize(
     ("cls", "fixture"),
@@ -30,7 +32,7 @@ def test_bfloat16_loads_and_warms_up_on_cpu(cls: Any, fixture: str, request: pyt
 
 def test_bfloat16_embeddings_are_float32(clip_dir: Path, images: list[np.ndarray]) -> None:
     pipe = ImageEmbedding(str(clip_dir), device="auto", dtype="bfloat16", options={})
-    out = pipe.run({"image": images[:2]}, {"normalize": True, "batch_size": 2})["embeddings"]
+    out = pipe.run({"image": images[:2]}, worker_params("img2embed", normalize=True, batch_size=2))["embeddings"]
     assert out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
@@ -59,5 +61,6 @@ def test_unknown_dtype_is_refused(gpt2_dir: Path) -> None:
 def test_zero_max_tokens_generates_nothing(
     txt2txt: TextGeneration, img2txt: ImageToText, images: list[np.ndarray]
 ) -> None:
-    assert txt2txt.run({"text": ["Hello"]}, {"max_tokens": 0}) == {"texts": [""], "finish_reasons": ["length"]}
-    assert img2txt.run({"image": images[:1]}, {"max_tokens": 0}) == {"texts": [""], "finish_reasons": ["length"]}
+    nothing = {"texts": [""], "finish_reasons": ["length"]}
+    assert txt2txt.run({"text": ["Hello"]}, worker_params("txt2txt", max_tokens=0)) == nothing
+    assert img2txt.run({"image": images[:1]}, worker_params("img2txt", max_tokens=0)) == nothing

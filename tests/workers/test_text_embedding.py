@@ -10,6 +10,8 @@ import numpy as np
 
 from modelmora_workers.pipelines.text_embedding import TextEmbedding
 
+from .params import worker_params
+
 
 def test_two_threads_at_once_give_the_results_of_one(minilm_path: Path) -> None:
     """Two inference streams call the same model at once: every batch gets the embeddings it gets alone."""
@@ -18,7 +20,7 @@ def test_two_threads_at_once_give_the_results_of_one(minilm_path: Path) -> None:
     rng = random.Random(3)
     words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "model", "server", "batch", "stream"]
     batches = [[" ".join(rng.choices(words, k=rng.randint(1, 60))) for _ in range(8)] for _ in range(12)]
-    params = {"batch_size": 8}
+    params = worker_params("txt2embed", batch_size=8)
     alone = [pipe.run({"text": b}, params)["embeddings"] for b in batches]
     together: dict[int, np.ndarray] = {}
     errors: list[BaseException] = []

@@ -12,20 +12,13 @@ from modelmora_workers import cancel, events
 from modelmora_workers.pipelines.base import InputError
 from modelmora_workers.pipelines.text_generation import TextGeneration, _Row
 
+from .params import worker_params
+
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy", "A", "Once upon a time there was", "Hi!"]
 
 
 def params(**overrides: Any) -> dict[str, Any]:
-    base = {
-        "max_tokens": 12,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "stop": [],
-        "seed": None,
-        "stream": False,
-        "batch_size": 8,
-    }
-    return {**base, **overrides}
+    return worker_params("txt2txt", **{"max_tokens": 12, "temperature": 0.0, **overrides})
 
 
 @contextmanager

@@ -13,20 +13,13 @@ from modelmora_workers import cancel, events
 from modelmora_workers.pipelines.base import InputError
 from modelmora_workers.pipelines.text_to_image import TextToImage
 
+from .params import worker_params
+
 PROMPTS = ["a red cat", "an astronaut riding a horse on the moon", "a house"]
 
 
 def params(**overrides: Any) -> dict[str, Any]:
-    base = {
-        "steps": 2,
-        "guidance_scale": 7.5,
-        "width": None,
-        "height": None,
-        "seed": None,
-        "negative_prompt": None,
-        "batch_size": 4,
-    }
-    return {**base, **overrides}
+    return worker_params("txt2img", **{"steps": 2, "batch_size": 4, **overrides})
 
 
 def pixels(png: bytes) -> np.ndarray:

@@ -10,8 +10,11 @@ Outputs, by field name; every output has one entry per input item, in input orde
 - a list[str] (e.g. "texts", "finish_reasons");
 - a list[bytes] (e.g. "images": one PNG per item).
 
-Params arrive validated by the supervisor with the task's defaults filled in, plus
-"batch_size" (the model's max_batch_size: run forward passes of at most that many items).
+Params arrive validated by the supervisor with every parameter of the task present (the
+defaults, kept in one place, the API schema, filled in; None for an optional one the client
+left out), plus "batch_size" (the model's max_batch_size: run forward passes of at most that
+many items). A pipeline reads them with `param`, keeping no default of its own: a missing one
+is a protocol error.
 While a batch runs, long pipelines call `cancel.check()` between steps (it raises
 `cancel.Cancelled`) and may report progress with `events.emit(...)`; one-pass pipelines given more
 items than "batch_size" run them in `sub_batches`, which checks between forward passes.
@@ -19,14 +22,16 @@ items than "batch_size" run them in `sub_batches`, which checks between forward 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 import numpy as np
 
+from modelmora.ipc.control import ProtocolError
+
 from .. import cancel
 
-__all__ = ("InputError", "Output", "Pipeline", "sub_batches")
+__all__ = ("InputError", "Output", "Pipeline", "param", "sub_batches")
 
 Output = np.ndarray | list[str] | list[bytes]
 
@@ -57,6 +62,22 @@ class Pipeline(Protocol):
     def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, Output]:
         """Run one batch."""
         ...
+
+
+def param(params: Mapping[str, Any], name: str) -> Any:
+    """The parameter `name` as the supervisor sent it (None: an optional one left out).
+
+    Raises:
+        ProtocolError: `params` lacks `name`: the supervisor sends every parameter of the task,
+            defaults filled in, plus "batch_size"; a caller that builds them itself must too.
+    """
+    try:
+        return params[name]
+    except KeyError:
+        raise ProtocolError(
+            f"parameter {name!r} missing from the batch's parameters (the supervisor sends every"
+            f" parameter of the task with its default filled in; got {', '.join(sorted(params)) or 'none'})"
+        ) from None
 
 
 def sub_batches(count: int, size: int) -> Iterator[slice]:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..devices import load_kwargs, resolve_device
-from .base import InputError, sub_batches
+from .base import InputError, param, sub_batches
 
 __all__ = ("ImageEmbedding", "images_input")
 
@@ -68,17 +68,17 @@ class ImageEmbedding:
             return out.float().cpu().numpy()
 
     def warmup(self) -> None:
-        out = self.run({"image": warmup_images()}, {"batch_size": 2})["embeddings"]
+        out = self.run({"image": warmup_images()}, {"normalize": False, "batch_size": 2})["embeddings"]
         if out.ndim != 2 or out.shape[0] != 2 or out.shape[1] == 0 or not np.all(np.isfinite(out)):
             raise RuntimeError(f"test inference produced no finite embeddings (shape {out.shape})")
         self.dim = int(out.shape[1])
 
     def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, np.ndarray]:
         images = images_input(inputs)
-        size = max(1, int(params.get("batch_size") or 32))
+        size = max(1, int(param(params, "batch_size")))
         rows = [self._embed(images[part]) for part in sub_batches(len(images), size)]  # checks the cancel flag
         out = np.concatenate(rows, axis=0).astype(np.float32, copy=False)
-        if params.get("normalize", False):
+        if param(params, "normalize"):
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             out = out / np.maximum(norms, 1e-12)
         return {"embeddings": np.ascontiguousarray(out, dtype=np.float32)}

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import cancel
 from ..devices import load_kwargs, resolve_device
+from .base import param
 from .image_embedding import images_input, warmup_images
 
 __all__ = ("ImageToText",)
@@ -29,11 +30,6 @@ def _stopping_criteria() -> Any:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
     return StoppingCriteriaList([CancelCheck()])
-
-
-def _param(params: dict[str, Any], name: str, default: Any) -> Any:
-    value = params.get(name)
-    return default if value is None else value
 
 
 def _ids(value: Any) -> set[int]:
@@ -89,7 +85,7 @@ class ImageToText:
         return results
 
     def warmup(self) -> None:
-        out = self.run({"image": warmup_images()}, {"max_tokens": 3, "temperature": 0.0, "batch_size": 2})
+        out = self.run({"image": warmup_images()}, {"max_tokens": 3, "temperature": 0.0, "seed": None, "batch_size": 2})
         if len(out["texts"]) != 2 or any(r not in ("stop", "length") for r in out["finish_reasons"]):
             raise RuntimeError("test inference produced no captions")
 
@@ -97,14 +93,14 @@ class ImageToText:
         import torch
 
         images = images_input(inputs)
-        max_tokens = int(_param(params, "max_tokens", 30))
+        max_tokens = int(param(params, "max_tokens"))
         if self.max_new_limit is not None:
             max_tokens = min(max_tokens, self.max_new_limit)
         if max_tokens <= 0:
             return {"texts": [""] * len(images), "finish_reasons": ["length"] * len(images)}
-        temperature = float(_param(params, "temperature", 0.0))
-        seed = params.get("seed")
-        size = 1 if seed is not None else max(1, int(params.get("batch_size") or 8))
+        temperature = float(param(params, "temperature"))
+        seed = param(params, "seed")
+        size = 1 if seed is not None else max(1, int(param(params, "batch_size")))
         results: list[tuple[str, str]] = []
         for start in range(0, len(images), size):
             cancel.check()

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import cancel
 from ..devices import resolve_device, torch_dtype
-from .base import InputError, sub_batches
+from .base import InputError, param, sub_batches
 
 __all__ = ("TextEmbedding",)
 
@@ -62,8 +62,8 @@ class TextEmbedding:
         texts = inputs.get("text")
         if not isinstance(texts, list):
             raise InputError("txt2embed needs 'text'", "$.input_data.text")
-        size = max(1, int(params.get("batch_size", 32)))
-        normalize = bool(params.get("normalize", False))
+        size = max(1, int(param(params, "batch_size")))
+        normalize = bool(param(params, "normalize"))
         if len(texts) <= size:
             cancel.check()
             out = self._encode(texts, size, normalize)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import cancel, events
 from ..devices import load_kwargs, resolve_device
-from .base import InputError
+from .base import InputError, param
 
 if TYPE_CHECKING:
     import torch
@@ -45,10 +45,15 @@ def texts_input(inputs: dict[str, Any]) -> list[str]:
     return texts
 
 
-def _param(params: dict[str, Any], name: str, default: Any) -> Any:
-    """params[name], or `default` where it is missing or None."""
-    value = params.get(name)
-    return default if value is None else value
+_WARMUP_PARAMS: dict[str, Any] = {
+    "max_tokens": 4,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "stop": [],
+    "seed": None,
+    "stream": False,
+    "batch_size": 2,
+}
 
 
 @dataclass
@@ -190,10 +195,10 @@ class TextGeneration:
         """Run the decoding loop for a batch of rows, until each has a finish reason."""
         import torch
 
-        temperature = float(_param(params, "temperature", 1.0))
-        top_p = float(_param(params, "top_p", 1.0))
-        stops = [s for s in params.get("stop") or [] if s]
-        stream = bool(params.get("stream", False))
+        temperature = float(param(params, "temperature"))
+        top_p = float(param(params, "top_p"))
+        stops = [s for s in param(params, "stop") if s]
+        stream = bool(param(params, "stream"))
         for row in rows:
             if row.max_new <= 0:
                 row.reason = "length"
@@ -271,16 +276,16 @@ class TextGeneration:
             logits = self.model(**self._first_inputs(rows)).logits
         if logits.shape[-1] == 0 or not bool(torch.isfinite(logits).all()):
             raise RuntimeError("test inference produced non-finite logits")
-        out = self.run({"text": ["Hello", "Hi"]}, {"max_tokens": 4, "temperature": 0.0, "batch_size": 2})
+        out = self.run({"text": ["Hello", "Hi"]}, _WARMUP_PARAMS)
         if len(out["texts"]) != 2 or any(r not in ("stop", "length") for r in out["finish_reasons"]):
             raise RuntimeError("test inference produced no texts")
 
     def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, list[str]]:
         texts = texts_input(inputs)
-        max_tokens = int(_param(params, "max_tokens", 64))
-        seed = params.get("seed")
+        max_tokens = int(param(params, "max_tokens"))
+        seed = param(params, "seed")
         rows = self._encode(texts, max_tokens)
-        size = 1 if seed is not None else max(1, int(params.get("batch_size") or 8))
+        size = 1 if seed is not None else max(1, int(param(params, "batch_size")))
         for start in range(0, len(rows), size):
             generator = None
             if seed is not None:

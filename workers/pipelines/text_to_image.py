@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import cancel, events
 from ..devices import load_kwargs, resolve_device
-from .base import InputError
+from .base import InputError, param
 from .text_generation import texts_input
 
 __all__ = ("TextToImage",)
@@ -28,18 +28,24 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def _param(params: dict[str, Any], name: str, default: Any) -> Any:
-    value = params.get(name)
-    return default if value is None else value
-
-
 def _size(params: dict[str, Any], name: str) -> int | None:
-    value = params.get(name)
+    value = param(params, name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 8:
         raise InputError(f"{name} must be a positive multiple of 8", f"$.parameters.{name}")
     return value
+
+
+_WARMUP_PARAMS: dict[str, Any] = {
+    "steps": 1,
+    "guidance_scale": 1.0,
+    "width": None,
+    "height": None,
+    "seed": 0,
+    "negative_prompt": None,
+    "batch_size": 1,
+}
 
 
 class TextToImage:
@@ -61,7 +67,7 @@ class TextToImage:
     ) -> list[bytes]:
         import torch
 
-        steps = int(_param(params, "steps", 20))
+        steps = int(param(params, "steps"))
         items = [-1] if whole else list(range(first, first + len(prompts)))
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -70,11 +76,11 @@ class TextToImage:
                 events.emit("progress", {"step": step + 1, "steps": steps}, item=item)
             return tensors
 
-        seed = params.get("seed")
+        seed = param(params, "seed")
         call: dict[str, Any] = {
             "prompt": prompts,
             "num_inference_steps": steps,
-            "guidance_scale": float(_param(params, "guidance_scale", 7.5)),
+            "guidance_scale": float(param(params, "guidance_scale")),
             "width": width,
             "height": height,
             "num_images_per_prompt": 1,
@@ -83,7 +89,7 @@ class TextToImage:
         }
         if seed is not None:
             call["generator"] = [torch.Generator("cpu").manual_seed(int(seed)) for _ in prompts]
-        negative = params.get("negative_prompt")
+        negative = param(params, "negative_prompt")
         if negative is not None:
             call["negative_prompt"] = [negative] * len(prompts)
         with torch.inference_mode():
@@ -91,14 +97,14 @@ class TextToImage:
         return [_png(image) for image in images]
 
     def warmup(self) -> None:
-        out = self.run({"text": ["warm-up"]}, {"steps": 1, "guidance_scale": 1.0, "seed": 0, "batch_size": 1})
+        out = self.run({"text": ["warm-up"]}, _WARMUP_PARAMS)
         if len(out["images"]) != 1 or not out["images"][0].startswith(b"\x89PNG\r\n\x1a\n"):
             raise RuntimeError("test inference produced no image")
 
     def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, list[bytes]]:
         prompts = texts_input(inputs)
         width, height = _size(params, "width"), _size(params, "height")
-        size = 1 if params.get("seed") is not None else max(1, int(params.get("batch_size") or 1))
+        size = 1 if param(params, "seed") is not None else max(1, int(param(params, "batch_size")))
         images: list[bytes] = []
         for start in range(0, len(prompts), size):
             cancel.check()
