@@ -280,6 +280,23 @@ async def test_arrivals_while_busy_form_the_next_batch(tmp_path: Path) -> None:
         assert all(b.params["batch_size"] == 4 for b in p.workers.batches)
 
 
+@on_mock_clock
+async def test_a_second_stream_takes_only_a_full_batch(tmp_path: Path) -> None:
+    async with running(tmp_path, max_batch_size=2) as p:
+        p.workers.streams = 2
+        rt = p.runtime("m")
+        p.submit(rt, "first")
+        first = await p.workers.next_batch()
+        p.submit(rt, "a")
+        await anyio.sleep(1)
+        assert len(p.workers.batches) == 1  # one item waits: the busy worker's next batch, not a stream of its own
+        p.submit(rt, "b")
+        await wait_for(lambda: len(p.workers.batches) == 2, p.workers.changed)
+        second = p.workers.batches[1]
+        assert second.texts == ["a", "b"] and first.running
+        assert second.started_at == pytest.approx(first.started_at + 1)
+
+
 # -- max_wait_ms ---------------------------------------------------------------------------------
 
 
@@ -387,6 +404,26 @@ async def test_keep_alive_minus_one_keeps_an_idle_worker(tmp_path: Path) -> None
         await result_of(p.submit(rt, "x"))
         await anyio.sleep(7 * 24 * 3600)
         assert rt.state == S.READY and not p.workers.workers[0].dead
+
+
+@on_mock_clock
+async def test_a_device_change_replaces_the_worker_once_its_batch_finishes(tmp_path: Path) -> None:
+    async with running(tmp_path) as p:
+        rt = p.runtime("m", device="cpu")
+        req = p.submit(rt, "x")
+        batch = await p.workers.next_batch()
+        assert p.runtime("m", device="cuda:1", dtype="float16") is rt
+        await anyio.sleep(10)
+        old = p.workers.workers[0]
+        assert not old.dead and batch.running and not batch.cancelled  # the running batch finishes first
+        batch.answer()
+        assert await result_of(req) == {"echo": ["x"]}
+        await wait_for(lambda: old.dead, p.workers.changed)
+        assert rt.history[-2][1:] == ("unloading", "replace")
+        p.workers.auto_answer = True
+        await result_of(p.submit(rt, "y"))
+        new = p.workers.workers[1].spec
+        assert (new.device, new.dtype) == ("cuda:1", "float16") and old.spec.device == "cpu"
 
 
 # -- crashes ------------------------------------------------------------------------------------------
