@@ -292,6 +292,8 @@ class Scheduler:
                     raise self.supervisor.failed_error(rt)
                 await rt.changed.wait()
         if rt.waiting_for_memory:
+            rt.load_requested = False  # its caller gives up: it stops waiting unless requests do
+            rt.poke()
             raise InsufficientMemory(self.admission.no_memory_message(rt), retry_after_s=5)
         raise ModelUnavailable(f"model {rt.key.model_id!r} did not become ready within {timeout_s:g} s")
 

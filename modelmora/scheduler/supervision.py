@@ -73,9 +73,14 @@ class ModelSupervisor:
             delay = min(s.load_retry_cap_s, s.load_retry_base_s * 2 ** (rt.crash_streak - 2))
             log.warning("restart_backoff", model=str(rt.key), crashes=rt.crash_streak, delay_s=delay)
             await anyio.sleep(delay)
+            if not await self._wait_for_work(rt):  # uninstalled, or nobody waits, meanwhile
+                return
         try:
             await self.admission.admit(rt)
         except InsufficientMemory as exc:
+            if rt.state == ModelState.FAILED:  # a background retry found no room: a failed attempt
+                self._load_failed(rt, ModelLoadFailed(exc.message))
+                return
             rt.last_error = exc.message
             rt.queue.fail_all(exc)
             rt.load_requested = False
