@@ -28,10 +28,12 @@ class ConfigError(Exception):
 
 
 KEEP_ALIVE_PATTERN = r"^(-1|0|\d+(\.\d+)?(ms|s|m|h)?)$"
+ORIGIN_PATTERN = r"^(\*|https?://[^/\s]+)$"
 
 PATTERN_WORDS: dict[str, str] = {
     KEEP_ALIVE_PATTERN: "a duration like '30s', '10m', '1.5h', '0' (right after use) or '-1' (never)",
     r"^(auto|cpu|cuda|cuda:\d+)$": "'auto', 'cpu', 'cuda' or 'cuda:N'",
+    ORIGIN_PATTERN: "an origin like 'https://app.example.com' or 'http://localhost:3000' (no path), or '*'",
 }
 """What each pattern of a string setting means, in words, for error messages."""
 
@@ -107,6 +109,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     registry_url: str = ""
     """Empty: SQLite file `$MODELMORA_HOME/registry.sqlite3`."""
     max_body_bytes: Count = 32 * 1024 * 1024
+    body_read_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    """A request body must arrive whole within this many seconds of the request's start; else 408
+    (`request_timeout`) and the connection is closed."""
+    cors_origins: tuple[Annotated[str, msgspec.Meta(pattern=ORIGIN_PATTERN)], ...] = ()
+    """Web origins whose pages may call this server (CORS: preflight answered, Access-Control-* headers
+    on their responses); "*": any origin; empty: CORS off. Env: comma-separated."""
     max_texts_per_request: Count = 2048
     max_text_chars: Count = 100_000
     max_image_bytes: Count = 20 * 1024 * 1024
@@ -132,7 +140,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     result_secret: str = ""
     """HMAC key for signed result URLs; empty: generated once and kept in home (replicas: set it)."""
     public_url: str = ""
-    """Base URL clients reach this server at, for result URLs; empty: taken from each request."""
+    """Base URL clients reach this server at, for result URLs; empty: the address the request's connection
+    arrived at (scheme, IP and port of this server; never the client's Host header)."""
     s3: S3Settings = S3Settings()
     queue_limit: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
     max_batch_size: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
@@ -217,7 +226,7 @@ def default_home() -> Path:
 
 
 _SECTIONS: dict[str, object] = {"timeout_s": TaskDefaults, "pipelines": dict, "s3": S3Settings}
-_LIST_KEYS = {"zygote_preload"}
+_LIST_KEYS = {"zygote_preload", "cors_origins"}
 """Top-level keys whose environment value is a comma-separated list."""
 _SKIP_ENV = {"MODELMORA_CONFIG", "MODELMORA_TEST_PG_DSN", "MODELMORA_TEST_REDIS_URL", "MODELMORA_REQUIRE_SERVICES"}
 

@@ -21,9 +21,11 @@ __all__ = (
     "PayloadTooLarge",
     "QueueFull",
     "RegistryError",
+    "RequestTimeout",
     "SharedMemoryFull",
     "SourceError",
     "StorageUnavailable",
+    "UnsupportedMediaType",
     "WorkerCrashed",
     "WorkerError",
 )
@@ -46,10 +48,24 @@ class ModelMoraError(Exception):
 
 
 class MalformedRequest(ModelMoraError):
-    """The body is not valid JSON (raised by the API decoders)."""
+    """The body is not valid JSON, not UTF-8, or nested too deep (raised by the API decoders)."""
 
     http_status = 400
     code = "malformed_request"
+
+
+class RequestTimeout(ModelMoraError):
+    """The request body did not arrive within `body_read_timeout_s` (the connection is closed)."""
+
+    http_status = 408
+    code = "request_timeout"
+
+
+class UnsupportedMediaType(ModelMoraError):
+    """A request body that is not declared `application/json` (`Content-Type`)."""
+
+    http_status = 415
+    code = "unsupported_media_type"
 
 
 class ModelNotFound(ModelMoraError):

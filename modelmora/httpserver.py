@@ -13,7 +13,10 @@ marks the listening socket inheritable (so the zygote and every worker held the 
   running (an idle keep-alive connection after `keep_alive_timeout`);
 - an accept that fails for lack of descriptors or memory is logged (once per burst), and the
   loop waits a little and goes on, like trio's `serve_listeners`;
-- the listening socket stays close-on-exec.
+- the listening socket stays close-on-exec;
+- on HTTP/2, request body data that arrives for a stream already answered (413 before the whole
+  body was read) is acknowledged and the stream reset with NO_ERROR (RFC 9113 section 8.1), where
+  Hypercorn raised KeyError and dropped the connection with every other stream on it.
 """
 
 from __future__ import annotations
@@ -27,9 +30,13 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import h2.errors
+import h2.events
+import h2.exceptions
 import msgspec
 import structlog
 from hypercorn.config import Config
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.typing import AppWrapper
 from hypercorn.utils import wrap_app
 
@@ -177,6 +184,46 @@ def _worker_context() -> Any:
     return TrioContext(None)
 
 
+class _H2Protocol(H2Protocol):
+    """Hypercorn's HTTP/2 protocol, with body data for a stream whose response has been sent (and
+    which Hypercorn has forgotten) acknowledged and the stream reset, not a KeyError."""
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        if not any(isinstance(e, h2.events.DataReceived) and e.stream_id not in self.streams for e in events):
+            await super()._handle_events(events)  # the common case, in one go
+            return
+        for event in events:  # in order: a stream may start in this same batch
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                self._discard(event)
+            else:
+                await super()._handle_events([event])
+        await self._flush()
+
+    def _discard(self, event: h2.events.DataReceived) -> None:
+        self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        if event.stream_ended is None and event.stream_id not in self.stream_buffers:
+            # the response is out (its buffer goes once END_STREAM is sent): stop the upload
+            with suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
+
+class _Protocol:
+    """Hypercorn's `ProtocolWrapper` (HTTP/1.1, upgraded to HTTP/2 on request), whose HTTP/2
+    protocol, once made, is `_h2_protocol()`."""
+
+    def __init__(self, wrapped: Any) -> None:
+        self.wrapped = wrapped
+
+    async def initiate(self) -> None:
+        await self.wrapped.initiate()
+
+    async def handle(self, event: Any) -> None:
+        await self.wrapped.handle(event)
+        protocol = self.wrapped.protocol
+        if type(protocol) is H2Protocol:  # just upgraded: the same object, with our handling
+            protocol.__class__ = _H2Protocol
+
+
 @functools.cache
 def _asyncio_connection() -> type[Any]:
     from hypercorn.asyncio.tcp_server import TCPServer
@@ -189,6 +236,7 @@ def _asyncio_connection() -> type[Any]:
         peer_closed = False
 
         async def _read_data(self) -> None:
+            self.protocol = _Protocol(self.protocol)  # type: ignore[assignment]  # the same interface
             await super()._read_data()
             self.peer_closed = True
             await self.idle_task.stop()
@@ -212,6 +260,7 @@ def _trio_connection() -> type[Any]:
         peer_closed = False
 
         async def _read_data(self) -> None:
+            self.protocol = _Protocol(self.protocol)  # type: ignore[assignment]  # the same interface
             await super()._read_data()
             self.peer_closed = True
             await self.idle_task.stop()

@@ -86,3 +86,41 @@ def test_the_listening_socket_is_not_inherited() -> None:
     sock = bind_socket("127.0.0.1", 0)
     with sock:
         assert not sock.get_inheritable()
+
+
+LIMIT = 1000
+
+
+async def limited(
+    scope: MutableMapping[str, Any],
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+) -> None:
+    """Answers 413 at once (body unread) when the declared body is over LIMIT, else 200."""
+    length = int(dict(scope["headers"]).get(b"content-length", b"0"))
+    status = 413 if length > LIMIT else 200
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"no" if status == 413 else b"ok"})
+
+
+async def test_http2_a_body_over_the_limit_is_413_on_its_stream_and_the_connection_goes_on() -> None:
+    import httpx
+
+    sock = bind_socket("127.0.0.1", 0)
+    config = Config()
+    config.graceful_timeout = 1
+    listener = HttpListener(limited, config, sock, limit=10)
+    stop = anyio.Event()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    with sock:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, stop.wait)
+            async with httpx.AsyncClient(http1=False, http2=True, timeout=30) as client:
+                # within the flow-control window: the client sends it all, the server has answered before
+                r = await client.post(url, content=b"x" * 40_000)
+                assert r.http_version == "HTTP/2" and r.status_code == 413
+                for _ in range(3):  # the same connection serves the next streams
+                    r = await client.post(url, content=b"x" * 10)
+                    assert r.status_code == 200 and r.text == "ok"
+            assert listener.accepted == 1
+            stop.set()

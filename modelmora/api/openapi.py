@@ -78,6 +78,9 @@ def document() -> dict[str, Any]:
         " img2txt.",
         "oneOf": [{"$ref": _REF.format(name=t.__name__)} for t in inputs],
     }
+    priority = req["properties"]["priority"]
+    # validated as a number that is a multiple of 1 (3 and 3.0 alike): JSON Schema's "integer" says that
+    priority["anyOf"][0] = {"type": "integer", "minimum": 1, "maximum": 4}
     req["properties"]["parameters"] = {
         "description": "Task parameters: EmbeddingParameters (txt2embed, img2embed), CaptionParameters (img2txt),"
         " GenerationParameters (txt2txt), ImageGenerationParameters (txt2img).",
@@ -92,9 +95,11 @@ def document() -> dict[str, Any]:
     }
     model_id = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
     errors = {
-        "400": _error("Malformed JSON"),
+        "400": _error("Malformed JSON, not UTF-8, or nested deeper than 64 levels"),
         "404": _error("Unknown model or version"),
+        "408": _error("Body not received within body_read_timeout_s"),
         "413": _error("Body over max_body_bytes"),
+        "415": _error("Content-Type is not application/json"),
         "422": _error("Invalid field; error.field names it"),
         "429": _error("Model queue full (Retry-After)"),
         "503": _error("Worker crashed, model failed to load, or unavailable (Retry-After)"),
@@ -174,7 +179,9 @@ def document() -> dict[str, Any]:
                         "200": _ok("ModelInfo"),
                         "400": _error("Malformed JSON"),
                         "404": _error("Unknown model"),
-                        "422": _error("Invalid setting"),
+                        "415": _error("Content-Type is not application/json"),
+                        "422": _error("Invalid setting, or a key given twice"),
+                        "503": _error("The registry cannot be written (storage_unavailable)"),
                     },
                 },
             },

@@ -55,7 +55,8 @@ class InferRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     input_data: dict[str, Any]
     parameters: dict[str, Any] = {}
-    priority: Annotated[int, Meta(ge=1, le=4)] | PriorityName = 3
+    priority: Annotated[float, Meta(ge=1, le=4, multiple_of=1)] | PriorityName = 3
+    """1 (critical) to 4 (low), or a name; an integer, which JSON may also write as 3.0."""
     timeout_seconds: Annotated[float, Meta(gt=0, le=86400)] | None = None
     version: str | None = None
     stream: bool = False

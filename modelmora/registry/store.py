@@ -203,8 +203,20 @@ class SQLiteStore(ModelStore):
         return self.get(model_id) if cur.rowcount else None
 
     def ping(self) -> None:
+        """Raise unless the registry can be read and written: a write transaction is begun and
+        rolled back (nothing is written). A database busy with another writer counts as writable."""
         with self._lock:
             self._db.execute("SELECT 1").fetchone()
+            self._db.execute("PRAGMA busy_timeout = 100")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                    raise
+            else:
+                self._db.execute("ROLLBACK")
+            finally:
+                self._db.execute("PRAGMA busy_timeout = 30000")
 
     def close(self) -> None:
         with self._lock:

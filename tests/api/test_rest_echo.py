@@ -126,7 +126,9 @@ async def test_model_settings_enum_lists_the_accepted_values(echo_app: AppUnderT
 async def test_unknown_model_and_malformed_json(echo_app: AppUnderTest) -> None:
     status, body = await infer(echo_app, {"input_data": {"text": "a"}}, model="nope")
     assert status == 404 and body["error"]["code"] == "model_not_found" and "nope" in body["error"]["message"]
-    r = await echo_app.client.post("/api/v1/infer/echo", content=b'{"input_data": ')
+    r = await echo_app.client.post(
+        "/api/v1/infer/echo", content=b'{"input_data": ', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_request"
     r = await echo_app.client.get("/api/v1/nowhere")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

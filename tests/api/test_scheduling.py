@@ -12,6 +12,8 @@ from conftest import AppUnderTest
 
 pytestmark = pytest.mark.anyio
 
+JSON = {"content-type": "application/json"}
+
 
 async def post(app: AppUnderTest, text: object, **extra: object) -> tuple[int, dict]:
     r = await app.client.post("/api/v1/infer/echo", json={"input_data": {"text": text}, **extra})
@@ -125,7 +127,7 @@ async def test_per_model_settings_apply_to_the_next_batch(echo_app: AppUnderTest
     r = await echo_app.client.put("/api/v1/models/echo", json={"max_batch_size": 0})
     assert r.status_code == 422 and r.json()["error"]["field"] == "$.max_batch_size"
     assert (await echo_app.client.put("/api/v1/models/nope", json={})).status_code == 404
-    assert (await echo_app.client.put("/api/v1/models/echo", content=b"{")).status_code == 400
+    assert (await echo_app.client.put("/api/v1/models/echo", content=b"{", headers=JSON)).status_code == 400
     await anyio.sleep(1.1)  # the catalog cache
     sizes: list[float] = []
 

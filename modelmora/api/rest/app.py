@@ -23,13 +23,20 @@ from ...service import InferCall, InferenceService, InferResult, Priority
 from .. import openapi
 from ..schemas import InferRequest, ModelInfo, ModelList, ModelVersionInfo
 from .body import decode, read_body
+from .cors import Cors
 from .encode import response_body, sse
 from .errors import error_body, error_response, exception_handlers, json_response, unexpected
 
 __all__ = ("create_app",)
 
+
+class _Empty(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of load and unload, when one is sent: `{}`."""
+
+
 _envelope_decoder = msgspec.json.Decoder(InferRequest)
 _settings_decoder = msgspec.json.Decoder(ModelSettings)
+_empty_decoder = msgspec.json.Decoder(_Empty)
 _INFER_PREFIX = "/api/v1/infer/"
 
 
@@ -49,15 +56,16 @@ def create_app(service: InferenceService) -> ASGIApp:
     signed URLs here)."""
     settings = service.settings
     public_url = settings.public_url.rstrip("/") + "/" if settings.public_url else ""
+    limit, body_timeout_s = settings.max_body_bytes, settings.body_read_timeout_s
 
     async def infer(scope: Scope, receive: Receive, model_id: str) -> Response:
-        env = decode(_envelope_decoder, await read_body(scope, receive, settings.max_body_bytes))
+        env = decode(_envelope_decoder, await read_body(scope, receive, limit, body_timeout_s))
         call = InferCall(
             model_id,
             env.input_data,
             env.parameters,
             version=env.version,
-            priority=Priority.parse(env.priority),
+            priority=Priority.parse(int(env.priority) if isinstance(env.priority, float) else env.priority),
             timeout_s=env.timeout_seconds,
             stream=env.stream,
             return_mode=env.return_,
@@ -85,21 +93,29 @@ def create_app(service: InferenceService) -> ASGIApp:
         recs = await service.models(request.query_params.get("task_type"))
         return json_response(ModelList([_model_info(r) for r in recs]))
 
-    async def get_model(request: HTTPRequest) -> Response:
-        return json_response(_model_info(await service.model(request.path_params["model_id"])))
+    async def model(request: HTTPRequest) -> Response:
+        """GET: one model; PUT: replace its settings (fields left out take the server's defaults)."""
+        model_id = request.path_params["model_id"]
+        if request.method == "PUT":
+            update = decode(_settings_decoder, await read_body(request.scope, request.receive, limit, body_timeout_s))
+            return json_response(_model_info(await service.update_settings(model_id, update)))
+        return json_response(_model_info(await service.model(model_id)))
 
-    async def put_model(request: HTTPRequest) -> Response:
-        """Replace a model's settings (fields left out take the server's defaults)."""
-        update = decode(_settings_decoder, await read_body(request.scope, request.receive, settings.max_body_bytes))
-        return json_response(_model_info(await service.update_settings(request.path_params["model_id"], update)))
+    async def no_body(request: HTTPRequest) -> None:
+        """Load and unload take no body: none (then no Content-Type is needed), or a JSON `{}`."""
+        body = await read_body(request.scope, request.receive, limit, body_timeout_s, optional=True)
+        if body:
+            decode(_empty_decoder, body)
 
     async def load_model(request: HTTPRequest) -> Response:
         """Load (and warm up) a model now; waits until it is ready."""
+        await no_body(request)
         model_id, version = request.path_params["model_id"], request.query_params.get("version")
         return json_response(await service.load(model_id, version))
 
     async def unload_model(request: HTTPRequest) -> Response:
         """Drain the model's queue, stop its worker, give its memory back."""
+        await no_body(request)
         model_id, version = request.path_params["model_id"], request.query_params.get("version")
         return json_response(await service.unload(model_id, version))
 
@@ -132,8 +148,7 @@ def create_app(service: InferenceService) -> ASGIApp:
         # POSTs are served by `_Api` before routing; the route gives other methods their 405
         Route("/api/v1/infer/{model_id}", infer_via_router, methods=["POST"]),
         Route("/api/v1/models", list_models, methods=["GET"]),
-        Route("/api/v1/models/{model_id}", get_model, methods=["GET"]),
-        Route("/api/v1/models/{model_id}", put_model, methods=["PUT"]),
+        Route("/api/v1/models/{model_id}", model, methods=["GET", "PUT"]),  # one route: 405 lists both
         Route("/api/v1/models/{model_id}/load", load_model, methods=["POST"]),
         Route("/api/v1/models/{model_id}/unload", unload_model, methods=["POST"]),
         Route("/api/v1/status", status, methods=["GET"]),
@@ -146,7 +161,8 @@ def create_app(service: InferenceService) -> ASGIApp:
     ]
     if isinstance(service.results, FilesystemResultStore):
         routes.append(result_route(service.results))
-    return _Api(Starlette(routes=routes, exception_handlers=exception_handlers), handle_infer)
+    app = Starlette(routes=routes, exception_handlers=exception_handlers)
+    return _Api(app, handle_infer, Cors.from_origins(settings.cors_origins))
 
 
 async def _stream(service: InferenceService, call: InferCall, encoding: str, base_url: str) -> Response:
@@ -176,15 +192,28 @@ async def _until_disconnect(receive: Receive) -> None:
 
 
 class _Api:
-    """The ASGI entry point: `POST /api/v1/infer/{model_id}` is served directly; everything else
-    goes to Starlette."""
+    """The ASGI entry point: CORS first (when configured), then `POST /api/v1/infer/{model_id}` is
+    served directly; everything else goes to Starlette."""
 
-    def __init__(self, app: Starlette, infer: Callable[[Scope, Receive, Send, str], Awaitable[None]]) -> None:
+    def __init__(
+        self, app: Starlette, infer: Callable[[Scope, Receive, Send, str], Awaitable[None]], cors: Cors | None
+    ) -> None:
         self.app = app
         self.infer = infer
+        self.cors = cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith(_INFER_PREFIX):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.cors is not None:
+            origin = self.cors.allowed_origin(scope)
+            if origin is not None:
+                if self.cors.is_preflight(scope):
+                    await self.cors.preflight(origin, send)
+                    return
+                send = self.cors.wrap(send, origin)
+        if scope["method"] == "POST" and scope["path"].startswith(_INFER_PREFIX):
             model_id = scope["path"][len(_INFER_PREFIX) :]
             if model_id and "/" not in model_id:
                 await self.infer(scope, receive, send, model_id)
@@ -193,9 +222,13 @@ class _Api:
 
 
 def _base_url(scope: Scope) -> str:
-    """The server's base URL as the client reached it (scheme, Host header, root path)."""
-    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
-    if not host:
-        server = scope.get("server") or ("localhost", 80)
-        host = f"{server[0]}:{server[1]}"
-    return f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}/"
+    """This server's base URL as the request's connection reached it: scheme, the local address of
+    the connection, root path. Never the client's Host header, which anyone can set (a result URL
+    would otherwise point wherever the client said)."""
+    host, port = scope.get("server") or ("127.0.0.1", 80)
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    scheme = scope.get("scheme", "http")
+    default = 443 if scheme == "https" else 80
+    netloc = host if port in (None, default) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{scope.get('root_path', '')}/"
