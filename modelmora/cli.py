@@ -137,14 +137,17 @@ def install(
 
     settings = _settings(config, home)
     store = _open_store(settings)
-    with Progress(
+    progress = Progress(
         TextColumn("[bold]copying"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err_console
-    ) as progress:
-        bar = progress.add_task("copy", total=None)
+    )
+    bar = progress.add_task("copy", total=None)
 
-        def report(done: int, total: int) -> None:
-            progress.update(bar, completed=done, total=total)
+    def report(done: int, total: int) -> None:
+        if not progress.live.is_started:  # shown once the files are checked and the copy starts
+            progress.start()
+        progress.update(bar, completed=done, total=total)
 
+    try:
         rec = do_install(
             store,
             settings.home_path,
@@ -156,6 +159,8 @@ def install(
             progress=report,
             check_files=check,
         )
+    finally:
+        progress.stop()
     v = rec.versions[-1]
     console.print(
         f"installed [bold]{rec.id}[/] {v.version} ({rec.task}, {len(v.files)} files, {v.size_bytes / 2**20:.1f} MiB)"
