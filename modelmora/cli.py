@@ -6,10 +6,11 @@ server runs; a model installed while a server runs is served at once.
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import cyclopts
 from rich.console import Console
@@ -19,14 +20,20 @@ from rich.table import Table
 from . import __version__
 from .config import ConfigError, Settings, load_settings
 from .errors import ModelMoraError
+from .tasks import TaskType
+
+if TYPE_CHECKING:
+    from .registry import ModelStore
 
 __all__ = ("app", "main")
+
+TaskChoice = Annotated[TaskType | None, cyclopts.Parameter(name_transform=str.lower)]
+"""`--task`: the task types of `TaskType`; cyclopts matches and lists a member by its name, lowercased,
+which is its value (TXT2EMBED: txt2embed)."""
 
 app = cyclopts.App(name="mm", help="ModelMora: a multi-model inference server.", version=__version__)
 console = Console()
 err_console = Console(stderr=True)
-
-Task = Literal["txt2embed", "img2embed", "img2txt", "txt2txt", "txt2img"]
 
 
 def _settings(config: Path | None, home: Path | None = None, **overrides: Any) -> Settings:
@@ -36,6 +43,22 @@ def _settings(config: Path | None, home: Path | None = None, **overrides: Any) -
 def _fail(message: str, status: int = 1) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     sys.exit(status)
+
+
+class _CommandFailed(Exception):
+    """A command met an expected failure: the message is printed as one line, the exit status is 1."""
+
+
+def _open_store(settings: Settings) -> ModelStore:
+    """The registry, or `_CommandFailed` naming it when it cannot be opened."""
+    from .registry import open_store
+
+    try:
+        return open_store(settings.registry_url, settings.home_path)
+    except (OSError, sqlite3.Error) as exc:
+        where = settings.registry_url or str(settings.home_path)
+        reason = _os_error(exc) if isinstance(exc, OSError) else str(exc)
+        raise _CommandFailed(f"cannot open the registry {where}: {reason}") from None
 
 
 class _StartFailed(Exception):
@@ -85,9 +108,10 @@ def install(
     source: str,
     *,
     id: Annotated[str | None, cyclopts.Parameter(name="--id")] = None,
-    task: Task | None = None,
+    task: TaskChoice = None,
     version: str | None = None,
     force: bool = False,
+    check: bool = True,
     config: Path | None = None,
     home: Path | None = None,
 ) -> None:
@@ -105,30 +129,38 @@ def install(
         Semantic version of this install (default 1.0.0).
     force
         Reinstall an existing version.
+    check
+        Check that the files are laid out as the task's loader expects (--no-check: a custom
+        pipeline reads them).
     """
     from .registry import install as do_install
-    from .registry import open_store
 
     settings = _settings(config, home)
-    store = open_store(settings.registry_url, settings.home_path)
-    with Progress(
+    store = _open_store(settings)
+    progress = Progress(
         TextColumn("[bold]copying"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err_console
-    ) as progress:
-        bar = progress.add_task("copy", total=None)
+    )
+    bar = progress.add_task("copy", total=None)
 
-        def report(done: int, total: int) -> None:
-            progress.update(bar, completed=done, total=total)
+    def report(done: int, total: int) -> None:
+        if not progress.live.is_started:  # shown once the files are checked and the copy starts
+            progress.start()
+        progress.update(bar, completed=done, total=total)
 
+    try:
         rec = do_install(
             store,
             settings.home_path,
             source,
             model_id=id,
-            task=task,
+            task=None if task is None else str(task),
             version=version,
             force=force,
             progress=report,
+            check_files=check,
         )
+    finally:
+        progress.stop()
     v = rec.versions[-1]
     console.print(
         f"installed [bold]{rec.id}[/] {v.version} ({rec.task}, {len(v.files)} files, {v.size_bytes / 2**20:.1f} MiB)"
@@ -174,10 +206,9 @@ def set_(
 
     from .config import ModelSettings
     from .errors import InvalidInput, ModelNotFound
-    from .registry import open_store
 
     settings = _settings(config, home)
-    store = open_store(settings.registry_url, settings.home_path)
+    store = _open_store(settings)
     rec = store.get(model_id)
     if rec is None:
         raise ModelNotFound(f"model {model_id!r} is not installed")
@@ -204,12 +235,11 @@ def set_(
 
 
 @app.command(name="list")
-def list_(*, task: Task | None = None, config: Path | None = None, home: Path | None = None) -> None:
+def list_(*, task: TaskChoice = None, config: Path | None = None, home: Path | None = None) -> None:
     """List installed models."""
-    from .registry import open_store
 
     settings = _settings(config, home)
-    recs = open_store(settings.registry_url, settings.home_path).list(task)
+    recs = _open_store(settings).list(None if task is None else str(task))
     table = Table("id", "task", "active version", "versions", "size", "source")
     for r in recs:
         active = r.version_record()
@@ -224,10 +254,9 @@ def list_(*, task: Task | None = None, config: Path | None = None, home: Path | 
 @app.command
 def info(model_id: str, *, config: Path | None = None, home: Path | None = None) -> None:
     """Show one installed model, its versions and files."""
-    from .registry import open_store
 
     settings = _settings(config, home)
-    rec = open_store(settings.registry_url, settings.home_path).get(model_id)
+    rec = _open_store(settings).get(model_id)
     if rec is None:
         _fail(f"model {model_id!r} is not installed")
         return
@@ -243,21 +272,34 @@ def info(model_id: str, *, config: Path | None = None, home: Path | None = None)
 @app.command
 def uninstall(model_id: str, *, config: Path | None = None, home: Path | None = None) -> None:
     """Remove a model's registry entry and its copied files (never the original source)."""
-    from .registry import open_store
     from .registry import uninstall as do_uninstall
 
     settings = _settings(config, home)
-    rec = do_uninstall(open_store(settings.registry_url, settings.home_path), settings.home_path, model_id)
+    rec = do_uninstall(_open_store(settings), settings.home_path, model_id)
     console.print(f"uninstalled {rec.id} ({', '.join(v.version for v in rec.versions)})")
 
 
+def _os_error(exc: OSError) -> str:
+    """`Permission denied: '/x/registry.sqlite3'` (no errno, no traceback)."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    return f"{what}: {exc.filename!r}" if exc.filename else what
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: expected errors become one clear line and exit status 1; a server
-    that cannot start (bad configuration, address in use, home not writable) exits 2."""
+    """Console entry point: expected errors become one clear line and exit status 1 (a model
+    error, a bad configuration, a registry or home that cannot be opened, read or written); a
+    server that cannot start (bad configuration, address in use, home not writable) exits 2."""
     try:
         app(sys.argv[1:] if argv is None else argv)
     except _StartFailed as exc:
         _fail(str(exc), status=2)
-    except (ModelMoraError, ConfigError) as exc:
-        message = exc.message if isinstance(exc, ModelMoraError) else str(exc)
-        _fail(message)
+    except _CommandFailed as exc:
+        _fail(str(exc))
+    except ModelMoraError as exc:
+        _fail(exc.message)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except sqlite3.Error as exc:
+        _fail(f"registry: {exc}")
+    except OSError as exc:
+        _fail(_os_error(exc))

@@ -25,6 +25,8 @@ from modelmora.service import InferenceService
 
 TESTS_DIR = Path(__file__).parent
 ECHO = {"txt2embed": "worker_pipelines:Echo"}
+ECHO_LAYOUT = ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "model_index.json")
+"""Files of `echo_dir` besides weights.bin: config, weights, tokenizer, image processor, diffusers index."""
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -53,9 +55,13 @@ def make_settings(home: Path, **overrides: Any) -> Settings:
 
 @pytest.fixture
 def echo_dir(tmp_path: Path) -> Path:
+    """A stand-in model for the test pipelines: `weights.bin`, which Echo reads, and empty files where
+    every task's loader looks for them, so that the install check passes for any task."""
     d = tmp_path / "echo-src"
     d.mkdir()
     (d / "weights.bin").write_bytes(b"\0" * 16)
+    for name in ECHO_LAYOUT:
+        (d / name).write_text("{}")
     return d
 
 

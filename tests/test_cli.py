@@ -16,6 +16,7 @@ import pytest
 
 from modelmora.cli import main
 from modelmora.registry import SQLiteStore
+from modelmora.tasks import TaskType
 
 from fakehub import FakeHub
 from serverproc import mm
@@ -229,3 +230,117 @@ def test_serve_with_a_read_only_home_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "cannot open the result store" in proc.stderr and "Read-only file system" in proc.stderr
+
+
+def test_install_refuses_a_model_in_a_subfolder_and_names_it(
+    home: Path, minilm_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "download"
+    shutil.copytree(minilm_path, src / "sub")
+    code, _, err = run_cli(capsys, monkeypatch, "install", str(src))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "no modules.json" in err and f"found modules.json (txt2embed) in sub/: install {src}/sub" in err
+    assert SQLiteStore(home / "registry.sqlite3").list() == []
+    assert run_cli(capsys, monkeypatch, "install", f"{src}/sub")[0] == 0
+
+
+def test_install_checks_the_given_task_and_no_check_skips_it(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "weights.bin").write_bytes(b"x")
+    code, _, err = run_cli(capsys, monkeypatch, "install", str(bare), "--task", "img2embed")
+    assert code == 1 and "not laid out as a model for img2embed: no config.json" in err
+    code, out, _ = run_cli(capsys, monkeypatch, "install", str(bare), "--task", "img2embed", "--no-check")
+    assert code == 0 and "(img2embed, 1 files" in out
+
+
+def test_task_choices_come_from_the_task_table(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, _ = run_cli(capsys, monkeypatch, "install", "--help")
+    assert code == 0
+    listed = out[out.index("choices:") :]
+    for task in TaskType:
+        assert task.value in listed
+        assert run_cli(capsys, monkeypatch, "list", "--task", task.value)[0] == 0
+    code, _, err = run_cli(capsys, monkeypatch, "list", "--task", "txt2vec")
+    assert code != 0 and "txt2vec" in err and "Traceback" not in err
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str) -> str:
+    code, out, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 1, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+COMMANDS = [["list"], ["info", "m"], ["uninstall", "m"], ["set", "m", "--pinned"], ["install", "{src}"]]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: a[0])
+def test_an_unsupported_registry_url_is_one_line(
+    home: Path,
+    st_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+) -> None:
+    monkeypatch.setenv("MODELMORA_REGISTRY_URL", "postgresql://db/modelmora")
+    line = _one_line_error(capsys, monkeypatch, *[a.format(src=st_dir) for a in args])
+    assert "cannot open the registry postgresql://db/modelmora: unsupported registry_url" in line
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: a[0])
+def test_a_home_that_cannot_be_used_is_one_line(
+    home: Path,
+    st_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+) -> None:
+    home.parent.mkdir(parents=True, exist_ok=True)
+    home.write_text("a file, not a folder")
+    line = _one_line_error(capsys, monkeypatch, *[a.format(src=st_dir) for a in args])
+    assert f"cannot open the registry {home}" in line
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: a[0])
+def test_a_registry_that_is_not_a_database_is_one_line(
+    home: Path,
+    st_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+) -> None:
+    home.mkdir(parents=True)
+    (home / "registry.sqlite3").write_bytes(b"not sqlite " * 100)
+    line = _one_line_error(capsys, monkeypatch, *[a.format(src=st_dir) for a in args])
+    assert "file is not a database" in line
+
+
+def test_a_bad_config_file_is_one_line(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "mm.toml"
+    config.write_text("log_level = 3\n")
+    assert "log_level" in _one_line_error(capsys, monkeypatch, "list", "--config", str(config))
+    assert "cannot read config file" in _one_line_error(capsys, monkeypatch, "list", "--config", str(tmp_path / "no"))
+
+
+def test_install_from_hugging_face_checks_the_download(tmp_path: Path, minilm_path: Path) -> None:
+    """A repo whose model sits in a subfolder is refused after the download, before it is registered."""
+    home = tmp_path / "home"
+    nested = tmp_path / "nested"
+    shutil.copytree(minilm_path, nested / "model")
+    (nested / "README.md").write_text("weights in model/\n")
+    with FakeHub() as hub:
+        hub.add_repo("acme/nested", nested)
+        env = hub.subprocess_env(tmp_path / "hf")
+        proc = mm("install", "acme/nested", home=home, env=env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "found modules.json (txt2embed) in model/ of the repo" in proc.stderr
+    assert SQLiteStore(home / "registry.sqlite3").list() == []
+    assert [p.name for p in (home / "models").iterdir()] == []

@@ -24,13 +24,20 @@ def _timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
 
 
-def write(role: str, event: str, **fields: Any) -> None:
-    """One line on stderr from this process (`role`: "worker" or "zygote")."""
+def _text_value(value: Any) -> str:
+    """A field for the text format; one with line breaks (a traceback) is quoted, so the event stays one line."""
+    text = str(value)
+    return json.dumps(text) if "\n" in text or "\r" in text else text
+
+
+def write(role: str, event: str, *, level: str = "info", **fields: Any) -> None:
+    """One line on stderr from this process (`role`: "worker" or "zygote"); `level` as in logging
+    ("info", "warning", "error"), shown by the JSON format."""
     if json_format():
         record = {"event": event, "role": role, "pid": os.getpid(), **fields}
-        line = json.dumps({**record, "level": "info", "timestamp": _timestamp()}, default=str)
+        line = json.dumps({**record, "level": level, "timestamp": _timestamp()}, default=str)
     else:
-        kv = " ".join(f"{k}={v}" for k, v in fields.items())
+        kv = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
         line = f"[{role} {os.getpid()}] {event} {kv}"
     sys.stderr.write(line + "\n")
     sys.stderr.flush()

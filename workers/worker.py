@@ -113,8 +113,15 @@ class Worker:
             self.pipeline.warmup()
             t3 = time.perf_counter()
         except Exception as exc:  # the supervisor reports it; we exit
-            _log("load_failed", model=first.model_id, error=repr(exc))
-            traceback.print_exc()
+            # one error event per failed load, the traceback in it (not printed beside it)
+            logline.write(
+                "worker",
+                "load_failed",
+                level="error",
+                model=first.model_id,
+                error=f"{type(exc).__name__}: {exc}",
+                traceback="".join(traceback.format_exception(exc)).rstrip(),
+            )
             self.send(m.Error(-1, m.ErrorCode.MODEL_LOAD_FAILED, f"{type(exc).__name__}: {exc}"))
             return 1
         import psutil

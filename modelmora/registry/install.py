@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import InvalidInput, ModelNotFound, RegistryError, SourceError
 from ..tasks import TaskType
+from .layout import architecture_task, check_layout, find_model_dir
 from .store import ModelRecord, ModelStore, VersionRecord
 
 __all__ = (
@@ -80,31 +80,6 @@ def parse_source(source: str) -> InstallPlan:
     return InstallPlan("hf", repo, revision or None)
 
 
-_ARCHITECTURE_TASKS: tuple[tuple[str, str], ...] = (
-    ("CLIPModel", "img2embed"),
-    ("SiglipModel", "img2embed"),
-    ("VisionEncoderDecoderModel", "img2txt"),
-    ("ForCausalLM", "txt2txt"),
-    ("LMHeadModel", "txt2txt"),
-)
-"""Suffixes of `architectures` in config.json and their task (*ForConditionalGeneration: see below)."""
-
-
-def _task_from_config(config: dict[str, Any]) -> str | None:
-    archs = config.get("architectures") or []
-    for arch in archs if isinstance(archs, list) else []:
-        if not isinstance(arch, str):
-            continue
-        if arch.startswith(("Blip", "Git", "Pix2Struct")) and arch.endswith("ForConditionalGeneration"):
-            return "img2txt"
-        if arch.endswith("ForConditionalGeneration"):
-            return "txt2txt"  # T5, BART...: text to text
-        for suffix, task in _ARCHITECTURE_TASKS:
-            if arch.endswith(suffix):
-                return task
-    return None
-
-
 def detect_task(files: list[str], root: Path | None = None) -> str | None:
     """Guess the task from a model's files: sentence-transformers and diffusers layouts by name,
     else the `architectures` of `config.json` (read under `root` when given)."""
@@ -118,8 +93,8 @@ def detect_task(files: list[str], root: Path | None = None) -> str | None:
             config = json.loads((root / "config.json").read_text())
         except (OSError, ValueError):
             return None
-        if isinstance(config, dict):
-            return _task_from_config(config)
+        found = architecture_task(config) if isinstance(config, dict) else None
+        return found[1] if found else None
     return None
 
 
@@ -172,6 +147,47 @@ def _download_hf(plan: InstallPlan, dest: Path, progress: bool) -> str:
         raise SourceError(str(exc), field="source") from exc
 
 
+def _subfolder_hint(root: Path, source: str, plan: InstallPlan, task: str | None) -> str:
+    """ "; found modules.json in sub/: install ./dir/sub", or "" when no subfolder holds the model."""
+    found = find_model_dir(root, task)
+    if found is None:
+        return ""
+    sub, marker, found_task = found
+    what = f"; found {marker} ({found_task}) in {sub}/"
+    if plan.kind == "local":
+        return f"{what}: install {source.rstrip('/')}/{sub}"
+    return f"{what} of the repo: a subfolder of a repo cannot be installed (download it and install that folder)"
+
+
+def _task_and_layout(root: Path, source: str, plan: InstallPlan, task: str | None, check: bool) -> str:
+    """The task of the model at `root` (given, else detected), after checking that its files are
+    laid out as that task's loader expects.
+
+    Raises:
+        InvalidInput: no files; the task cannot be detected; the layout does not fit the task.
+    """
+    files = _list_files(root)
+    if not files:
+        raise InvalidInput(f"source {source!r} holds no files", field="source")
+    rel = [p.relative_to(root).as_posix() for p in files]
+    resolved = task or detect_task(rel, root)
+    if resolved is None:
+        raise InvalidInput(
+            f"cannot tell the task of {source!r} from its files; pass --task ({', '.join(TASKS)})"
+            + _subfolder_hint(root, source, plan, None),
+            field="task",
+        )
+    if check:
+        problem = check_layout(root, resolved)
+        if problem is not None:
+            raise InvalidInput(
+                f"{source!r} is not laid out as a model for {resolved}: {problem}"
+                + _subfolder_hint(root, source, plan, resolved),
+                field="source",
+            )
+    return resolved
+
+
 def install(
     store: ModelStore,
     home: Path,
@@ -183,11 +199,19 @@ def install(
     force: bool = False,
     progress: Progress | None = None,
     hf_progress: bool = True,
+    check_files: bool = True,
 ) -> ModelRecord:
     """Register a model from `source`, copying its files under `home/models`.
 
+    With `check_files` (the default) the files must be laid out as the task's loader expects
+    (`layout.check_layout`): a local directory is checked before it is copied, a Hugging Face
+    repo after the download and before it is registered. Tests whose workers run stand-in
+    pipelines turn it off.
+
     Raises:
-        InvalidInput: bad id, version, task or source; the task cannot be detected.
+        InvalidInput: bad id, version, task or source; the task cannot be detected; the files
+            are not laid out as the task expects (the message names what is missing, and a
+            subfolder that holds the model when there is one).
         RegistryError: the id is taken by another source, or this version exists (no `force`).
     """
     plan = parse_source(source)
@@ -220,6 +244,10 @@ def install(
         if task is not None and task != existing.task:
             raise RegistryError(f"model {mid!r} is registered with task {existing.task}, not {task}")
 
+    known_task = task or (existing.task if existing else None)
+    resolved_task = ""
+    if plan.kind == "local":  # checked before anything is copied
+        resolved_task = _task_and_layout(Path(plan.location), source, plan, known_task, check_files)
     models_dir = home / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=models_dir))
@@ -229,15 +257,9 @@ def install(
             _copy_tree(Path(plan.location), staging, progress)
         else:
             revision = _download_hf(plan, staging, hf_progress)
+            resolved_task = _task_and_layout(staging, source, plan, known_task, check_files)
         files = _list_files(staging)
-        if not files:
-            raise InvalidInput(f"source {source!r} holds no files", field="source")
         rel = [p.relative_to(staging).as_posix() for p in files]
-        resolved_task = task or (existing.task if existing else None) or detect_task(rel, staging)
-        if resolved_task is None:
-            raise InvalidInput(
-                f"cannot tell the task of {source!r} from its files; pass --task ({', '.join(TASKS)})", field="task"
-            )
         checksums = {r: _sha256(p) for r, p in zip(rel, files, strict=True)}
         size = sum(p.stat().st_size for p in files)
         final = models_dir / mid / ver

@@ -28,7 +28,7 @@ def add_models(app: AppUnderTest, tmp: Path, names: list[str], weights_mb: int) 
         d = tmp / f"src-{name}"
         d.mkdir()
         (d / "weights.bin").write_bytes(b"\1" * (weights_mb * MB))
-        install(app.store, app.home, str(d), model_id=name, task="txt2embed")
+        install(app.store, app.home, str(d), model_id=name, task="txt2embed", check_files=False)
 
 
 async def ask(app: AppUnderTest, model: str, text: str = "x", **extra: object) -> int:
@@ -101,7 +101,7 @@ async def test_vram_budget_evicts_lru_gpu_models(echo_app: AppUnderTest, tmp_pat
     big = tmp_path / "src-big"
     big.mkdir()
     (big / "weights.bin").write_bytes(b"\1" * (90 * MB))
-    install(echo_app.store, echo_app.home, str(big), model_id="big", task="txt2embed")
+    install(echo_app.store, echo_app.home, str(big), model_id="big", task="txt2embed", check_files=False)
     assert (await echo_app.client.put("/api/v1/models/big", json={"device": "cuda"})).status_code == 200
     r = await echo_app.client.post("/api/v1/infer/big", json={"input_data": {"text": "x"}})
     assert r.status_code == 503 and "vram_budget_mb" in r.json()["error"]["message"]

@@ -9,7 +9,7 @@ import struct
 import anyio
 import pytest
 
-from conftest import AppUnderTest
+from conftest import ECHO_LAYOUT, AppUnderTest
 
 pytestmark = pytest.mark.anyio
 
@@ -224,7 +224,7 @@ async def test_health_and_models(echo_app: AppUnderTest) -> None:
     assert (await echo_app.client.get("/health/ready")).status_code == 200
     models = (await echo_app.client.get("/api/v1/models")).json()["models"]
     assert [m["id"] for m in models] == ["echo"]
-    assert models[0]["versions"][0]["files"] == 1
+    assert models[0]["versions"][0]["files"] == 1 + len(ECHO_LAYOUT)  # weights.bin and the layout's files
     assert (await echo_app.client.get("/api/v1/models?task_type=txt2img")).json()["models"] == []
     assert (await echo_app.client.get("/api/v1/models/echo")).json()["task_type"] == "txt2embed"
     assert (await echo_app.client.get("/api/v1/models/nope")).status_code == 404
