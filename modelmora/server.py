@@ -23,7 +23,7 @@ import structlog
 from hypercorn.config import Config as HypercornConfig
 
 from .api import create_app
-from .config import Settings
+from .config import ConfigError, Settings
 from .httpserver import HttpListener, current_backend
 from .ipc import segments
 from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
@@ -173,7 +173,7 @@ async def serve(
     try:
         home.mkdir(parents=True, exist_ok=True)
         store = open_store(settings.registry_url, home)
-    except (OSError, sqlite3.Error, ValueError) as exc:
+    except (OSError, sqlite3.Error, ValueError, ConfigError) as exc:
         where = settings.registry_url or str(home)
         raise StartupError(f"cannot open the registry {where}: {_reason(exc)}") from None
     try:
