@@ -86,6 +86,9 @@ class ModelSupervisor:
             rt.load_requested = False
             rt.poke()
             return
+        if rt.state != ModelState.FAILED and not len(rt.queue) and not rt.load_requested:
+            self.admission.release(rt)  # everyone gave up while it made room (e.g. a victim's batch ran on)
+            return
         try:
             await self._run_worker(rt)
         except ModelLoadFailed as exc:

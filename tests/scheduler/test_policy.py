@@ -785,3 +785,25 @@ async def test_a_batch_with_one_request_still_wanted_keeps_running(tmp_path: Pat
         batch.answer()
         assert await result_of(two) == {"echo": ["two"]}
         assert not batch.cancelled and rt.served == 2 and rt.cancelled == 1
+
+
+@on_mock_clock
+async def test_a_load_nobody_waits_for_after_its_eviction_starts_no_worker(tmp_path: Path) -> None:
+    async with running(tmp_path, **BUDGET) as p:
+        p.workers.auto_answer = True
+        rts = await load_in_order(p, "abc")
+        p.workers.auto_answer = False
+        for name in "abc":  # every loaded model busy: the LRU one is asked to stop after its batch
+            p.submit(rts[name], f"{name}-work")
+        batches = {name: await p.workers.next_batch(name) for name in "abc"}
+        d = p.runtime("d", weights_mb=100)
+        req = p.submit(d, "x")
+        await settle(lambda: rts["a"].stop_reason is StopReason.EVICT)
+        p.scheduler.withdraw(d, req)  # its caller gives up while the victim finishes its batch
+        batches["a"].answer()
+        await wait_for(lambda: not rts["a"].loaded, rts["a"].changed)
+        await anyio.sleep(60)
+        assert p.workers.of("d") == [] and d.state == S.CACHED  # nobody wants it: no worker
+        assert p.scheduler.admission.budget.reserved_mb(d) is None
+        for name in "bc":
+            batches[name].answer()
