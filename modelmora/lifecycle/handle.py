@@ -96,6 +96,11 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     request_ring_used_bytes: int
     vram_mb: float
     """GPU memory the worker holds, as it last reported."""
+    ring_bytes: int = 0
+    """Shared memory of its two rings."""
+    pool_bytes: int = 0
+    """Shared memory of its pool of large payload segments (in use and kept warm)."""
+    pool_in_use_bytes: int = 0
 
 
 class WorkerHandle(WorkerChannel):
@@ -305,6 +310,7 @@ class WorkerHandle(WorkerChannel):
     def statistics(self) -> WorkerStatistics:
         """A snapshot of this worker (its fields are those of the status endpoint's `worker`)."""
         loaded = self.loaded
+        pool = self._pool.statistics()
         return WorkerStatistics(
             pid=self.pid,
             in_flight_batches=len(self._slots),
@@ -317,4 +323,7 @@ class WorkerHandle(WorkerChannel):
             uptime_s=round(time.monotonic() - self.started_at, 1),
             request_ring_used_bytes=self.requests.statistics().used_bytes,
             vram_mb=round(self.vram_bytes / 2**20, 1),
+            ring_bytes=self._shm.size,
+            pool_bytes=pool.total_bytes,
+            pool_in_use_bytes=pool.in_use_bytes,
         )

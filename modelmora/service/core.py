@@ -30,7 +30,14 @@ from ..scheduler import ModelRuntime, ModelStatus, Priority, Request, Scheduler
 from ..tasks import TaskType
 from .catalog import Catalog
 from .outputs import InferResult, StreamEvent, Timing
-from .status import HealthModel, HealthModels, ServerStatus, registered_status, supervisor_status
+from .status import (
+    HealthModel,
+    HealthModels,
+    ServerStatus,
+    registered_status,
+    shared_memory_status,
+    supervisor_status,
+)
 from .tasks import ADAPTERS, Prepared, ReturnMode, TaskAdapter
 
 __all__ = ("InferCall", "InferStream", "InferenceService")
@@ -316,6 +323,7 @@ class InferenceService:
             launcher.statistics() if launcher is not None else None,
             self.scheduler.budget_status(),
             self.pixels.statistics(),
+            shared_memory_status(running),
             sorted([*running, *idle], key=lambda s: (s.model_id, s.version)),
         )
 

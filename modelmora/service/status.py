@@ -12,10 +12,20 @@ import psutil
 
 from ..config import ModelSettings
 from ..images import PixelBudgetStatistics
+from ..ipc import segments
 from ..registry import ModelRecord
 from ..scheduler import BudgetStatus, ModelStatus
 
-__all__ = ("HealthModel", "HealthModels", "ServerStatus", "SupervisorStatus", "registered_status", "supervisor_status")
+__all__ = (
+    "HealthModel",
+    "HealthModels",
+    "ServerStatus",
+    "SharedMemoryStatus",
+    "SupervisorStatus",
+    "registered_status",
+    "shared_memory_status",
+    "supervisor_status",
+)
 
 
 class SupervisorStatus(msgspec.Struct):
@@ -25,6 +35,14 @@ class SupervisorStatus(msgspec.Struct):
     torch_imported: bool
 
 
+class SharedMemoryStatus(msgspec.Struct):
+    """/dev/shm: its size and free bytes, and what the workers' rings and payload pools hold."""
+
+    total_bytes: int | None
+    free_bytes: int | None
+    workers_bytes: int
+
+
 class ServerStatus(msgspec.Struct):
     supervisor: SupervisorStatus
     zygote: Any
@@ -32,6 +50,7 @@ class ServerStatus(msgspec.Struct):
     budget: BudgetStatus
     images: PixelBudgetStatistics
     """Decoded image pixels of the requests in flight (`max_decoded_pixels_in_flight`)."""
+    shared_memory: SharedMemoryStatus
     models: list[ModelStatus]
     """Every registered model's active version, and every other version that ran since start."""
 
@@ -46,6 +65,12 @@ class HealthModel(msgspec.Struct):
 
 class HealthModels(msgspec.Struct):
     models: list[HealthModel]
+
+
+def shared_memory_status(models: list[ModelStatus]) -> SharedMemoryStatus:
+    room = segments.shm_room()
+    held = sum(m.worker.ring_bytes + m.worker.pool_bytes for m in models if m.worker is not None)
+    return SharedMemoryStatus(room.total if room else None, room.free if room else None, held)
 
 
 def supervisor_status(started: float) -> SupervisorStatus:

@@ -119,3 +119,13 @@ async def test_status_and_health_list_every_registered_model(echo_app: AppUnderT
     assert states == {"echo": "ready", "idle": "cached"}
     health = (await echo_app.client.get("/health/models")).json()["models"]
     assert {(h["model_id"], h["healthy"]) for h in health} == {("echo", True), ("idle", True)}
+
+
+async def test_status_counts_the_supervisor_and_shared_memory(echo_app: AppUnderTest) -> None:
+    assert await embed(echo_app) == 200
+    status = (await echo_app.client.get("/api/v1/status")).json()
+    worker = status["models"][0]["worker"]
+    assert worker["ring_bytes"] >= 2 * echo_app.settings.request_ring_mb * 2**20 // 2  # both rings
+    assert status["shared_memory"]["workers_bytes"] == worker["ring_bytes"] + worker["pool_bytes"]
+    assert status["shared_memory"]["free_bytes"] <= status["shared_memory"]["total_bytes"]
+    assert status["supervisor"]["rss_mb"] > 0
