@@ -14,6 +14,7 @@ import msgspec
 
 from .. import __version__
 from ..config import ModelSettings
+from ..service import ModelStatus, ServerStatus
 from .schemas import (
     CaptionParameters,
     EmbeddingParameters,
@@ -67,6 +68,8 @@ def document() -> dict[str, Any]:
         ModelList,
         HealthModels,
         ModelSettings,
+        ServerStatus,
+        ModelStatus,
         *inputs,
         *parameters,
         *responses,
@@ -191,7 +194,7 @@ def document() -> dict[str, Any]:
                     "operationId": "loadModel",
                     "parameters": [model_id],
                     "responses": {
-                        "200": {"description": "Ready: the model's runtime status"},
+                        "200": _ok("ModelStatus", "Ready: the model's runtime status"),
                         "404": _error("Unknown model or version"),
                         "503": _error("Load or test inference failed, or insufficient memory"),
                     },
@@ -202,13 +205,16 @@ def document() -> dict[str, Any]:
                     "summary": "Drain the queue (up to unload_grace_s), stop the worker, free its memory",
                     "operationId": "unloadModel",
                     "parameters": [model_id],
-                    "responses": {"200": {"description": "Unloaded"}, "404": _error("Unknown model")},
+                    "responses": {
+                        "200": _ok("ModelStatus", "Unloaded: the model's runtime status"),
+                        "404": _error("Unknown model"),
+                    },
                 }
             },
             "/api/v1/status": {
                 "get": {
-                    "summary": "Runtime status: workers, states, queues",
-                    "responses": {"200": {"description": "OK"}},
+                    "summary": "Runtime status: every registered model, workers, queues, memory budgets",
+                    "responses": {"200": _ok("ServerStatus")},
                 }
             },
             "/health/live": {"get": {"summary": "The process runs", "responses": {"200": {"description": "OK"}}}},

@@ -1,6 +1,6 @@
 """The protocol-neutral inference core that every front end calls."""
 
-from ..scheduler import Priority
+from ..scheduler import ModelStatus, Priority
 from .core import REGISTRY_SYNC_S, InferCall, InferenceService, InferStream
 from .inputs import (
     CaptionParameters,
@@ -29,6 +29,7 @@ __all__ = (
     "ImageGenerationParameters",
     "ImageInput",
     "Images",
+    "ModelStatus",
     "InferCall",
     "InferResult",
     "InferStream",

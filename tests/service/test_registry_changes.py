@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import psutil
 import pytest
 
 from modelmora.registry import install, uninstall
+from modelmora.service import ServerStatus
 
 from conftest import AppUnderTest
 
@@ -123,7 +125,9 @@ async def test_status_and_health_list_every_registered_model(echo_app: AppUnderT
 
 async def test_status_counts_the_supervisor_and_shared_memory(echo_app: AppUnderTest) -> None:
     assert await embed(echo_app) == 200
-    status = (await echo_app.client.get("/api/v1/status")).json()
+    raw = (await echo_app.client.get("/api/v1/status")).content
+    msgspec.json.decode(raw, type=ServerStatus)  # the body is what the OpenAPI schema says
+    status = msgspec.json.decode(raw)
     worker = status["models"][0]["worker"]
     assert worker["ring_bytes"] >= 2 * echo_app.settings.request_ring_mb * 2**20 // 2  # both rings
     assert status["shared_memory"]["workers_bytes"] == worker["ring_bytes"] + worker["pool_bytes"]
