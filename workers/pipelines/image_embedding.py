@@ -65,7 +65,8 @@ class ImageEmbedding:
             out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
             if not isinstance(out, torch.Tensor):  # transformers 5 may return a model output
                 out = out.pooler_output
-            return out.float().cpu().numpy()
+            embeddings: np.ndarray = out.float().cpu().numpy()
+            return embeddings
 
     def warmup(self) -> None:
         out = self.run({"image": warmup_images()}, {"batch_size": 2})["embeddings"]
