@@ -20,7 +20,7 @@ from . import __version__
 from .config import ConfigError, Settings, load_settings
 from .errors import ModelMoraError
 
-__all__ = ("app", "main")
+__all__ = ("app", "info", "install", "list_", "main", "serve", "set_", "uninstall")
 
 app = cyclopts.App(name="mm", help="ModelMora: a multi-model inference server.", version=__version__)
 console = Console()

@@ -9,7 +9,7 @@ import numpy as np
 from ..devices import load_kwargs, resolve_device
 from .base import InputError, sub_batches
 
-__all__ = ("ImageEmbedding", "images_input")
+__all__ = ("ImageEmbedding", "images_input", "warmup_images")
 
 
 def images_input(inputs: dict[str, Any]) -> list[np.ndarray]:
