@@ -15,9 +15,17 @@ from modelmora.ipc import segments
 from modelmora.lifecycle.budget import pss_bytes
 from modelmora.registry import install
 
-from conftest import AppUnderTest
+from conftest import BOTH_BACKENDS, AppUnderTest
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.zygote()]  # forked workers start far faster than spawned ones
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Many workers start and stop here; the backend is not what these tests test:
+    asyncio only, except the tests marked BOTH_BACKENDS."""
+    return "asyncio"
+
 
 MB = 2**20
 T = TypeVar("T")
@@ -55,6 +63,7 @@ async def loaded(app: AppUnderTest) -> set[str]:
     return {m["model_id"] for m in models if m["state"] == "ready"}
 
 
+@pytest.mark.slow
 @pytest.mark.settings(memory_budget_mb=320, worker_base_mb=50, keep_alive="-1")
 async def test_lru_eviction_order_and_pinning(echo_app: AppUnderTest, tmp_path: Path) -> None:
     # estimate 50 + 80 x 1.5 = 170 MiB each, measured ~100: two fit in 320, three do not
@@ -78,6 +87,7 @@ async def test_lru_eviction_order_and_pinning(echo_app: AppUnderTest, tmp_path: 
     assert status["budget"]["used_mb"] <= 320
 
 
+@pytest.mark.slow
 @pytest.mark.settings(vram_budget_mb=120, keep_alive="-1")
 async def test_vram_budget_evicts_lru_gpu_models(echo_app: AppUnderTest, tmp_path: Path) -> None:
     # GPU estimate = weights x 1.5 = 60 MiB; each worker reports 50 MiB of VRAM once loaded
@@ -107,6 +117,7 @@ async def test_vram_budget_evicts_lru_gpu_models(echo_app: AppUnderTest, tmp_pat
     assert r.status_code == 503 and "vram_budget_mb" in r.json()["error"]["message"]
 
 
+@BOTH_BACKENDS
 async def test_warming_is_a_state_of_its_own(echo_app: AppUnderTest) -> None:
     assert await ask(echo_app, "echo") == 200
     (model,) = (await echo_app.client.get("/api/v1/status")).json()["models"]
@@ -122,6 +133,7 @@ async def test_model_larger_than_the_budget_fails_at_once(echo_app: AppUnderTest
     assert err["code"] == "insufficient_memory" and "big" in err["message"] and "memory_budget_mb" in err["message"]
 
 
+@pytest.mark.slow
 @pytest.mark.settings(memory_budget_mb=320, worker_base_mb=50, keep_alive="-1")
 async def test_no_evictable_model_waits_then_insufficient_memory(echo_app: AppUnderTest, tmp_path: Path) -> None:
     add_models(echo_app, tmp_path, ["a", "b", "c"], weights_mb=80)
@@ -148,6 +160,7 @@ async def test_no_evictable_model_waits_then_insufficient_memory(echo_app: AppUn
 
 
 @pytest.mark.settings(keep_alive="0")
+@BOTH_BACKENDS
 async def test_keep_alive_zero_unloads_right_after_use(echo_app: AppUnderTest) -> None:
     assert await ask(echo_app, "echo") == 200
     await until(lambda: states(echo_app), lambda got: got == {"echo": "cached"})
@@ -166,6 +179,7 @@ async def test_per_model_keep_alive(echo_app: AppUnderTest) -> None:
     await until(lambda: states(echo_app), lambda got: got == {"echo": "cached"})
 
 
+@BOTH_BACKENDS
 async def test_load_and_unload_endpoints(echo_app: AppUnderTest) -> None:
     r = await echo_app.client.post("/api/v1/models/echo/load")
     assert r.status_code == 200
@@ -216,6 +230,7 @@ async def test_failed_model_stays_failed_until_explicit_load(echo_app: AppUnderT
     assert await ask(echo_app, "echo") == 200
 
 
+@pytest.mark.slow
 @pytest.mark.settings(memory_budget_mb=280, worker_base_mb=50, keep_alive="-1", memory_poll_ms=50)
 async def test_workers_pss_never_exceeds_the_budget(echo_app: AppUnderTest, tmp_path: Path) -> None:
     names = [f"m{i}" for i in range(5)]
@@ -263,6 +278,7 @@ async def test_preload_loads_marked_models_without_a_request(echo_app: AppUnderT
     assert got["lazy"] == got["echo"] == "cached"  # listed (every registered model is), not loaded
 
 
+@BOTH_BACKENDS
 async def test_sigkill_under_load_other_models_keep_serving(echo_app: AppUnderTest, tmp_path: Path) -> None:
     import os
     import signal
