@@ -176,7 +176,7 @@ async def test_max_wait_default_is_immediate(echo_app: AppUnderTest) -> None:
     assert (await post(echo_app, "warm"))[0] == 200
     code, body = await post(echo_app, "now")
     assert code == 200 and body["output"]["embeddings"][0][3] == 1.0
-    r = await echo_app.client.put("/api/v1/models/echo", json={"max_wait_ms": 600_000})
+    r = await echo_app.client.put("/api/v1/models/echo", json={"max_wait_ms": 60_000})
     assert r.status_code == 200
     got: list[dict] = []
 

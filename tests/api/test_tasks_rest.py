@@ -197,6 +197,7 @@ async def test_progress_streams_and_cancelled_generation_frees_the_worker(task_a
     assert [d for k, d in events if k == "progress"] == [{"step": i, "steps": 4} for i in range(1, 5)]
     assert events[-1][0] == "result" and "url" in events[-1][1]["output"]["images"][0]
     # a long generation whose client gives up stops at a step; the next request is served after it
+    assert (await infer(task_app, "txt2txt", {"input_data": {"text": "warm"}}))[0] == 200  # loaded: the next one runs
     with anyio.move_on_after(0.3):  # 64 tokens (the default max_tokens) of 0.1 s
         await infer(task_app, "txt2txt", {"input_data": {"text": "__slow__0.1 " + "x" * 100}})
     code, out = await infer(task_app, "txt2txt", {"input_data": {"text": "ok"}})
