@@ -174,6 +174,7 @@ async def test_the_default_is_two_streams_on_a_gpu_and_one_on_a_cpu(
     assert st["device"] == device and st["worker"]["streams"] == streams
 
 
+@pytest.mark.slow  # imports torch in its worker
 @pytest.mark.settings(max_batch_size=1, pipelines=THREADS)
 async def test_a_batch_alone_gets_every_thread_and_one_beside_another_its_share(streams_app: AppUnderTest) -> None:
     """2 streams, 2 torch threads: alone a batch runs on 2; started beside a running one, on 1."""
