@@ -17,6 +17,7 @@ lint:
 typecheck:
     mypy
 
+# Tests with coverage; `just pytest -m "not slow"` is the quick loop (CI runs them all).
 pytest *ARGS:
     coverage erase
     pytest --cov --cov-report=term-missing:skip-covered {{ARGS}}

@@ -25,7 +25,7 @@ from .tasks import TaskType
 if TYPE_CHECKING:
     from .registry import ModelStore
 
-__all__ = ("app", "main")
+__all__ = ("app", "info", "install", "list_", "main", "serve", "set_", "uninstall")
 
 TaskChoice = Annotated[TaskType | None, cyclopts.Parameter(name_transform=str.lower)]
 """`--task`: the task types of `TaskType`; cyclopts matches and lists a member by its name, lowercased,

@@ -33,7 +33,17 @@ from .scheduler import Scheduler
 from .service import InferenceService
 from .tasks import task_info
 
-__all__ = ("StartupError", "bind_socket", "make_launcher", "raise_fd_limit", "run", "serve")
+__all__ = (
+    "StartupError",
+    "bind_socket",
+    "check_backend",
+    "connection_limit",
+    "make_launcher",
+    "preload_for",
+    "raise_fd_limit",
+    "run",
+    "serve",
+)
 
 log = structlog.get_logger("modelmora.server")
 

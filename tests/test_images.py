@@ -303,18 +303,20 @@ def bomb() -> bytes:
     return bomb_png(30000, 30000)
 
 
-def test_decompression_bomb_refused_fast(bomb: bytes) -> None:
+def test_decompression_bomb_refused_fast(bomb: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import ImageFile
+
+    def no_pixels(self: ImageFile.ImageFile) -> None:
+        raise AssertionError("pixels decoded: the header alone should have decided")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_pixels)
     assert len(bomb) < 200_000
-    start = time.perf_counter()
     with pytest.raises(PayloadTooLarge) as info:
         decode_image(bomb, FIELD, limits())
-    assert time.perf_counter() - start < 1.0  # safety net: the header alone decides
     assert info.value.message == "image has more pixels than max_image_pixels (16777216)"  # PIL's guard, first
     assert info.value.field == FIELD
-    start = time.perf_counter()
     with pytest.raises(PayloadTooLarge) as info:  # under PIL's guard, over ours: refused from the header
         decode_image(bomb_png(5000, 5000), FIELD, limits())
-    assert time.perf_counter() - start < 1.0
     assert info.value.message == "image is 5000x5000 pixels, over max_image_pixels (16777216)"
 
 
@@ -605,7 +607,7 @@ async def test_slow_server_times_out(http_server: LocalServer) -> None:
         await load_image(http_server.url("/slow"), FIELD, limits(fetch_timeout_s=0.3, allow_private_urls=True))
     elapsed = time.perf_counter() - start
     assert info.value.message == "fetching the image URL timed out after 0.3 s" and info.value.field == FIELD
-    assert 0.25 < elapsed < 3.0
+    assert elapsed > 0.25  # it waited for the fetch timeout (pytest's timeout stops a hang)
 
 
 @pytest.mark.anyio

@@ -17,6 +17,21 @@ import numpy as np
 from modelmora_workers import cancel
 from modelmora_workers.pipelines.base import InputError
 
+STEPS_FILE = "STEPS"
+"""In the model's directory: one byte per step a stepped job ran (`__steps__N`, Shout), so that a
+test can tell a job that stopped at cancellation from one that ran to its end."""
+
+
+def _step_done(model_dir: Path) -> None:
+    with (model_dir / STEPS_FILE).open("ab") as f:
+        f.write(b".")
+
+
+def steps_run(model_dir: str | Path) -> int:
+    """How many steps the stepped jobs of the model in `model_dir` ran so far."""
+    path = Path(model_dir) / STEPS_FILE
+    return path.stat().st_size if path.exists() else 0
+
 
 class Echo:
     """Embeds each text as [len(text), sum of code points, index in batch, batch size]; texts drive faults."""
@@ -52,6 +67,7 @@ class Echo:
                 for _ in range(int(t.removeprefix("__steps__"))):
                     cancel.check()
                     time.sleep(0.1)
+                    _step_done(self.path)
             rows.append([float(len(t)), float(sum(map(ord, t))), float(i), float(len(texts))])
         return {"embeddings": np.asarray(rows, dtype=np.float32).reshape(len(texts), 4)}
 
@@ -99,6 +115,7 @@ class Shout:
 
     def __init__(self, path: str, *, device: str, dtype: str, options: dict[str, Any]) -> None:
         self.device = "cpu"
+        self.path = Path(path)
 
     def warmup(self) -> None:
         pass
@@ -116,6 +133,8 @@ class Shout:
                 if params.get("stream"):
                     events.emit("token", {"text": ch}, item=i)
                 time.sleep(delay)
+                if delay:
+                    _step_done(self.path)
             out.append(text)
         return {
             "texts": out,

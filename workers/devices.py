@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-__all__ = ("load_kwargs", "resolve_device", "torch_dtype")
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ("for_inference", "load_kwargs", "resolve_device", "torch_dtype")
+
+M = TypeVar("M", bound="torch.nn.Module")
 
 
 def resolve_device(device: str) -> str:
@@ -18,7 +23,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def torch_dtype(name: str) -> Any:
+def torch_dtype(name: str) -> torch.dtype | None:
     """Map "float32"|"float16"|"bfloat16" to a torch dtype; "auto"/"" -> None (model default)."""
     if name in ("", "auto"):
         return None
@@ -38,3 +43,11 @@ def load_kwargs(dtype: str, *, dtype_key: str = "dtype") -> dict[str, Any]:
     if td is not None:
         kwargs[dtype_key] = td
     return kwargs
+
+
+def for_inference(model: M, device: str) -> M:
+    """`model` moved to `device` and in eval mode (both in place), with its own type kept
+    (transformers wraps `PreTrainedModel.to` with `functools.wraps`, which hides its type)."""
+    model.to(device)
+    model.eval()
+    return model

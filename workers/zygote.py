@@ -51,7 +51,18 @@ from . import logline
 from .process import die_with_parent, hold_tokenizer_threads, parse_args, preload
 from .worker import serve
 
-__all__ = ("ALWAYS_PRELOADED", "Zygote", "main")
+__all__ = (
+    "ALWAYS_PRELOADED",
+    "Zygote",
+    "apply_env",
+    "cuda_initialised",
+    "exit_now",
+    "main",
+    "reseed",
+    "restore_signal_handlers",
+    "save_coverage",
+    "signal_handlers",
+)
 
 ALWAYS_PRELOADED = ("numpy", "psutil", "msgspec")
 """Imported by every zygote whatever the configured list: every worker needs them."""

@@ -21,7 +21,7 @@ from .messages import (
     Text,
 )
 from .payloads import InputList, Output, Outputs, TensorData, pack, unpack
-from .ring import ExceedsRing, RingFull, ShmRing
+from .ring import ExceedsRing, RingFull, RingStatistics, ShmRing
 
 __all__ = (
     "PROTOCOL_VERSION",
@@ -44,6 +44,7 @@ __all__ = (
     "ProtocolError",
     "Result",
     "RingFull",
+    "RingStatistics",
     "ShmRing",
     "Shutdown",
     "Span",

@@ -13,7 +13,7 @@ from .handle import (
 )
 from .launchers import Launcher, SpawnLauncher, WorkerProcess, worker_environment
 from .states import TRANSITIONS, IllegalTransition, ModelState, check_transition
-from .zygote import ZygoteLauncher
+from .zygote import ZygoteLauncher, ZygoteUnavailable
 
 __all__ = (
     "DEFAULT_STALL_S",
@@ -35,6 +35,7 @@ __all__ = (
     "WorkerSpec",
     "WorkerStatistics",
     "ZygoteLauncher",
+    "ZygoteUnavailable",
     "check_transition",
     "heartbeat_interval",
     "worker_environment",

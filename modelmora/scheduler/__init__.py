@@ -8,7 +8,7 @@ from .request import ModelKey, Priority, Request
 from .runtime import ModelIdentity, ModelRuntime, RunningBatch, StopReason
 from .scheduler import Scheduler
 from .status import ModelStatus, StateChange
-from .supervision import WorkerOpener
+from .supervision import ModelSupervisor, WorkerOpener
 
 __all__ = (
     "Admission",
@@ -20,6 +20,7 @@ __all__ = (
     "ModelQueue",
     "ModelRuntime",
     "ModelStatus",
+    "ModelSupervisor",
     "Priority",
     "Request",
     "RunningBatch",

@@ -13,7 +13,14 @@ from .inputs import (
     split_validation,
 )
 from .outputs import Embeddings, GeneratedImage, Images, InferResult, Output, StreamEvent, Texts, Timing
-from .status import HealthModel, HealthModels, ServerStatus, SupervisorStatus
+from .status import (
+    HealthModel,
+    HealthModels,
+    ServerStatus,
+    SharedMemoryStatus,
+    SupervisorStatus,
+    shared_memory_status,
+)
 from .tasks import ADAPTERS, ReturnMode, TaskAdapter
 
 __all__ = (
@@ -38,6 +45,7 @@ __all__ = (
     "Priority",
     "ReturnMode",
     "ServerStatus",
+    "SharedMemoryStatus",
     "StreamEvent",
     "SupervisorStatus",
     "TaskAdapter",
@@ -45,5 +53,6 @@ __all__ = (
     "Texts",
     "Timing",
     "convert",
+    "shared_memory_status",
     "split_validation",
 )

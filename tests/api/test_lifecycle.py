@@ -15,9 +15,20 @@ from modelmora.ipc import segments
 from modelmora.lifecycle.budget import pss_bytes
 from modelmora.registry import install
 
-from conftest import AppUnderTest
+from conftest import BOTH_BACKENDS, AppUnderTest
 
 pytestmark = pytest.mark.anyio
+ZYGOTE = pytest.mark.zygote()
+"""Forked workers start far faster than spawned ones. Not for the budget tests: their figures are
+a spawned worker's (forked ones share the zygote's pages, so more of them fit)."""
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Many workers start and stop here; the backend is not what these tests test:
+    asyncio only, except the tests marked BOTH_BACKENDS."""
+    return "asyncio"
+
 
 MB = 2**20
 T = TypeVar("T")
@@ -55,6 +66,7 @@ async def loaded(app: AppUnderTest) -> set[str]:
     return {m["model_id"] for m in models if m["state"] == "ready"}
 
 
+@pytest.mark.slow
 @pytest.mark.settings(memory_budget_mb=320, worker_base_mb=50, keep_alive="-1")
 async def test_lru_eviction_order_and_pinning(echo_app: AppUnderTest, tmp_path: Path) -> None:
     # estimate 50 + 80 x 1.5 = 170 MiB each, measured ~100: two fit in 320, three do not
@@ -78,6 +90,7 @@ async def test_lru_eviction_order_and_pinning(echo_app: AppUnderTest, tmp_path: 
     assert status["budget"]["used_mb"] <= 320
 
 
+@pytest.mark.slow
 @pytest.mark.settings(vram_budget_mb=120, keep_alive="-1")
 async def test_vram_budget_evicts_lru_gpu_models(echo_app: AppUnderTest, tmp_path: Path) -> None:
     # GPU estimate = weights x 1.5 = 60 MiB; each worker reports 50 MiB of VRAM once loaded
@@ -107,6 +120,8 @@ async def test_vram_budget_evicts_lru_gpu_models(echo_app: AppUnderTest, tmp_pat
     assert r.status_code == 503 and "vram_budget_mb" in r.json()["error"]["message"]
 
 
+@BOTH_BACKENDS
+@ZYGOTE
 async def test_warming_is_a_state_of_its_own(echo_app: AppUnderTest) -> None:
     assert await ask(echo_app, "echo") == 200
     (model,) = (await echo_app.client.get("/api/v1/status")).json()["models"]
@@ -114,6 +129,7 @@ async def test_warming_is_a_state_of_its_own(echo_app: AppUnderTest) -> None:
 
 
 @pytest.mark.settings(memory_budget_mb=150, worker_base_mb=50)
+@ZYGOTE
 async def test_model_larger_than_the_budget_fails_at_once(echo_app: AppUnderTest, tmp_path: Path) -> None:
     add_models(echo_app, tmp_path, ["big"], weights_mb=80)  # 50 + 120 > 150
     r = await echo_app.client.post("/api/v1/infer/big", json={"input_data": {"text": "x"}})
@@ -122,6 +138,7 @@ async def test_model_larger_than_the_budget_fails_at_once(echo_app: AppUnderTest
     assert err["code"] == "insufficient_memory" and "big" in err["message"] and "memory_budget_mb" in err["message"]
 
 
+@pytest.mark.slow
 @pytest.mark.settings(memory_budget_mb=320, worker_base_mb=50, keep_alive="-1")
 async def test_no_evictable_model_waits_then_insufficient_memory(echo_app: AppUnderTest, tmp_path: Path) -> None:
     add_models(echo_app, tmp_path, ["a", "b", "c"], weights_mb=80)
@@ -148,6 +165,8 @@ async def test_no_evictable_model_waits_then_insufficient_memory(echo_app: AppUn
 
 
 @pytest.mark.settings(keep_alive="0")
+@BOTH_BACKENDS
+@ZYGOTE
 async def test_keep_alive_zero_unloads_right_after_use(echo_app: AppUnderTest) -> None:
     assert await ask(echo_app, "echo") == 200
     await until(lambda: states(echo_app), lambda got: got == {"echo": "cached"})
@@ -155,6 +174,7 @@ async def test_keep_alive_zero_unloads_right_after_use(echo_app: AppUnderTest) -
     assert await ask(echo_app, "echo") == 200  # and it comes back on demand
 
 
+@ZYGOTE
 async def test_per_model_keep_alive(echo_app: AppUnderTest) -> None:
     assert (await echo_app.client.put("/api/v1/models/echo", json={"keep_alive": "300ms"})).status_code == 200
     assert (await echo_app.client.put("/api/v1/models/echo", json={"keep_alive": "soon"})).status_code == 422
@@ -166,6 +186,8 @@ async def test_per_model_keep_alive(echo_app: AppUnderTest) -> None:
     await until(lambda: states(echo_app), lambda got: got == {"echo": "cached"})
 
 
+@BOTH_BACKENDS
+@ZYGOTE
 async def test_load_and_unload_endpoints(echo_app: AppUnderTest) -> None:
     r = await echo_app.client.post("/api/v1/models/echo/load")
     assert r.status_code == 200
@@ -183,6 +205,7 @@ async def test_load_and_unload_endpoints(echo_app: AppUnderTest) -> None:
     assert (await echo_app.client.post("/api/v1/models/echo/load?version=9.9.9")).status_code == 404
 
 
+@ZYGOTE
 async def test_unload_drains_queued_requests_first(echo_app: AppUnderTest) -> None:
     codes: list[int] = []
 
@@ -202,6 +225,7 @@ async def test_unload_drains_queued_requests_first(echo_app: AppUnderTest) -> No
 
 
 @pytest.mark.settings(load_retry_attempts=1)
+@ZYGOTE
 async def test_failed_model_stays_failed_until_explicit_load(echo_app: AppUnderTest) -> None:
     rec = echo_app.store.get("echo")
     assert rec is not None
@@ -216,6 +240,7 @@ async def test_failed_model_stays_failed_until_explicit_load(echo_app: AppUnderT
     assert await ask(echo_app, "echo") == 200
 
 
+@pytest.mark.slow
 @pytest.mark.settings(memory_budget_mb=280, worker_base_mb=50, keep_alive="-1", memory_poll_ms=50)
 async def test_workers_pss_never_exceeds_the_budget(echo_app: AppUnderTest, tmp_path: Path) -> None:
     names = [f"m{i}" for i in range(5)]
@@ -255,6 +280,7 @@ async def test_workers_pss_never_exceeds_the_budget(echo_app: AppUnderTest, tmp_
     assert evictions >= 3  # the workload really cycled models through the budget
 
 
+@ZYGOTE
 async def test_preload_loads_marked_models_without_a_request(echo_app: AppUnderTest, tmp_path: Path) -> None:
     add_models(echo_app, tmp_path, ["pre", "lazy"], weights_mb=1)
     assert (await echo_app.client.put("/api/v1/models/pre", json={"preload": True})).status_code == 200
@@ -263,6 +289,8 @@ async def test_preload_loads_marked_models_without_a_request(echo_app: AppUnderT
     assert got["lazy"] == got["echo"] == "cached"  # listed (every registered model is), not loaded
 
 
+@BOTH_BACKENDS
+@ZYGOTE
 async def test_sigkill_under_load_other_models_keep_serving(echo_app: AppUnderTest, tmp_path: Path) -> None:
     import os
     import signal

@@ -8,11 +8,19 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from conftest import AppUnderTest
+from conftest import BOTH_BACKENDS, AppUnderTest
+from worker_pipelines import steps_run
 
 pytestmark = pytest.mark.anyio
 
 JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Scheduling policy through real workers; the backend is not what these tests test:
+    asyncio only, except the tests marked BOTH_BACKENDS."""
+    return "asyncio"
 
 
 async def post(app: AppUnderTest, text: object, **extra: object) -> tuple[int, dict]:
@@ -45,6 +53,7 @@ async def occupy_worker(app: AppUnderTest, tg: anyio.abc.TaskGroup, seconds: flo
 
 
 @pytest.mark.settings(max_batch_size=1)
+@BOTH_BACKENDS
 async def test_critical_overtakes_100_low(echo_app: AppUnderTest) -> None:
     done: list[str] = []
 
@@ -148,7 +157,7 @@ async def test_max_wait_ms_gathers_a_batch_and_bounds_the_wait(echo_app: AppUnde
     assert (await post(echo_app, "warm"))[0] == 200
     code, body = await post(echo_app, "alone")
     assert code == 200
-    assert 150 <= body["timing"]["queue_ms"] <= 200 + 300  # waited for company, but not much longer
+    assert body["timing"]["queue_ms"] >= 150  # waited for company (alone, it is still served: the wait is bounded)
     got: list[dict] = []
 
     async def one(text: str) -> None:
@@ -161,12 +170,31 @@ async def test_max_wait_ms_gathers_a_batch_and_bounds_the_wait(echo_app: AppUnde
     assert [b["output"]["embeddings"][0][3] for b in got] == [2.0, 2.0]  # one batch
 
 
+@pytest.mark.settings(max_batch_size=2)
 async def test_max_wait_default_is_immediate(echo_app: AppUnderTest) -> None:
+    """By default an idle worker takes a lone request at once: a batch of one, though a second
+    request would have filled it (with a long max_wait_ms it would wait for that one)."""
+    assert echo_app.settings.max_wait_ms == 0
     assert (await post(echo_app, "warm"))[0] == 200
     code, body = await post(echo_app, "now")
-    assert code == 200 and body["timing"]["queue_ms"] < 100
+    assert code == 200 and body["output"]["embeddings"][0][3] == 1.0
+    r = await echo_app.client.put("/api/v1/models/echo", json={"max_wait_ms": 60_000})
+    assert r.status_code == 200
+    got: list[dict] = []
+
+    async def one(text: str) -> None:
+        got.append((await post(echo_app, text))[1])
+
+    async with anyio.create_task_group() as tg:  # now a lone request waits for company
+        tg.start_soon(one, "first")
+        await wait_queue_depth(echo_app, 1)
+        await anyio.sleep(0.2)
+        assert (await status(echo_app))["queue_depth"] == 1
+        tg.start_soon(one, "second")
+    assert [b["output"]["embeddings"][0][3] for b in got] == [2.0, 2.0]
 
 
+@BOTH_BACKENDS
 async def test_deadline_passes_while_queued(echo_app: AppUnderTest) -> None:
     async with anyio.create_task_group() as tg:
         await occupy_worker(echo_app, tg, 0.6)
@@ -180,6 +208,7 @@ async def test_deadline_passes_while_queued(echo_app: AppUnderTest) -> None:
 
 
 @pytest.mark.settings(queue_limit=3, max_batch_size=1)
+@BOTH_BACKENDS
 async def test_queue_full_is_429_and_leaves_the_queue_alone(echo_app: AppUnderTest) -> None:
     codes: list[int] = []
 
@@ -197,7 +226,7 @@ async def test_queue_full_is_429_and_leaves_the_queue_alone(echo_app: AppUnderTe
     assert codes == [200, 200, 200]
 
 
-@pytest.mark.parametrize("n", [10, 256])
+@pytest.mark.parametrize("n", [10, pytest.param(256, marks=pytest.mark.slow)])
 async def test_many_concurrent_requests_without_errors(echo_app: AppUnderTest, n: int) -> None:
     codes: list[int] = []
 
@@ -214,15 +243,16 @@ async def test_many_concurrent_requests_without_errors(echo_app: AppUnderTest, n
 
 async def test_cancelled_long_job_stops_within_one_step(echo_app: AppUnderTest) -> None:
     assert (await post(echo_app, "warm"))[0] == 200
-    code, body = await post(echo_app, "__steps__50", timeout_seconds=0.35)  # 5 s of 0.1 s steps
+    code, _ = await post(echo_app, "__steps__300", timeout_seconds=0.35)  # 30 s of 0.1 s steps
     assert code == 504
-    t0 = anyio.current_time()
-    code, body = await post(echo_app, "next")
+    code, _ = await post(echo_app, "next")  # one batch at a time: after the abandoned one ended
     assert code == 200
-    # the worker dropped the abandoned job at its next step instead of running 4.6 s more
-    assert anyio.current_time() - t0 < 1.0, body["timing"]
+    # the worker dropped the abandoned job at a step instead of running it to its end
+    model_dir = echo_app.store.get("echo").versions[0].path  # type: ignore[union-attr]
+    assert 1 <= steps_run(model_dir) < 300
 
 
+@BOTH_BACKENDS
 async def test_cancelling_one_of_a_shared_batch_keeps_it_running(echo_app: AppUnderTest) -> None:
     assert (await post(echo_app, "warm"))[0] == 200
     results: dict[str, int] = {}

@@ -4,7 +4,6 @@ batches at once (real worker processes, on asyncio and trio)."""
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,9 +15,18 @@ from modelmora.ipc import segments
 from modelmora.registry import SQLiteStore, install
 from modelmora.scheduler import Scheduler
 
-from conftest import AppUnderTest, make_settings, running_app, worker_env
+from conftest import BOTH_BACKENDS, AppUnderTest, make_settings, running_app, worker_env
+from worker_pipelines import steps_run
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Inference streams in real workers; the backend is not what these tests test:
+    asyncio only, except the tests marked BOTH_BACKENDS."""
+    return "asyncio"
+
 
 CONCURRENT = {"txt2embed": "worker_pipelines:ConcurrentEcho"}
 PLAIN = {"txt2embed": "worker_pipelines:Echo"}
@@ -44,17 +52,19 @@ def in_flight(st: dict) -> int:
 
 
 @pytest.mark.settings(max_batch_size=2)
+@BOTH_BACKENDS
 async def test_a_full_batch_runs_beside_the_running_one(streams_app: AppUnderTest) -> None:
     assert (await post(streams_app, "warm"))[0] == 200
     assert (await status(streams_app))["worker"]["streams"] == 2
-    t0 = time.monotonic()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(post, streams_app, "__sleep__1.0")
+        tg.start_soon(post, streams_app, "__sleep__3.0")
         await eventually(streams_app, lambda st: in_flight(st) == 1)
         for _ in range(2):  # a full batch (2 items): it goes to the second stream at once
-            tg.start_soon(post, streams_app, "__sleep__0.5")
-        await eventually(streams_app, lambda st: in_flight(st) == 2, timeout_s=0.8)
-    assert time.monotonic() - t0 < 1.4  # 1.0 s and 0.5 s side by side, not one after the other
+            tg.start_soon(post, streams_app, "__sleep__0.1")
+        # side by side, not one after the other: both batches are in the worker together
+        await eventually(streams_app, lambda st: in_flight(st) == 2)
+        # and the short batch is answered while the long one still runs
+        await eventually(streams_app, lambda st: st["served"] == 3 and in_flight(st) == 1)
 
 
 @pytest.mark.settings(max_batch_size=4)
@@ -120,23 +130,24 @@ async def test_out_of_order_batches_each_caller_gets_its_own_result(streams_app:
 
 
 @pytest.mark.settings(max_batch_size=1)
+@BOTH_BACKENDS
 async def test_a_cancelled_batch_stops_while_the_other_stream_goes_on(streams_app: AppUnderTest) -> None:
     assert (await post(streams_app, "warm"))[0] == 200
-    outcome: dict[str, tuple[int, float]] = {}
+    outcome: dict[str, int] = {}
 
-    async def one(name: str, text: str, timeout_s: float = 30) -> None:
-        t0 = time.monotonic()
+    async def one(name: str, text: str, timeout_s: float = 60) -> None:
         code, _ = await post(streams_app, text, timeout_seconds=timeout_s)
-        outcome[name] = (code, time.monotonic() - t0)
+        outcome[name] = code
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(one, "long", "__steps__50", 0.5)  # 5 s of 0.1 s steps
+        tg.start_soon(one, "long", "__steps__300", 0.5)  # 30 s of 0.1 s steps
         await eventually(streams_app, lambda st: in_flight(st) == 1)
         tg.start_soon(one, "short", "__steps__10")  # 1 s
         await eventually(streams_app, lambda st: in_flight(st) == 2)
-    assert outcome["long"][0] == 504 and outcome["short"][0] == 200
-    assert outcome["short"][1] < 2.5
-    await eventually(streams_app, lambda st: in_flight(st) == 0, timeout_s=1.0)  # the long one stopped
+    assert outcome == {"long": 504, "short": 200}
+    await eventually(streams_app, lambda st: in_flight(st) == 0)  # the long one stopped
+    model_dir = streams_app.store.get("echo").versions[0].path  # type: ignore[union-attr]
+    assert steps_run(model_dir) < 10 + 300  # at a step, not at its end
     assert (await post(streams_app, "after"))[0] == 200
 
 
@@ -163,6 +174,7 @@ async def test_the_default_is_two_streams_on_a_gpu_and_one_on_a_cpu(
     assert st["device"] == device and st["worker"]["streams"] == streams
 
 
+@pytest.mark.slow  # imports torch in its worker
 @pytest.mark.settings(max_batch_size=1, pipelines=THREADS)
 async def test_a_batch_alone_gets_every_thread_and_one_beside_another_its_share(streams_app: AppUnderTest) -> None:
     """2 streams, 2 torch threads: alone a batch runs on 2; started beside a running one, on 1."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -16,6 +17,8 @@ import pytest
 from modelmora.ipc import segments
 
 from serverproc import ServerProcess, mm
+
+pytestmark = pytest.mark.slow  # real server processes
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -118,3 +121,34 @@ def test_kill_worker_mid_request(server: ServerProcess) -> None:
     # the dead worker's segment is gone: exactly one worker segment of this server remains
     ours = [n for n in segments.our_segments() if n.startswith(f"mm-{server.pid}-") and "-w-" in n]
     assert len(ours) == 1
+
+
+def test_trio_server_serves_the_same_embeddings(
+    server: ServerProcess,
+    reference,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    minilm_path: Path,
+) -> None:
+    """One real model on each backend: `mm serve --backend trio` (zygote on) serves the embedding the
+    asyncio server (the module's `server`) serves and sentence-transformers computes in process."""
+    texts = ["The quick brown fox jumps over the lazy dog.", "Trio runs this server."]
+    home = tmp_path / "trio-home"
+    mm("install", str(minilm_path), "--id", MODEL, "--task", "txt2embed", home=home)
+    env = {"MODELMORA_TORCH_THREADS": "2", "MODELMORA_LOG_FORMAT": "json"}
+    srv = ServerProcess(home, env, args=("--backend", "trio")).start()
+    try:
+        r = embed(srv, texts)
+        assert r.status_code == 200, r.text
+        status = httpx.get(f"{srv.url}/api/v1/status").json()
+        assert status["models"][0]["worker"]["forked"] is True
+    finally:
+        assert srv.stop() == 0
+    listening = [json.loads(line) for line in srv.log.read_text().splitlines() if '"listening"' in line]
+    assert listening and listening[0]["backend"] == "trio"
+    got = np.asarray(r.json()["output"]["embeddings"], dtype=np.float32)
+    on_asyncio = embed(server, texts)
+    assert on_asyncio.status_code == 200, on_asyncio.text
+    want = np.asarray(on_asyncio.json()["output"]["embeddings"], dtype=np.float32)
+    assert got.shape == want.shape == (2, 384)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert cosine_rows(got, reference.encode(texts)).min() >= 0.9999

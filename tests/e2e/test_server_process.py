@@ -23,6 +23,8 @@ from modelmora.httpserver import REFUSAL
 from conftest import TESTS_DIR
 from serverproc import ServerProcess, mm
 
+pytestmark = pytest.mark.slow  # real server processes
+
 NOFILE = 400
 """The open-files limit (soft and hard) the churn test's server runs under."""
 

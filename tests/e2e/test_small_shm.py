@@ -18,6 +18,8 @@ import serverproc
 from conftest import TESTS_DIR
 from serverproc import ServerProcess, free_port, mm
 
+pytestmark = pytest.mark.slow  # real server processes
+
 
 def _env(**settings: str) -> dict[str, str]:
     return {

@@ -20,6 +20,8 @@ from modelmora.ipc import segments
 from conftest import TESTS_DIR
 from serverproc import ServerProcess, mm
 
+pytestmark = pytest.mark.slow  # real server processes
+
 
 def _env(zygote: bool = True) -> dict[str, str]:
     return {

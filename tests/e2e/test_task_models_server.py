@@ -20,6 +20,8 @@ from PIL import Image
 from serverproc import ServerProcess, mm
 from tiny_models import build_blip, build_clip, build_gpt2, build_sd, build_t5
 
+pytestmark = pytest.mark.slow  # real server processes
+
 BUILDERS = {"gpt2": build_gpt2, "t5": build_t5, "blip": build_blip, "clip": build_clip, "sd": build_sd}
 
 

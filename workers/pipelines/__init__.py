@@ -1,0 +1,3 @@
+"""The task pipelines, one module each, loaded by name (`module:Class`) in a worker."""
+
+__all__ = ()

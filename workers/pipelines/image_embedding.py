@@ -9,7 +9,7 @@ import numpy as np
 from ..devices import load_kwargs, resolve_device
 from .base import InputError, param, sub_batches
 
-__all__ = ("ImageEmbedding", "images_input")
+__all__ = ("ImageEmbedding", "images_input", "warmup_images")
 
 
 def images_input(inputs: dict[str, Any]) -> list[np.ndarray]:
@@ -65,7 +65,8 @@ class ImageEmbedding:
             out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
             if not isinstance(out, torch.Tensor):  # transformers 5 may return a model output
                 out = out.pooler_output
-            return out.float().cpu().numpy()
+            embeddings: np.ndarray = out.float().cpu().numpy()
+            return embeddings
 
     def warmup(self) -> None:
         out = self.run({"image": warmup_images()}, {"normalize": False, "batch_size": 2})["embeddings"]

@@ -7,12 +7,12 @@ its batch-mates. The cancel flag is checked after every generated token.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from .. import cancel
-from ..devices import load_kwargs, resolve_device
+from ..devices import for_inference, load_kwargs, resolve_device
 from .base import param
 from .image_embedding import images_input, warmup_images
 
@@ -50,7 +50,7 @@ class ImageToText:
         kwargs = load_kwargs(dtype)
         self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(self.device).eval()
+        self.model = for_inference(AutoModelForImageTextToText.from_pretrained(path, **kwargs), self.device)
         self.dtype = next(self.model.parameters()).dtype
         config = self.model.config
         text_config = getattr(config, "text_config", None) or getattr(config, "decoder", None) or config
@@ -80,7 +80,7 @@ class ImageToText:
         for row in sequences[:, 1:].tolist():  # the first token is the decoder's start token
             end = next((k for k, token in enumerate(row) if token in self.eos_ids), None)
             tokens = row if end is None else row[:end]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            text = cast(str, self.tokenizer.decode(tokens, skip_special_tokens=True)).strip()  # one sequence: one str
             results.append((text, "length" if end is None else "stop"))
         return results
 

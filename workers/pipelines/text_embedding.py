@@ -51,7 +51,7 @@ class TextEmbedding:
             with lock:
                 return preprocess(*args, **kwargs)
 
-        self.model.preprocess = locked
+        self.model.preprocess = locked  # type: ignore[method-assign]  # this instance's own, on purpose
 
     def warmup(self) -> None:
         out = self.model.encode(["warm-up"], convert_to_numpy=True)

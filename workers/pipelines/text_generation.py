@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import cancel, events
-from ..devices import load_kwargs, resolve_device
+from ..devices import for_inference, load_kwargs, resolve_device
 from .base import InputError, param
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class TextGeneration:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
-        self.model = auto.from_pretrained(path, **kwargs).to(self.device).eval()
+        self.model = for_inference(auto.from_pretrained(path, **kwargs), self.device)
         gen = self.model.generation_config
         eos: set[int] = set()
         for value in (gen.eos_token_id, self.tokenizer.eos_token_id):
@@ -145,9 +145,9 @@ class TextGeneration:
 
     def _decode_new(self, row: _Row, final: bool) -> str:
         """New text of `row` since the last call, or "" while a character is incomplete."""
-        decode = self.tokenizer.decode
-        prefix = decode(row.ids[row.prefix_offset : row.read_offset], skip_special_tokens=True)
-        full = decode(row.ids[row.prefix_offset :], skip_special_tokens=True)
+        decode = self.tokenizer.decode  # one sequence of ids decodes to one str
+        prefix = cast(str, decode(row.ids[row.prefix_offset : row.read_offset], skip_special_tokens=True))
+        full = cast(str, decode(row.ids[row.prefix_offset :], skip_special_tokens=True))
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             row.prefix_offset, row.read_offset = row.read_offset, len(row.ids)
             return full[len(prefix) :]
