@@ -15,8 +15,10 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -40,13 +42,19 @@ def _log(event: str, **fields: Any) -> None:
     logline.write("worker", event, **fields)
 
 
-def die_with_parent(expected_ppid: int) -> None:
-    """Ask the kernel to SIGKILL us when our parent dies; exit now if it already has.
+def die_with_parent(expected_ppid: int, *, forked: bool = False) -> None:
+    """Die (SIGKILL) when our parent dies; exit now if it already has.
 
     The parent is the supervisor for the zygote and for a spawned worker, the zygote for a
     forked one: a supervisor's death takes the zygote down, and so every forked worker.
+
+    A forked worker uses PR_SET_PDEATHSIG: the zygote forks from its main thread. The kernel ties
+    that signal to the parent *thread* that created the process, and a supervisor may start its
+    children from a short-lived thread (trio starts processes from its thread pool, whose idle
+    threads end after 10 s, which killed the zygote): so a child of the supervisor watches the
+    supervisor's process itself instead, through a pidfd, from a daemon thread.
     """
-    if sys.platform.startswith("linux"):
+    if (forked or not _watch_parent(expected_ppid)) and sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -54,6 +62,25 @@ def die_with_parent(expected_ppid: int) -> None:
             pass
     if os.getppid() != expected_ppid:
         os._exit(1)
+
+
+def _watch_parent(ppid: int) -> bool:
+    """Start a daemon thread that SIGKILLs this process when `ppid` ends; False where pidfds are
+    not available (the caller falls back to PR_SET_PDEATHSIG)."""
+    try:
+        pidfd = os.pidfd_open(ppid)
+    except (AttributeError, OSError):  # pragma: no cover - before Linux 5.3 / Python 3.9, or not Linux
+        return False
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while not poller.poll():  # readable once the parent has exited
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    return True
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, str]:

@@ -233,7 +233,7 @@ def serve(fd: int, *, ppid: int, preload: Sequence[str] = (), forked: bool = Fal
         preload: modules to import before the pipeline (timed as `import_ms`).
         forked: whether this process was forked from the zygote (reported in `Loaded.forked`).
     """
-    die_with_parent(ppid)
+    die_with_parent(ppid, forked=forked)
     hold_tokenizer_threads()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     sock = socket.socket(fileno=fd)

@@ -175,6 +175,9 @@ async def test_statistics_encode_as_the_status_fields(tmp_path: Any) -> None:
         "uptime_s",
         "request_ring_used_bytes",
         "vram_mb",
+        "ring_bytes",
+        "pool_bytes",
+        "pool_in_use_bytes",
     ]
     assert doc["pid"] == handle.pid and doc["forked"] is False and doc["device"] == "cpu"
     assert set(doc["start_ms"]) == {"launch", "boot", "import", "load", "warmup", "total"}
