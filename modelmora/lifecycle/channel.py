@@ -26,6 +26,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from ..broadcast import Broadcast
 from ..errors import (
     InvalidInput,
     ModelMoraError,
@@ -86,7 +87,8 @@ class WorkerChannel:
         self._backlog: list[m.Message] = []
         self._slots: dict[int, _Slot] = {}
         self._next_batch = 0
-        self._progress = anyio.Event()
+        self._progress = Broadcast()
+        """Notified at every message from the worker (ring space may have come back)."""
         self._send_lock = anyio.Lock()
         self._infer_lock = anyio.Lock()
         """Held from placing a batch's inputs to sending its `Infer`: the worker sees batches in
@@ -133,7 +135,7 @@ class WorkerChannel:
                 slot.error = err
                 slot.event.set()
         self._slots.clear()
-        self._progress.set()
+        self._progress.notify()
 
     async def read_loop(self) -> None:
         """Deliver results until the worker's channel closes; then fail what is in flight.
@@ -157,8 +159,7 @@ class WorkerChannel:
                 if isinstance(msg, m.Heartbeat):
                     continue
                 self._dispatch(msg)
-                self._progress.set()
-                self._progress = anyio.Event()
+                self._progress.notify()
         except ProtocolError:
             log.exception("worker_protocol_error", model=self.model_id, pid=self.pid)
             self.process.kill()

@@ -36,6 +36,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from ..broadcast import Broadcast
 from ..ipc import zygote as zw
 from ..ipc.control import ProtocolError
 from .budget import process_memory, pss_bytes
@@ -97,7 +98,7 @@ class ZygoteLauncher:
         self.forks = 0
         self.spawns = 0
         self._zygote: ZygoteClient | None = None
-        self._changed: anyio.Event | None = None
+        self._changed = Broadcast()
 
     @property
     def pid(self) -> int | None:
@@ -106,9 +107,7 @@ class ZygoteLauncher:
 
     def _set_state(self, state: str) -> None:
         self.state = state
-        if self._changed is not None:
-            self._changed.set()
-        self._changed = anyio.Event()
+        self._changed.notify()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[ZygoteLauncher]:
@@ -135,7 +134,7 @@ class ZygoteLauncher:
     async def wait_for(self, *states: str) -> None:
         """Wait until the state is one of `states`."""
         while self.state not in states:
-            assert self._changed is not None, "the launcher is not running"
+            assert self.state != "stopped", "the launcher is not running"
             await self._changed.wait()
 
     async def _supervise(self) -> None:

@@ -2,7 +2,6 @@
 
 from .admission import Admission, BudgetStatus
 from .batching import BatchWorker
-from .broadcast import Broadcast
 from .queues import ModelQueue
 from .request import ModelKey, Priority, Request
 from .runtime import ModelIdentity, ModelRuntime, RunningBatch, StopReason
@@ -13,7 +12,6 @@ from .supervision import ModelSupervisor, WorkerOpener
 __all__ = (
     "Admission",
     "BatchWorker",
-    "Broadcast",
     "BudgetStatus",
     "ModelIdentity",
     "ModelKey",

@@ -16,11 +16,11 @@ import anyio.to_thread
 import msgspec
 import structlog
 
+from ..broadcast import Broadcast
 from ..config import Settings
 from ..errors import InsufficientMemory
 from ..lifecycle import ModelState
 from ..lifecycle.budget import MemoryBudget, pss_bytes
-from .broadcast import Broadcast
 from .request import ModelKey
 from .runtime import ModelRuntime, StopReason
 

@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import anyio
 
+from ..broadcast import Broadcast
 from ..errors import DeadlineExceeded, ModelMoraError, QueueFull
-from .broadcast import Broadcast
 from .request import Priority, Request
 
 __all__ = ("ModelQueue",)

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import anyio
 import structlog
 
+from ..broadcast import Broadcast
 from ..config import ModelSettings
 from ..lifecycle import ModelState, WorkerHandle, check_transition
 from ..registry import ModelRecord
-from .broadcast import Broadcast
 from .queues import ModelQueue
 from .request import ModelKey, Request
 

@@ -18,9 +18,9 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from modelmora.broadcast import Broadcast
 from modelmora.errors import ModelLoadFailed, ModelMoraError, WorkerCrashed
 from modelmora.lifecycle import EventSink, Outputs, WorkerSpec
-from modelmora.scheduler import Broadcast
 
 __all__ = ("FakeBatch", "FakeLoaded", "FakeWorker", "FakeWorkers")
 

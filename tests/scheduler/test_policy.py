@@ -24,11 +24,12 @@ import pytest
 from fakes import FakeBatch, FakeWorkers
 from trio.testing import MockClock
 
+from modelmora.broadcast import Broadcast
 from modelmora.config import Settings
 from modelmora.errors import InsufficientMemory, ModelLoadFailed, ModelMoraError, WorkerCrashed
 from modelmora.lifecycle import TRANSITIONS, IllegalTransition, ModelState, check_transition
 from modelmora.registry import ModelRecord, VersionRecord
-from modelmora.scheduler import Broadcast, ModelKey, ModelRuntime, Priority, Request, Scheduler, StopReason
+from modelmora.scheduler import ModelKey, ModelRuntime, Priority, Request, Scheduler, StopReason
 
 from conftest import make_settings
 
