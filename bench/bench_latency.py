@@ -69,7 +69,8 @@ class _Side:
         with httpx.Client(base_url=self.srv.url, timeout=120) as client:
             self.idle_rss = client.get("/api/v1/status").json()["supervisor"]["rss_mb"]
             t0 = time.perf_counter()
-            assert client.post(f"/api/v1/infer/{MODEL}", json=body).status_code == 200
+            cold = client.post(f"/api/v1/infer/{MODEL}", json={**body, "timeout_seconds": 600})
+            assert cold.status_code == 200, cold.text  # the cold start may outlast the default deadline
             self.cold_s = time.perf_counter() - t0
             self.worker = client.get("/api/v1/status").json()["models"][0]["worker"]
             for _ in range(20):

@@ -368,7 +368,8 @@ def sweep(target: Target, args: argparse.Namespace, workdir: Path, probe: Callab
 
 
 def check_embedding(resp: httpx.Response, rows: Callable[[Any], list[list[float]]]) -> None:
-    resp.raise_for_status()
+    if resp.status_code != 200:
+        raise RuntimeError(f"{resp.status_code} from {resp.url}: {resp.text[:500]}")
     emb = rows(resp.json())
     if len(emb) != 1 or len(emb[0]) != 384:
         raise RuntimeError(f"unexpected answer: {resp.text[:300]}")
@@ -409,7 +410,8 @@ def modelmora(
     try:
         with httpx.Client(base_url=srv.url, timeout=300) as client:
             check_embedding(
-                client.post(f"/api/v1/infer/{MODEL}", json={"input_data": {"text": SENTENCE}}),
+                # the cold start (zygote imports, load) may outlast the default deadline
+                client.post(f"/api/v1/infer/{MODEL}", json={"input_data": {"text": SENTENCE}, "timeout_seconds": 600}),
                 lambda j: j["output"]["embeddings"],
             )
 

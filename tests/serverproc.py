@@ -51,7 +51,9 @@ class ServerProcess:
         command: Sequence[str] | None = None,
     ) -> None:
         self.command = list(command) if command is not None else _mm_command()
-        """The `mm` to run (another build's, for benchmarks against it)."""
+        """The `mm` to run (another build's, for benchmarks against it: it runs from its home, so
+        that no package of this checkout shadows its own)."""
+        self.cwd = home if command is not None else None
         self.args = tuple(args)
         self.preexec_fn = preexec_fn
         self.home = home
@@ -67,6 +69,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 [*self.command, "serve", "--port", str(self.port), *self.args],
                 env=self.env,
+                cwd=self.cwd,
                 preexec_fn=self.preexec_fn,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -114,7 +114,8 @@ class SpawnLauncher:
     async def launch(self, child_sock: socket.socket, env: Mapping[str, str], name: str) -> SpawnedProcess:
         """Spawn the worker (see `Launcher.launch`)."""
         fd = child_sock.fileno()
-        cmd = [self.python, "-m", "modelmora_workers", "--fd", str(fd), "--ppid", str(os.getpid())]
+        # -P: the current directory never shadows our packages (e.g. a checkout of another version)
+        cmd = [self.python, "-P", "-m", "modelmora_workers", "--fd", str(fd), "--ppid", str(os.getpid())]
         if self.preload:
             cmd += ["--preload", ",".join(self.preload)]
         try:

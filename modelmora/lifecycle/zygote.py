@@ -172,7 +172,7 @@ class ZygoteLauncher:
         process: anyio.abc.Process | None = None
         zygote: ZygoteClient | None = None
         try:
-            cmd = [self.python, "-m", "modelmora_workers.zygote", "--fd", str(child.fileno())]
+            cmd = [self.python, "-P", "-m", "modelmora_workers.zygote", "--fd", str(child.fileno())]  # -P: see spawn
             cmd += ["--ppid", str(os.getpid()), "--preload", ",".join(self.preload)]
             cmd += ["--grace", f"{self.stop_grace_s * 0.8:g}"]  # children exiting at EOF: before we kill it
             try:

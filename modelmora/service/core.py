@@ -106,6 +106,7 @@ class InferenceService:
         """Decoded pixels of all requests in flight (held from decoding until the answer)."""
         self.catalog = Catalog(store)
         self.started = time.time()
+        self.sync_errors = 0
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Compare the registry with the running models every `REGISTRY_SYNC_S` (errors are logged)."""
@@ -115,14 +116,16 @@ class InferenceService:
             await self.sync_registry()
 
     async def sync_registry(self) -> None:
-        """Replace workers whose registry entry changed; stop those of uninstalled models."""
+        """Replace workers whose registry entry changed; stop those of uninstalled models.
+
+        A failed round is logged and counted (`sync_errors`); the next one runs as usual."""
         try:
             records = await self.store.alist()
+            self.catalog.forget_all()
+            self.scheduler.sync(records)
         except Exception as exc:
-            log.error("registry_sync_failed", exc_info=exc)
-            return
-        self.catalog.forget_all()
-        self.scheduler.sync(records)
+            self.sync_errors += 1
+            log.error("registry_sync_failed", errors=self.sync_errors, exc_info=exc)
 
     # -- inference --------------------------------------------------------------------------
 

@@ -181,3 +181,28 @@ async def test_statistics_encode_as_the_status_fields(tmp_path: Any) -> None:
     ]
     assert doc["pid"] == handle.pid and doc["forked"] is False and doc["device"] == "cpu"
     assert set(doc["start_ms"]) == {"launch", "boot", "import", "load", "warmup", "total"}
+
+
+@pytest.mark.parametrize("zygote", [False, True], ids=["spawn", "zygote"])
+async def test_the_current_directory_never_shadows_the_worker_packages(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, zygote: bool
+) -> None:
+    """A server started from a directory that holds another `modelmora` (a checkout of another
+    version, say) still starts workers of its own."""
+    shadow = tmp_path / "cwd"
+    for package in ("modelmora", "modelmora_workers"):
+        (shadow / package).mkdir(parents=True)
+        (shadow / package / "__init__.py").write_text("raise ImportError('the wrong package')\n")
+    monkeypatch.chdir(shadow)
+    model = tmp_path / "model"
+    model.mkdir()
+    with anyio.fail_after(SAFETY_S):
+        if zygote:
+            launcher = ZygoteLauncher(env=worker_environment(worker_env(), 1), preload=("numpy",))
+            async with launcher.running():
+                assert await launcher.wait_ready()
+                async with echo_worker(model, stall_s=0, launcher=launcher) as handle:
+                    assert handle.statistics().forked
+        else:
+            async with echo_worker(model, stall_s=0) as handle:
+                assert not handle.statistics().forked

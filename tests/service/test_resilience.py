@@ -63,3 +63,21 @@ async def test_the_memory_monitor_survives_running_out_of_file_descriptors(
         await anyio.sleep(0.01)
     assert adm.monitor_errors >= 3  # several rounds failed, each logged and counted
     assert (await embed(echo_app, "echo"))[0] == 200  # and the server still serves
+
+
+async def test_a_failed_registry_sync_is_counted_and_the_next_one_runs(
+    echo_app: AppUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = echo_app.service
+    sync = service.scheduler.sync
+
+    def broken(records: object) -> None:
+        raise RuntimeError("a bug in the sync")
+
+    monkeypatch.setattr(service.scheduler, "sync", broken)
+    await service.sync_registry()
+    assert service.sync_errors == 1
+    monkeypatch.setattr(service.scheduler, "sync", sync)
+    await service.sync_registry()
+    assert service.sync_errors == 1
+    assert (await embed(echo_app, "echo"))[0] == 200
