@@ -104,7 +104,9 @@ async def test_waiters_are_granted_in_arrival_order_and_none_overtakes_the_head(
         await until(lambda: len(leases) == 2)
         assert budget.statistics().waiting == 1 and budget.in_use_pixels == 7 and sorted(leases) == ["big", "small"]
         leases["big"].release()
-    assert granted == ["big", "small", "rest"]
+    # big and small were granted together (small never before big: nothing was granted while big
+    # waited); the order their tasks then resumed in is the event loop's (trio varies it)
+    assert sorted(granted[:2]) == ["big", "small"] and granted[2] == "rest"
     assert budget.in_use_pixels == 5
 
 
