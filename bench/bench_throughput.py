@@ -596,7 +596,8 @@ def report(
     probes = [r.extra["raw_before"] for r in runs if "raw_before" in r.extra]
     ceiling = max([raw[best_bs], raw_end or 0.0, *probes])
     ncpu = os.cpu_count()
-    cmd = "uv run python bench/bench_throughput.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+    argv = ["PATH" if a == args.baseline_mm and args.baseline_mm else a for a in sys.argv[1:]]  # no local paths
+    cmd = "uv run python bench/bench_throughput.py" + (" " + shlex.join(argv) if argv else "")
     lines = [
         HEADING,
         "",
