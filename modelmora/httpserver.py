@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import socket
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -224,27 +225,89 @@ class _Protocol:
             protocol.__class__ = _H2Protocol
 
 
+class _KeepAliveTimer:
+    """The keep-alive timer of one asyncio connection, in place of Hypercorn's `AsyncioSingleTask`.
+
+    Hypercorn cancels and recreates a task (which waits in `asyncio.wait_for`) every time a request
+    leaves the connection idle: two task switches, a lock and a timer per request. Here one task per
+    connection sleeps until the end of the idle time, which each request moves; it wakes once per
+    `keep_alive_timeout` at most, and at shutdown (the worker context's `terminated`).
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._idle_since: float | None = None
+        self._task: Any = None
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        """The connection went idle (Hypercorn's call; `action` is its own idle task, not used)."""
+        conn = self._conn
+        if conn.peer_closed:
+            return  # nothing more can arrive: the connection ends instead of idling
+        if conn.context.terminated.is_set():  # stopping: an idle connection closes now
+            self._idle_since = -math.inf
+        else:
+            self._idle_since = conn.loop.time()
+        if self._task is None:
+            self._task = task_group._task_group.create_task(self._watch())
+
+    async def stop(self) -> None:
+        """A request started (or the connection is closing)."""
+        self._idle_since = None
+
+    async def close(self) -> None:
+        import asyncio
+
+        self._idle_since = None
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+
+    async def _watch(self) -> None:
+        import asyncio
+
+        conn = self._conn
+        keep_alive, terminated = conn.config.keep_alive_timeout, conn.context.terminated
+        while True:
+            since = self._idle_since
+            wait = keep_alive if since is None else since + keep_alive - conn.loop.time()
+            if wait <= 0 or (since is not None and terminated.is_set()):
+                break
+            with suppress(TimeoutError):
+                await asyncio.wait_for(terminated.wait(), wait)
+            if terminated.is_set() and self._idle_since is None:
+                self._task = None  # busy at shutdown: `restart` closes it once its requests end
+                return
+        self._task = None
+        await conn._initiate_server_close()
+
+
 @functools.cache
 def _asyncio_connection() -> type[Any]:
     from hypercorn.asyncio.tcp_server import TCPServer
-    from hypercorn.events import Event, Updated
 
     class Connection(TCPServer):
         """Closes as soon as the client has closed its side and no request of it runs (Hypercorn
-        would wait for the keep-alive timeout, holding the socket in CLOSE-WAIT)."""
+        would wait for the keep-alive timeout, holding the socket in CLOSE-WAIT); one keep-alive
+        timer task per connection, not one per request."""
 
         peer_closed = False
+
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            self.idle_task = _KeepAliveTimer(self)  # type: ignore[assignment]  # the same interface
 
         async def _read_data(self) -> None:
             self.protocol = _Protocol(self.protocol)  # type: ignore[assignment]  # the same interface
             await super()._read_data()
             self.peer_closed = True
-            await self.idle_task.stop()
+            await self.idle_task.close()  # type: ignore[attr-defined]
 
-        async def protocol_send(self, event: Event) -> None:
-            if isinstance(event, Updated) and event.idle and self.peer_closed:
-                return  # nothing more can arrive: the connection ends instead of idling
-            await super().protocol_send(event)
+        async def _close(self) -> None:
+            await super()._close()
+            await self.idle_task.close()  # type: ignore[attr-defined]
 
     return Connection
 

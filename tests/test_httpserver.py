@@ -32,13 +32,15 @@ async def hello(
 
 
 @asynccontextmanager
-async def listening(limit: int) -> AsyncIterator[tuple[HttpListener, int]]:
+async def listening(
+    limit: int, *, keep_alive_s: float = 300, graceful_s: float = 1, app: Any = hello, stop: anyio.Event | None = None
+) -> AsyncIterator[tuple[HttpListener, int]]:
     sock = bind_socket("127.0.0.1", 0)
     config = Config()
-    config.keep_alive_timeout = 300
-    config.graceful_timeout = 1
-    listener = HttpListener(hello, config, sock, limit=limit)
-    stop = anyio.Event()
+    config.keep_alive_timeout = keep_alive_s
+    config.graceful_timeout = graceful_s
+    listener = HttpListener(app, config, sock, limit=limit)
+    stop = stop or anyio.Event()
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(listener.serve, stop.wait)
@@ -58,11 +60,58 @@ async def read_to_eof(stream: anyio.abc.SocketStream) -> bytes:
             return data
 
 
+async def read_answer(stream: anyio.abc.SocketStream) -> bytes:
+    """One answer of `hello` (headers and body may arrive in separate reads)."""
+    data = b""
+    while not data.endswith(b"ok"):
+        data += await stream.receive()
+    return data
+
+
 async def test_a_client_that_closed_its_side_is_closed_at_once() -> None:
     async with listening(limit=10) as (_, port), await anyio.connect_tcp("127.0.0.1", port) as client:
         await client.send(REQUEST)
         await client.send_eof()  # what a client closing after its request leaves the server with
         answer = await read_to_eof(client)
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok")
+
+
+async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout() -> None:
+    async with listening(limit=10, keep_alive_s=0.2) as (listener, port):
+        async with await anyio.connect_tcp("127.0.0.1", port) as client:
+            for _ in range(3):  # each request re-arms the one timer of the connection
+                await client.send(REQUEST)
+                assert (await read_answer(client)).startswith(b"HTTP/1.1 200 ")
+            assert await read_to_eof(client) == b""  # idle: the server closes it
+        while listener.open:  # a safety net of 30 s in read_to_eof above; this is the server's side
+            await anyio.sleep(0.01)
+
+
+async def test_at_shutdown_idle_connections_close_at_once_and_busy_ones_after_their_answer() -> None:
+    release = anyio.Event()
+    started = anyio.Event()
+
+    async def slow_then_hello(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":
+            started.set()
+            await release.wait()
+        await hello(scope, receive, send)
+
+    stop = anyio.Event()
+    # keep-alive and graceful timeouts far beyond read_to_eof's safety net: only a prompt close passes
+    async with (
+        listening(limit=10, keep_alive_s=300, graceful_s=300, app=slow_then_hello, stop=stop) as (_, port),
+        await anyio.connect_tcp("127.0.0.1", port) as idle,
+        await anyio.connect_tcp("127.0.0.1", port) as busy,
+    ):
+        await idle.send(REQUEST)
+        assert (await read_answer(idle)).startswith(b"HTTP/1.1 200 ")
+        await busy.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await started.wait()
+        stop.set()
+        assert await read_to_eof(idle) == b""
+        release.set()
+        answer = await read_to_eof(busy)
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok")
 
 

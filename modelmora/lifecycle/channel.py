@@ -27,6 +27,7 @@ import anyio.abc
 import structlog
 
 from ..broadcast import Broadcast
+from ..clock import event_loop_clock
 from ..errors import (
     InvalidInput,
     ModelMoraError,
@@ -100,6 +101,8 @@ class WorkerChannel:
         self.stall_s = 0.0
         """No message for this long is a stall (0: no watchdog)."""
         self._last_message_at = 0.0
+        self._now: Callable[[], float] = anyio.current_time
+        """The event loop's clock (bound when the read loop starts)."""
         self._stopping = False
         """Set once the worker was asked to exit: its end is then no crash."""
         self.vram_bytes = 0
@@ -111,7 +114,7 @@ class WorkerChannel:
                 data = await self._stream.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return None
-            self._last_message_at = anyio.current_time()
+            self._last_message_at = self._now()
             self._backlog.extend(self._decoder.feed(data))
         return self._backlog.pop(0)
 
@@ -143,7 +146,8 @@ class WorkerChannel:
         With a watchdog (`stall_s` > 0), a worker that sends nothing for `stall_s` is killed as
         stalled and this returns at once.
         """
-        self._last_message_at = anyio.current_time()
+        self._now = event_loop_clock()
+        self._last_message_at = self._now()
         async with anyio.create_task_group() as tg:
             if self.stall_s > 0:
                 tg.start_soon(self._watchdog, tg.cancel_scope)

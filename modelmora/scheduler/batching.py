@@ -82,7 +82,7 @@ async def dispatch(rt: ModelRuntime, worker: BatchWorker, settings: Settings, on
                 # idle: until keep_alive after the last use (a settings change wakes it to look again)
                 keep_alive = keep_alive_s(rt, settings)
                 idle_until = math.inf if keep_alive is None else rt.last_used + keep_alive
-                if anyio.current_time() >= idle_until:
+                if queue.clock() >= idle_until:
                     log.info("idle_unload", model=str(rt.key), keep_alive_s=keep_alive)
                     rt.stop(StopReason.IDLE)
                     break
@@ -134,7 +134,7 @@ async def _run_batch(
             _deliver(batch, outputs)
             rt.crash_streak = 0
             rt.served += len(batch)
-            rt.last_used = anyio.current_time()
+            rt.last_used = rt.queue.clock()
         elif error is not None:
             for req in batch:
                 req.set_error(error)

@@ -19,25 +19,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import anyio
-
 from ..broadcast import Broadcast
+from ..clock import event_loop_clock
 from ..errors import DeadlineExceeded, ModelMoraError, QueueFull
 from .request import Priority, Request
 
 __all__ = ("ModelQueue",)
 
 _CLASSES = tuple(int(p) for p in Priority)
-
-
-def _event_loop_clock() -> Callable[[], float]:
-    """anyio's clock; on asyncio the loop's own `time` (the same values, 7x cheaper to call)."""
-    import asyncio
-
-    try:
-        return asyncio.get_running_loop().time
-    except RuntimeError:
-        return anyio.current_time
 
 
 class ModelQueue:
@@ -53,7 +42,8 @@ class ModelQueue:
     def __init__(self, limit: int, clock: Callable[[], float] | None = None, aging_s: float = 0.0) -> None:
         self.limit = limit
         self.aging_s = aging_s
-        self._clock = clock or _event_loop_clock()
+        self.clock = clock or event_loop_clock()
+        """The time source (one cheap callable; the scheduler's other decisions read it too)."""
         self._heaps: dict[int, list[tuple[float, int, Request]]] = {c: [] for c in _CLASSES}
         self._arrivals: dict[int, deque[Request]] = {c: deque() for c in _CLASSES[1:]}
         self._base: dict[int, int] = dict.fromkeys(_CLASSES[1:], 0)
@@ -94,7 +84,7 @@ class ModelQueue:
                 retry_after_s=1.0,
             )
         req.enqueued_at = time.perf_counter()
-        req.queued_at = self._clock()
+        req.queued_at = self.clock()
         req.cls = int(req.priority)
         heapq.heappush(self._heaps[req.cls], (req.deadline, req.seq, req))
         if req.cls > 1:
@@ -180,7 +170,7 @@ class ModelQueue:
         Requests share a batch only when their parameters are equal. A request larger than
         `max_items` goes alone (the worker splits it into passes).
         """
-        now = self._clock()
+        now = self.clock()
         if self.aging_s > 0:
             self._age(now)
         first = self._pop_best(now)
@@ -204,7 +194,7 @@ class ModelQueue:
 
     def fail_all(self, error: ModelMoraError) -> None:
         """Fail every waiting request (model unloaded, failed, or shutting down)."""
-        now = self._clock()
+        now = self.clock()
         for cls in _CLASSES:
             while (req := self._pop(cls, now)) is not None:
                 req.set_error(error)

@@ -235,7 +235,7 @@ class Scheduler:
         if rt.state == ModelState.FAILED:
             raise self.supervisor.failed_error(rt)
         rt.queue.put_nowait(req)
-        rt.last_used = anyio.current_time()
+        rt.last_used = rt.queue.clock()
 
     def withdraw(self, rt: ModelRuntime, req: Request) -> None:
         """The caller gave up (deadline, disconnect): drop it from the queue, or drop its result.

@@ -21,6 +21,7 @@ import msgspec
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ..clock import event_loop_clock
 from ..config import ModelSettings, Settings
 from ..errors import ClientGone, InvalidInput, ModelMoraError, ModelNotFound, ModelUnavailable, StorageUnavailable
 from ..images import ImageLimits, PixelBudget
@@ -107,6 +108,8 @@ class InferenceService:
         self.catalog = Catalog(store)
         self.started = time.time()
         self.sync_errors = 0
+        self._now: Callable[[], float] | None = None
+        """The event loop's clock, looked up at the first request."""
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Compare the registry with the running models every `REGISTRY_SYNC_S` (errors are logged)."""
@@ -131,7 +134,10 @@ class InferenceService:
 
     async def _start(self, call: InferCall) -> _Job:
         t0 = time.perf_counter()
-        start = anyio.current_time()
+        now = self._now
+        if now is None:
+            now = self._now = event_loop_clock()
+        start = now()
         rec = await self.catalog.get(call.model_id)
         version = call.version or rec.active_version
         if rec.version_record(version) is None:
