@@ -59,7 +59,10 @@ class ServerProcess:
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **(env or {}), "MODELMORA_HOME": str(home)}
+        self.grpc_port = free_port() if command is None else 0
+        """Our build serves gRPC here (another build's, run for benchmarks, may not know gRPC)."""
+        grpc = {"MODELMORA_GRPC_PORT": str(self.grpc_port)} if command is None else {}
+        self.env = {**os.environ, **grpc, **(env or {}), "MODELMORA_HOME": str(home)}
         self.log = home / f"server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
