@@ -1,7 +1,7 @@
 """The gRPC front end (grpclib over the betterproto2 messages in `modelmora._proto`): thin servicers
 over `modelmora.service`, errors mapped once (`errors`), health and reflection. asyncio only."""
 
-from .calls import CallContext, Calls
+from .calls import CallContext, Calls, single
 from .decode import PARAMETERS, decode_call, parameters_name
 from .encode import event_message, infer_response, model_message, model_status, server_status, task_type
 from .errors import error_message, internal_error, proto_field, send_error
@@ -33,6 +33,7 @@ __all__ = (
     "parameters_name",
     "proto_field",
     "send_error",
+    "single",
     "server_status",
     "task_type",
 )
