@@ -54,6 +54,8 @@ def decode_call(req: v1.InferRequest, deadline: Deadline | None, *, stream: bool
         InvalidInput: a field is wrong (named as the core names it).
         DeadlineExceeded: the call's deadline has already passed.
     """
+    if not req.model_id:
+        raise InvalidInput("model_id is required", field="model_id")
     if req.texts and req.images:
         raise InvalidInput("give texts or images, not both", field="$.input_data.image")
     inputs: TextInput | ImageData = (

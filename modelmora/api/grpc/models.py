@@ -16,6 +16,10 @@ from .encode import model_message, model_status, server_status
 __all__ = ("ManagementServicer", "RegistryServicer")
 
 _REGISTRY = "/modelmora.v1.RegistryService/"
+_TASK_NAMES: dict[int, str | None] = {
+    int(t): None if t == v1.TaskType.UNSPECIFIED else str(t.name).lower() for t in v1.TaskType
+}
+"""TaskType numbers -> wire names (UNSPECIFIED: every task type)."""
 _MANAGEMENT = "/modelmora.v1.ManagementService/"
 
 
@@ -59,10 +63,10 @@ class RegistryServicer:
         async with self.calls.guard(stream, "ListModels"):  # type: ignore[arg-type]
             req = await stream.recv_message()
             assert req is not None
-            task = req.task_type
-            if task != v1.TaskType.UNSPECIFIED and task.name is None:
-                raise InvalidInput(f"unknown task type {int(task)}", field="task_type")
-            records = await self.service.models(None if task == v1.TaskType.UNSPECIFIED else str(task.name).lower())
+            number = int(req.task_type)
+            if number not in _TASK_NAMES:
+                raise InvalidInput(f"unknown task type {number}", field="task_type")
+            records = await self.service.models(_TASK_NAMES[number])
             await stream.send_message(v1.ListModelsResponse(models=[model_message(r) for r in records]))
 
     async def get_model(self, stream: Stream[v1.GetModelRequest, v1.Model]) -> None:

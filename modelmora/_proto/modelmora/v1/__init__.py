@@ -270,7 +270,7 @@ class CaptionParameters(betterproto2.Message):
     default 30, at most 512
     """
 
-    temperature: "float | None" = betterproto2.field(2, betterproto2.TYPE_FLOAT, optional=True)
+    temperature: "float | None" = betterproto2.field(2, betterproto2.TYPE_DOUBLE, optional=True)
     """
     default 0: greedy
     """
@@ -428,12 +428,12 @@ class GenerationParameters(betterproto2.Message):
     default 64, at most 4096
     """
 
-    temperature: "float | None" = betterproto2.field(2, betterproto2.TYPE_FLOAT, optional=True)
+    temperature: "float | None" = betterproto2.field(2, betterproto2.TYPE_DOUBLE, optional=True)
     """
     default 1.0; 0: greedy
     """
 
-    top_p: "float | None" = betterproto2.field(3, betterproto2.TYPE_FLOAT, optional=True)
+    top_p: "float | None" = betterproto2.field(3, betterproto2.TYPE_DOUBLE, optional=True)
     """
     default 1.0
     """
@@ -516,7 +516,7 @@ class ImageGenerationParameters(betterproto2.Message):
     default 20
     """
 
-    guidance_scale: "float | None" = betterproto2.field(2, betterproto2.TYPE_FLOAT, optional=True)
+    guidance_scale: "float | None" = betterproto2.field(2, betterproto2.TYPE_DOUBLE, optional=True)
     """
     default 7.5
     """

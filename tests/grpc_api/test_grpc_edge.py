@@ -18,6 +18,7 @@ from modelmora.api.grpc import (
     LimitedCodec,
     ManagementServicer,
     RegistryServicer,
+    decode_call,
     descriptors,
     error_message,
     proto_field,
@@ -131,3 +132,9 @@ def test_grpc_port_defaults_to_50051_on_asyncio_and_off_on_trio() -> None:
     with pytest.raises(StartupError, match=r"gRPC \(grpc_port = 6000\) runs only on the asyncio backend"):
         check_backend(explicit, "trio")
     check_backend(explicit, "asyncio")
+
+
+def test_a_request_without_a_model_is_invalid() -> None:
+    with pytest.raises(errors.InvalidInput) as err:
+        decode_call(v1.InferRequest(texts=["x"]), None)
+    assert (err.value.field, err.value.message) == ("model_id", "model_id is required")

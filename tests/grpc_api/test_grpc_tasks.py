@@ -17,7 +17,7 @@ from PIL import Image
 
 from modelmora._proto.modelmora import v1
 
-from conftest import eventually, model_status, settled
+from grpc_api.conftest import eventually, model_status, settled
 from serverproc import ServerProcess, mm
 from tiny_models import build_blip, build_clip, build_gpt2, build_sd
 

@@ -26,7 +26,7 @@ from grpclib.reflection.v1.reflection_pb2 import ServerReflectionRequest
 from modelmora._proto.modelmora import v1
 from modelmora.ipc import segments
 
-from conftest import eventually, model_status, settled
+from grpc_api.conftest import eventually, model_status, settled
 from serverproc import ServerProcess, mm
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]  # a real server process and model
@@ -76,6 +76,9 @@ async def test_registry_list_get_update_delete(channel: Channel) -> None:
     listed = await registry.list_models(v1.ListModelsRequest(task_type=v1.TaskType.TXT2EMBED))
     assert sorted(m.id for m in listed.models) == [MODEL, "spare"]
     assert (await registry.list_models(v1.ListModelsRequest(task_type=v1.TaskType.TXT2IMG))).models == []
+    with pytest.raises(GRPCError) as unknown:
+        await registry.list_models(v1.ListModelsRequest(task_type=9))  # type: ignore[arg-type]
+    assert (unknown.value.status, unknown.value.message) == (Status.INVALID_ARGUMENT, "task_type: unknown task type 9")
     model = await registry.get_model(v1.GetModelRequest(model_id=MODEL))
     assert (model.task_type, model.active_version, model.versions[0].version) == (
         v1.TaskType.TXT2EMBED,
