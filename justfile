@@ -38,6 +38,11 @@ bench-ipc *ARGS:
 bench-gpu *ARGS:
     python bench/bench_gpu.py {{ARGS}}
 
+# Regenerate the gRPC messages and stubs in modelmora/_proto/ from schema/modelmora/v1/*.proto
+# (betterproto2, pinned in uv.lock; commit the result: a test fails when it is stale).
+proto:
+    python schema/generate_proto.py modelmora/_proto
+
 # Regenerate schema/openapi.json from the msgspec types.
 schema:
     python -c "import json; from modelmora.api import openapi; open('schema/openapi.json', 'w').write(json.dumps(openapi.document(), indent=2, sort_keys=True) + '\n')"

@@ -70,11 +70,12 @@ def serve(
     *,
     host: str | None = None,
     port: int | None = None,
+    grpc_port: int | None = None,
     backend: Literal["asyncio", "trio"] | None = None,
     config: Path | None = None,
     home: Path | None = None,
 ) -> None:
-    """Run the server (REST on HTTP/1.1 and HTTP/2 cleartext).
+    """Run the server (REST on HTTP/1.1 and HTTP/2 cleartext, gRPC on its own port).
 
     Parameters
     ----------
@@ -82,6 +83,8 @@ def serve(
         Address to listen on (default 127.0.0.1; binding others is explicit).
     port
         TCP port (default 8000; 0 picks a free one).
+    grpc_port
+        gRPC port on the same host (default 50051 on asyncio; 0 disables gRPC).
     backend
         Event loop: asyncio (default, the `backend` setting) or trio.
     config
@@ -93,7 +96,7 @@ def serve(
     from .server import StartupError, run
 
     try:
-        settings = _settings(config, home, host=host, port=port, backend=backend)
+        settings = _settings(config, home, host=host, port=port, grpc_port=grpc_port, backend=backend)
     except ConfigError as exc:
         raise _StartFailed(str(exc)) from None
     configure_logging(settings.log_level, settings.log_format)

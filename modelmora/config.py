@@ -20,12 +20,24 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-__all__ = ("ConfigError", "ModelSettings", "S3Settings", "Settings", "TaskDefaults", "default_home", "load_settings")
+__all__ = (
+    "DEFAULT_GRPC_PORT",
+    "ConfigError",
+    "ModelSettings",
+    "S3Settings",
+    "Settings",
+    "TaskDefaults",
+    "default_home",
+    "load_settings",
+)
 
 
 class ConfigError(Exception):
     """The configuration file or environment holds an unknown key or a bad value."""
 
+
+DEFAULT_GRPC_PORT = 50051
+"""The gRPC port when `grpc_port` is not set (on asyncio)."""
 
 KEEP_ALIVE_PATTERN = r"^(-1|0|\d+(\.\d+)?(ms|s|m|h)?)$"
 ORIGIN_PATTERN = r"^(\*|https?://[^/\s]+)$"
@@ -96,6 +108,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     """TCP port (0: a free one)."""
+    grpc_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    """gRPC port on the same host (`mm serve --grpc-port`); 0: no gRPC. Unset: 50051 on asyncio, none
+    on trio (grpclib runs only on asyncio: an explicit port on trio refuses to start)."""
+    grpc_max_message_bytes: Annotated[int, msgspec.Meta(ge=1024, le=2**31 - 1)] = 64 * 1024 * 1024
+    """Largest gRPC message received (a request, or one InferStream message); one larger is refused
+    with RESOURCE_EXHAUSTED. 64 MiB: a raw RGB image of max_image_pixels fits. Images inside a message
+    still answer to max_image_bytes / max_image_pixels (INVALID_ARGUMENT)."""
     backend: Literal["asyncio", "trio"] = "asyncio"
     """The AnyIO event loop (`mm serve --backend`). trio runs the backend-neutral server (REST, SQLite
     registry, filesystem or inline results); an adapter that needs asyncio (the s3 result store)
@@ -198,6 +217,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     @property
     def home_path(self) -> Path:
         return Path(self.home).expanduser() if self.home else default_home()
+
+    def effective_grpc_port(self, backend: str) -> int:
+        """The gRPC port to serve on `backend` (0: none): `grpc_port`, else 50051 on asyncio."""
+        if self.grpc_port is not None:
+            return self.grpc_port
+        return DEFAULT_GRPC_PORT if backend == "asyncio" else 0
 
     @property
     def effective_memory_budget_mb(self) -> float:

@@ -1,15 +1,19 @@
-"""The ModelMoraError tree: one class per failure mode, each with its HTTP status and code.
+"""The ModelMoraError tree: one class per failure mode, each with its HTTP status, its gRPC
+status and code.
 
-Errors are translated to responses in one place per protocol (`api.rest`); internal
+Errors are translated to responses in one place per protocol (`api.rest`, `api.grpc`); internal
 exception text never reaches a client.
 """
 
 from __future__ import annotations
 
+import enum
+
 __all__ = (
     "ClientGone",
     "DeadlineExceeded",
     "Forbidden",
+    "GrpcStatus",
     "ImageBudgetExhausted",
     "InsufficientMemory",
     "InvalidInput",
@@ -31,10 +35,26 @@ __all__ = (
 )
 
 
+class GrpcStatus(enum.IntEnum):
+    """The gRPC status codes our errors map to (the standard numbers; the gRPC edge turns them into
+    its library's own enum)."""
+
+    CANCELLED = 1
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    INTERNAL = 13
+    UNAVAILABLE = 14
+
+
 class ModelMoraError(Exception):
     """Base of every expected error. `code` is the stable machine-readable name."""
 
     http_status = 500
+    grpc_status = GrpcStatus.INTERNAL
     code = "internal_error"
 
     def __init__(self, message: str, *, field: str | None = None, retry_after_s: float | None = None) -> None:
@@ -51,6 +71,7 @@ class MalformedRequest(ModelMoraError):
     """The body is not valid JSON, not UTF-8, or nested too deep (raised by the API decoders)."""
 
     http_status = 400
+    grpc_status = GrpcStatus.INVALID_ARGUMENT
     code = "malformed_request"
 
 
@@ -58,6 +79,7 @@ class RequestTimeout(ModelMoraError):
     """The request body did not arrive within `body_read_timeout_s` (the connection is closed)."""
 
     http_status = 408
+    grpc_status = GrpcStatus.DEADLINE_EXCEEDED
     code = "request_timeout"
 
 
@@ -65,6 +87,7 @@ class UnsupportedMediaType(ModelMoraError):
     """A request body that is not declared `application/json` (`Content-Type`)."""
 
     http_status = 415
+    grpc_status = GrpcStatus.INVALID_ARGUMENT
     code = "unsupported_media_type"
 
 
@@ -72,6 +95,7 @@ class ModelNotFound(ModelMoraError):
     """No such model or version in the registry."""
 
     http_status = 404
+    grpc_status = GrpcStatus.NOT_FOUND
     code = "model_not_found"
 
 
@@ -79,6 +103,7 @@ class InvalidInput(ModelMoraError):
     """Valid JSON but a field is wrong for the model's task; `field` names it."""
 
     http_status = 422
+    grpc_status = GrpcStatus.INVALID_ARGUMENT
     code = "invalid_input"
 
 
@@ -86,6 +111,7 @@ class PayloadTooLarge(ModelMoraError):
     """The body (or an image) is over its configured limit."""
 
     http_status = 413
+    grpc_status = GrpcStatus.INVALID_ARGUMENT
     code = "payload_too_large"
 
 
@@ -93,6 +119,7 @@ class Forbidden(ModelMoraError):
     """A signed result URL whose signature is wrong or whose time has passed."""
 
     http_status = 403
+    grpc_status = GrpcStatus.PERMISSION_DENIED
     code = "forbidden"
 
 
@@ -100,6 +127,7 @@ class QueueFull(ModelMoraError):
     """The model's queue is at its limit: refused at once, retry later."""
 
     http_status = 429
+    grpc_status = GrpcStatus.RESOURCE_EXHAUSTED
     code = "queue_full"
 
 
@@ -107,6 +135,7 @@ class WorkerCrashed(ModelMoraError):
     """The worker process died while holding the request."""
 
     http_status = 503
+    grpc_status = GrpcStatus.UNAVAILABLE
     code = "worker_crashed"
 
 
@@ -114,6 +143,7 @@ class WorkerError(ModelMoraError):
     """The worker reported that a batch failed inside its pipeline (not a crash)."""
 
     http_status = 500
+    grpc_status = GrpcStatus.INTERNAL
     code = "inference_failed"
 
 
@@ -121,6 +151,7 @@ class ModelLoadFailed(ModelMoraError):
     """Starting the worker, loading the weights or the test inference failed."""
 
     http_status = 503
+    grpc_status = GrpcStatus.UNAVAILABLE
     code = "model_load_failed"
 
 
@@ -128,6 +159,7 @@ class ModelUnavailable(ModelMoraError):
     """The model cannot serve now (unloaded while queued, shutting down, no memory)."""
 
     http_status = 503
+    grpc_status = GrpcStatus.UNAVAILABLE
     code = "model_unavailable"
 
 
@@ -135,6 +167,7 @@ class InsufficientMemory(ModelMoraError):
     """No room in the memory budget for the model's worker before the request's deadline."""
 
     http_status = 503
+    grpc_status = GrpcStatus.UNAVAILABLE
     code = "insufficient_memory"
 
 
@@ -143,6 +176,7 @@ class SharedMemoryFull(ModelMoraError):
     `ipc.segments.SharedMemoryExhausted`); the worker and the server keep serving."""
 
     http_status = 503
+    grpc_status = GrpcStatus.UNAVAILABLE
     code = "shared_memory_exhausted"
 
 
@@ -151,6 +185,7 @@ class ImageBudgetExhausted(ModelMoraError):
     (`max_decoded_pixels_in_flight`): other requests' images are being decoded or served."""
 
     http_status = 503
+    grpc_status = GrpcStatus.UNAVAILABLE
     code = "image_budget_exhausted"
 
 
@@ -158,6 +193,7 @@ class DeadlineExceeded(ModelMoraError):
     """The request's deadline passed before its result was ready."""
 
     http_status = 504
+    grpc_status = GrpcStatus.DEADLINE_EXCEEDED
     code = "deadline_exceeded"
 
 
@@ -165,6 +201,7 @@ class SourceError(ModelMoraError):
     """A model source (e.g. the Hugging Face hub) could not be reached or refused access."""
 
     http_status = 502
+    grpc_status = GrpcStatus.UNAVAILABLE
     code = "source_error"
 
 
@@ -172,6 +209,7 @@ class RegistryError(ModelMoraError):
     """An install/uninstall/registry operation was refused (duplicate id, bad source...)."""
 
     http_status = 409
+    grpc_status = GrpcStatus.FAILED_PRECONDITION
     code = "registry_conflict"
 
 
@@ -180,6 +218,7 @@ class ClientGone(ModelMoraError):
     reads the answer, it is only logged."""
 
     http_status = 499
+    grpc_status = GrpcStatus.CANCELLED
     code = "client_closed_request"
 
 
@@ -187,4 +226,5 @@ class StorageUnavailable(ModelMoraError):
     """The registry (or another store) cannot be read or written now (read-only, full, unreachable)."""
 
     http_status = 503
+    grpc_status = GrpcStatus.UNAVAILABLE
     code = "storage_unavailable"

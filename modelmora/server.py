@@ -1,8 +1,9 @@
-"""The supervisor's root: one task group owning the scheduler (and so every worker) and the
-HTTP listener (`httpserver`: Hypercorn's HTTP/1.1 and HTTP/2 cleartext on one port, behind our
-accept loop with its connection cap), inside the zygote's owner (`ZygoteLauncher.running`),
-which so outlives every worker it forked. Runs on asyncio by default, on trio with
-`backend = "trio"`. A failure to start is one `StartupError` line (`mm serve` exits 2)."""
+"""The supervisor's root: one task group owning the scheduler (and so every worker), the HTTP
+listener (`httpserver`: Hypercorn's HTTP/1.1 and HTTP/2 cleartext on one port, behind our accept
+loop with its connection cap) and the gRPC listener (`api.grpc`, on `grpc_port`), both over the one
+inference core, inside the zygote's owner (`ZygoteLauncher.running`), which so outlives every worker
+it forked. Runs on asyncio by default, on trio with `backend = "trio"` (without gRPC: grpclib is
+asyncio only). A failure to start is one `StartupError` line (`mm serve` exits 2)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import socket
 import sqlite3
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -32,6 +33,9 @@ from .results import open_result_store
 from .scheduler import Scheduler
 from .service import InferenceService
 from .tasks import task_info
+
+if TYPE_CHECKING:
+    from .api.grpc import GrpcListener
 
 __all__ = (
     "StartupError",
@@ -122,6 +126,11 @@ def check_backend(settings: Settings, backend: str) -> None:
     Raises:
         StartupError: a setting names an adapter that runs only on asyncio.
     """
+    if backend == "trio" and settings.effective_grpc_port(backend):
+        raise StartupError(
+            f"gRPC (grpc_port = {settings.grpc_port}) runs only on the asyncio backend: set grpc_port = 0 "
+            "(MODELMORA_GRPC_PORT=0, mm serve --grpc-port 0) to serve REST alone on trio, or backend = 'asyncio'"
+        )
     if backend == "trio" and settings.result_store == "s3":
         raise StartupError(
             "result_store = 's3' runs only on the asyncio backend: set backend = 'asyncio' "
@@ -165,12 +174,16 @@ async def serve(
     settings: Settings,
     *,
     sock: socket.socket | None = None,
+    grpc_sock: socket.socket | None = None,
     stop: anyio.Event | None = None,
     worker_env: dict[str, str] | None = None,
     pipelines: dict[str, str] | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the server until `stop` is set (or SIGINT/SIGTERM); reports the bound port."""
+    """Run the server until `stop` is set (or SIGINT/SIGTERM); reports the bound HTTP port.
+
+    `sock` and `grpc_sock` are listening sockets to serve on instead of binding `port` and the
+    effective gRPC port (`grpc_sock` is used only where gRPC is on)."""
     removed = segments.remove_stale()
     if removed:
         log.info("removed_stale_segments", count=len(removed))
@@ -186,23 +199,33 @@ async def serve(
     except (OSError, sqlite3.Error, ValueError, ConfigError) as exc:
         where = settings.registry_url or str(home)
         raise StartupError(f"cannot open the registry {where}: {_reason(exc)}") from None
+    grpc_port = settings.effective_grpc_port(current_backend())
     try:
         sock = sock or bind_socket(settings.host, settings.port)
+        if grpc_port and grpc_sock is None:
+            grpc_sock = bind_socket(settings.host, grpc_port)
     except StartupError:
         store.close()
+        if sock is not None:
+            sock.close()
         raise
+    if not grpc_port:
+        grpc_sock = None
     try:
-        await _serve(settings, store, sock, stop, _worker_env(settings, worker_env), pipelines, task_status)
+        await _serve(settings, store, sock, grpc_sock, stop, _worker_env(settings, worker_env), pipelines, task_status)
     finally:
         store.close()
-        with contextlib.suppress(OSError):
-            sock.close()
+        for listening in (sock, grpc_sock):
+            if listening is not None:
+                with contextlib.suppress(OSError):
+                    listening.close()
 
 
 async def _serve(
     settings: Settings,
     store: ModelStore,
     sock: socket.socket,
+    grpc_sock: socket.socket | None,
     stop: anyio.Event | None,
     worker_env: dict[str, str] | None,
     pipelines: dict[str, str] | None,
@@ -229,6 +252,7 @@ async def _serve(
         tg = await stack.enter_async_context(anyio.create_task_group())
         service = InferenceService(settings, store, scheduler, results)
         listener = HttpListener(create_app(service), config, sock, limit=limit)
+        grpc = _grpc_listener(service, grpc_sock, port) if grpc_sock is not None else None
         await tg.start(scheduler.run)
         await service.preload()  # starts the loads; requests are accepted meanwhile
         background = anyio.CancelScope()  # tasks that end with the HTTP server
@@ -240,14 +264,29 @@ async def _serve(
             instance=instance_id,
             backend=current_backend(),
             max_connections=listener.limit,
+            grpc=f"{settings.host}:{grpc.port}" if grpc is not None else None,
         )
         task_status.started(port)
         # In a task group of its own: the connections' tasks end before the scheduler stops.
         async with anyio.create_task_group() as http:
+            if grpc is not None:
+                await http.start(grpc.serve, stop.wait, name="grpc")
             http.start_soon(listener.serve, stop.wait, name="http")
         log.info("stopping", **listener.statistics())
         background.cancel()
         scheduler.close()
+
+
+def _grpc_listener(service: InferenceService, sock: socket.socket, http_port: int) -> GrpcListener:
+    """The gRPC listener (imported here: grpclib loads only where gRPC is served). Stored result URLs
+    in its answers point at the HTTP port (or `public_url`)."""
+    from .api.grpc import GrpcListener
+
+    settings = service.settings
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+    host = f"[{host}]" if ":" in host else host
+    base_url = settings.public_url.rstrip("/") + "/" if settings.public_url else f"http://{host}:{http_port}/"
+    return GrpcListener(service, sock, base_url)
 
 
 def _reason(exc: BaseException) -> str:

@@ -60,6 +60,12 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **(env or {}), "MODELMORA_HOME": str(home)}
+        trio = self.env.get("MODELMORA_BACKEND") == "trio" or "trio" in self.args
+        self.grpc_port = free_port() if command is None and not trio and "--grpc-port" not in self.args else 0
+        """Where our build serves gRPC (0: none: on trio, or another build's `mm`, run for benchmarks,
+        which may not know gRPC)."""
+        if self.grpc_port:
+            self.grpc_port = int(self.env.setdefault("MODELMORA_GRPC_PORT", str(self.grpc_port)))
         self.log = home / f"server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

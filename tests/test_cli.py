@@ -189,7 +189,8 @@ def busy_port() -> Iterator[int]:
 
 def _serve_fails(home: Path, *args: str, env: dict[str, str] | None = None) -> str:
     """`mm serve ARGS` in a subprocess: it must exit 2 with one line on stderr, and no traceback."""
-    proc = mm("serve", *args, home=home, env={"MODELMORA_ZYGOTE": "false", **(env or {})}, check=False)
+    env = {"MODELMORA_ZYGOTE": "false", "MODELMORA_GRPC_PORT": "0", **(env or {})}
+    proc = mm("serve", *args, home=home, env=env, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -208,6 +209,10 @@ def test_serve_start_up_failures_are_one_line_and_exit_2(tmp_path: Path, busy_po
     assert "cannot open the registry nosuch://x" in _serve_fails(
         home, "--port", "0", env={"MODELMORA_REGISTRY_URL": "nosuch://x"}
     )
+    line = _serve_fails(home, "--port", "0", "--grpc-port", str(busy_port))
+    assert f"cannot listen on 127.0.0.1:{busy_port}: Address already in use" in line
+    line = _serve_fails(home, "--port", "0", "--backend", "trio", "--grpc-port", "50051")
+    assert "gRPC (grpc_port = 50051) runs only on the asyncio backend: set grpc_port = 0" in line
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
@@ -225,6 +230,7 @@ def test_serve_with_a_read_only_home_is_one_line(tmp_path: Path) -> None:
         "MODELMORA_HOME": str(home),
         "MODELMORA_REGISTRY_URL": f"sqlite:///{tmp_path / 'registry.sqlite3'}",
         "MODELMORA_ZYGOTE": "false",
+        "MODELMORA_GRPC_PORT": "0",
     }
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr

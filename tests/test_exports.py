@@ -20,7 +20,8 @@ import modelmora_workers
 def _modules(root: ModuleType) -> list[str]:
     names = [root.__name__]
     names += [info.name for info in pkgutil.walk_packages(root.__path__, f"{root.__name__}.")]
-    return sorted(n for n in names if n.rsplit(".", 1)[-1] != "__main__")  # entry points run on import
+    # entry points run on import; generated code (`modelmora._proto`, `just proto`) has its own layout
+    return sorted(n for n in names if n.rsplit(".", 1)[-1] != "__main__" and "._proto" not in n)
 
 
 MODULES = _modules(modelmora) + _modules(modelmora_workers)

@@ -19,18 +19,20 @@ from .budget import PixelBudget, PixelBudgetStatistics, PixelLease
 from .decode import Pixels, decode_image, probe_image
 from .fetch import MAX_REDIRECTS, Resolver, fetch_url, is_public_address, system_resolve
 from .limits import ImageLimits
-from .load import MAX_CONCURRENT_LOADS, LoadedImages, load_image, load_images
+from .load import MAX_CONCURRENT_LOADS, ImageRef, LoadedImages, check_pixels, load_image, load_images
 
 __all__ = (
     "MAX_CONCURRENT_LOADS",
     "MAX_REDIRECTS",
     "ImageLimits",
+    "ImageRef",
     "LoadedImages",
     "PixelBudget",
     "PixelBudgetStatistics",
     "PixelLease",
     "Pixels",
     "Resolver",
+    "check_pixels",
     "decode_image",
     "fetch_url",
     "is_public_address",

@@ -1,4 +1,5 @@
-"""Image references (base64, data URIs, http(s) URLs) of a request to decoded pixels.
+"""Image references (base64, data URIs, http(s) URLs; from binary protocols also encoded bytes and
+raw pixels) of a request to decoded pixels.
 
 `load_images` runs in three steps, each image of a step concurrently (at most MAX_CONCURRENT_LOADS
 at a time, in worker threads for the CPU work): read every image's encoded bytes and header (sizes
@@ -25,10 +26,14 @@ from .decode import Pixels, data_uri_payload, decode_base64, decode_image, probe
 from .fetch import fetch_url
 from .limits import ImageLimits
 
-__all__ = ("MAX_CONCURRENT_LOADS", "LoadedImages", "load_image", "load_images")
+__all__ = ("MAX_CONCURRENT_LOADS", "ImageRef", "LoadedImages", "check_pixels", "load_image", "load_images")
 
 MAX_CONCURRENT_LOADS = 8
 """Images of one request fetched/decoded at the same time by `load_images`."""
+
+ImageRef = str | bytes | Pixels
+"""One image of a request: a string (base64, data URI, http(s) URL), the bytes of a PNG, JPEG or WebP
+file, or raw RGB pixels (a binary protocol's compact forms)."""
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]{0,31}):")
 _T = TypeVar("_T")
@@ -68,7 +73,7 @@ async def load_image(ref: str, field: str, limits: ImageLimits) -> Pixels:
 
 
 async def load_images(
-    refs: Sequence[str],
+    refs: Sequence[ImageRef],
     field: str,
     limits: ImageLimits,
     *,
@@ -101,8 +106,15 @@ async def load_images(
         return LoadedImages()
     fields = [f"{field}[{i}]" for i in range(len(refs))]
 
-    async def read(index: int) -> tuple[bytes, int]:
-        kind, text = _source(refs[index], fields[index])
+    async def read(index: int) -> tuple[bytes | Pixels, int]:
+        ref = refs[index]
+        if isinstance(ref, Pixels):
+            check_pixels(ref, fields[index], limits)
+            return ref, ref.width * ref.height
+        if isinstance(ref, bytes):
+            width, height = await anyio.to_thread.run_sync(probe_image, ref, fields[index], limits)
+            return ref, width * height
+        kind, text = _source(ref, fields[index])
         if kind == "base64":
             return await anyio.to_thread.run_sync(_read_base64, text, fields[index], limits)
         data = await fetch_url(text, fields[index], limits)
@@ -123,6 +135,8 @@ async def load_images(
         async def decode(index: int) -> Pixels:
             data = encoded[index][0]
             encoded[index] = (b"", 0)  # the pixels replace the encoded bytes
+            if isinstance(data, Pixels):
+                return data
             return await anyio.to_thread.run_sync(decode_image, data, fields[index], limits)
 
         loaded = LoadedImages(await _each(len(refs), decode), lease)
@@ -155,6 +169,27 @@ async def _each(count: int, step: Callable[[int], Awaitable[_T]]) -> list[_T]:
     if failures:
         raise failures[min(failures)]
     return [r for r in results if r is not None]
+
+
+def check_pixels(image: Pixels, field: str, limits: ImageLimits) -> None:
+    """Check raw pixels: a size that matches their shape, within max_image_pixels.
+
+    Raises:
+        InvalidInput: no pixels, or a byte length other than height x width x 3.
+        PayloadTooLarge: over max_image_pixels.
+    """
+    if image.width <= 0 or image.height <= 0:
+        raise InvalidInput(f"raw image of {image.width}x{image.height} pixels has no pixels", field=field)
+    if image.width * image.height > limits.max_pixels:
+        raise PayloadTooLarge(
+            f"image is {image.width}x{image.height} pixels, over max_image_pixels ({limits.max_pixels})", field=field
+        )
+    expected = image.width * image.height * 3
+    if len(image.data) != expected:
+        raise InvalidInput(
+            f"raw RGB image of {image.width}x{image.height} pixels needs {expected} bytes, got {len(image.data)}",
+            field=field,
+        )
 
 
 def _source(ref: str, field: str) -> tuple[Literal["base64", "url"], str]:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from modelmora.errors import ModelMoraError
+from modelmora.errors import GrpcStatus, ModelMoraError
 
 __all__ = (
     "SWEEP_GRACE_S",
@@ -83,6 +83,7 @@ class ResultNotFound(ModelMoraError):
     """A signed result URL whose file is gone (swept after expiry) or never existed."""
 
     http_status = 404
+    grpc_status = GrpcStatus.NOT_FOUND
     code = "result_not_found"
 
 
@@ -90,6 +91,7 @@ class ResultStoreUnavailable(ModelMoraError):
     """The result store (e.g. the S3 bucket) cannot be reached or refused the write."""
 
     http_status = 503
+    grpc_status = GrpcStatus.UNAVAILABLE
     code = "result_store_unavailable"
 
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import msgspec
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -25,7 +26,7 @@ from ..clock import event_loop_clock
 from ..config import ModelSettings, Settings
 from ..errors import ClientGone, InvalidInput, ModelMoraError, ModelNotFound, ModelUnavailable, StorageUnavailable
 from ..images import ImageLimits, PixelBudget
-from ..registry import ModelRecord, ModelStore
+from ..registry import ModelRecord, ModelStore, uninstall
 from ..results import ResultStore
 from ..scheduler import ModelRuntime, ModelStatus, Priority, Request, Scheduler
 from ..tasks import TaskType
@@ -272,6 +273,25 @@ class InferenceService:
         for key in list(self.scheduler.models):
             if key.model_id == model_id:
                 self.scheduler.runtime_for(rec, key.version)
+        return rec
+
+    async def delete(self, model_id: str) -> ModelRecord:
+        """Unload every version of a model (queued requests drain first, as with `unload`), then remove
+        it from the registry and delete its copied files; returns the removed record.
+
+        Raises:
+            ModelNotFound: it is not installed.
+        """
+        await self.model(model_id)
+        for key, rt in list(self.scheduler.models.items()):
+            if key.model_id == model_id:
+                await self.scheduler.unload(rt, self.settings.unload_grace_s)
+        home = self.settings.home_path
+        rec = await self._registry(anyio.to_thread.run_sync(uninstall, self.store, home, model_id))
+        self.catalog.forget(model_id)
+        for key, rt in list(self.scheduler.models.items()):
+            if key.model_id == model_id:  # a request that arrived meanwhile: refused, its worker stops
+                self.scheduler.remove(rt)
         return rec
 
     async def _runtime(self, model_id: str, version: str | None) -> ModelRuntime:

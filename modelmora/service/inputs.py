@@ -6,17 +6,20 @@ of them and raises `InvalidInput` naming the field (as a JSON path under `prefix
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
 
 from ..errors import InvalidInput
+from ..images import ImageRef
 
 __all__ = (
     "CaptionParameters",
     "EmbeddingParameters",
     "GenerationParameters",
+    "ImageData",
     "ImageGenerationParameters",
     "ImageInput",
     "TextInput",
@@ -41,6 +44,15 @@ class ImageInput(msgspec.Struct, forbid_unknown_fields=True):
     """
 
     image: str | Annotated[list[str], Meta(min_length=1)]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageData:
+    """`input_data` of img2embed and img2txt from a binary protocol (gRPC): each image as the bytes of a
+    PNG, JPEG or WebP file, raw RGB `Pixels`, or a string as in `ImageInput`. Errors name the images
+    as `$.input_data.image[i]`."""
+
+    images: list[ImageRef]
 
 
 class EmbeddingParameters(msgspec.Struct, forbid_unknown_fields=True):

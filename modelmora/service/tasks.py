@@ -12,7 +12,7 @@ generated images go to the result store unless inline results are asked for.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +21,7 @@ import msgspec
 
 from ..config import Settings
 from ..errors import InvalidInput, ModelMoraError
-from ..images import ImageLimits, LoadedImages, PixelBudget, load_images
+from ..images import ImageLimits, ImageRef, LoadedImages, PixelBudget, load_images
 from ..lifecycle import TensorData
 from ..results import ResultStore
 from ..tasks import TASKS, TaskInfo, TaskType
@@ -29,6 +29,7 @@ from .inputs import (
     CaptionParameters,
     EmbeddingParameters,
     GenerationParameters,
+    ImageData,
     ImageGenerationParameters,
     ImageInput,
     TextInput,
@@ -95,12 +96,21 @@ class TaskAdapter:
                 'return "url" needs a result store; this server is configured with result_store = "inline"',
                 field="$.return",
             )
+        if isinstance(parameters, _PARAMETER_TYPES) and not isinstance(parameters, self.params_type):
+            raise InvalidInput(
+                f"{info.type} takes {self.params_type.__name__}, not {type(parameters).__name__}",
+                field="$.parameters",
+            )
         options = (
             parameters
             if isinstance(parameters, self.params_type)
             else convert(parameters, self.params_type, "$.parameters")
         )
         worker_params = self.worker_params(options, stream)
+        if info.input_kind == "text" and isinstance(inputs, ImageData):
+            raise InvalidInput(f"{info.type} takes texts, not images", field="$.input_data.image")
+        if info.input_kind == "image" and isinstance(inputs, TextInput):
+            raise InvalidInput(f"{info.type} takes images, not texts", field="$.input_data.text")
         if info.input_kind == "text":
             return Prepared({"text": _texts(inputs, settings)}, worker_params, options, return_mode)
         images = await _images(inputs, settings, limits, pixels, deadline)
@@ -121,6 +131,8 @@ class TaskAdapter:
 def _texts(inputs: Any, settings: Settings) -> list[str]:
     inp = inputs if isinstance(inputs, TextInput) else convert(inputs, TextInput, "$.input_data")
     texts = [inp.text] if isinstance(inp.text, str) else inp.text
+    if not texts:  # a TextInput built by a front end rather than decoded
+        raise InvalidInput("at least one text is needed", field="$.input_data.text")
     if len(texts) > settings.max_texts_per_request:
         raise InvalidInput(
             f"{len(texts)} texts exceed the limit of {settings.max_texts_per_request} per request"
@@ -140,16 +152,20 @@ def _texts(inputs: Any, settings: Settings) -> list[str]:
 async def _images(
     inputs: Any, settings: Settings, limits: ImageLimits, pixels: PixelBudget | None, deadline: float
 ) -> LoadedImages:
-    inp = inputs if isinstance(inputs, ImageInput) else convert(inputs, ImageInput, "$.input_data")
     limit = settings.max_images_per_request
-    if isinstance(inp.image, str):
-        refs, field = [inp.image], None
+    refs: Sequence[ImageRef]
+    field: str | None
+    if isinstance(inputs, ImageData):
+        refs, field = inputs.images, "$.input_data.image"
+        if not refs:
+            raise InvalidInput("at least one image is needed", field=field)
     else:
-        refs, field = inp.image, "$.input_data.image"
-        if len(refs) > limit:
-            raise InvalidInput(
-                f"{len(refs)} images exceed the limit of {limit} per request (max_images_per_request)", field=field
-            )
+        inp = inputs if isinstance(inputs, ImageInput) else convert(inputs, ImageInput, "$.input_data")
+        refs, field = ([inp.image], None) if isinstance(inp.image, str) else (inp.image, "$.input_data.image")
+    if field is not None and len(refs) > limit:
+        raise InvalidInput(
+            f"{len(refs)} images exceed the limit of {limit} per request (max_images_per_request)", field=field
+        )
     try:
         return await load_images(refs, field or "$.input_data.image", limits, budget=pixels, deadline=deadline)
     except ModelMoraError as exc:
@@ -193,6 +209,8 @@ def _adapter(
 ) -> TaskAdapter:
     return TaskAdapter(TASKS[task], params_type, worker_params)
 
+
+_PARAMETER_TYPES = (EmbeddingParameters, CaptionParameters, GenerationParameters, ImageGenerationParameters)
 
 ADAPTERS: Mapping[TaskType, TaskAdapter] = {
     a.info.type: a

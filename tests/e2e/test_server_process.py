@@ -175,8 +175,8 @@ def test_each_backend_serves_with_json_logs_and_no_socket_in_workers(
 
 @pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "spawn"])
 def test_the_listening_socket_stays_in_the_server(tmp_path: Path, echo_dir: Path, zygote: bool) -> None:
-    """The zygote and the workers hold no socket of the HTTP front end (it leaked into both: `ss
-    -ltnp` listed mm-zygote and mm-worker on the port), read from their file descriptors."""
+    """The zygote and the workers hold no socket of the HTTP or gRPC front end (the HTTP one leaked into
+    both: `ss -ltnp` listed mm-zygote and mm-worker on the port), read from their file descriptors."""
     home = tmp_path / "home"
     mm("install", str(echo_dir), "--id", "echo", "--task", "txt2embed", home=home)
     srv = ServerProcess(home, _env(MODELMORA_ZYGOTE=str(zygote).lower())).start()
@@ -188,6 +188,6 @@ def test_the_listening_socket_stays_in_the_server(tmp_path: Path, echo_dir: Path
             proc = psutil.Process(pid)
             assert proc.net_connections(kind="inet") == [], f"{proc.name()} holds a TCP socket"
         listening = [c for c in psutil.Process(srv.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-        assert [c.laddr.port for c in listening] == [srv.port]
+        assert sorted(c.laddr.port for c in listening) == sorted([srv.port, srv.grpc_port])
     finally:
         assert srv.stop() == 0

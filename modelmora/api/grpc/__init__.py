@@ -1,0 +1,39 @@
+"""The gRPC front end (grpclib over the betterproto2 messages in `modelmora._proto`): thin servicers
+over `modelmora.service`, errors mapped once (`errors`), health and reflection. asyncio only."""
+
+from .calls import CallContext, Calls, single
+from .decode import PARAMETERS, decode_call, parameters_name
+from .encode import event_message, infer_response, model_message, model_status, server_status, task_type
+from .errors import error_message, internal_error, proto_field, send_error
+from .health import MODEL_PREFIX, WATCH_INTERVAL_S, HealthServicer
+from .inference import InferenceServicer
+from .models import ManagementServicer, RegistryServicer
+from .server import GrpcListener, LimitedCodec, descriptors
+
+__all__ = (
+    "MODEL_PREFIX",
+    "PARAMETERS",
+    "WATCH_INTERVAL_S",
+    "CallContext",
+    "Calls",
+    "GrpcListener",
+    "HealthServicer",
+    "InferenceServicer",
+    "LimitedCodec",
+    "ManagementServicer",
+    "RegistryServicer",
+    "decode_call",
+    "descriptors",
+    "error_message",
+    "event_message",
+    "infer_response",
+    "internal_error",
+    "model_message",
+    "model_status",
+    "parameters_name",
+    "proto_field",
+    "send_error",
+    "single",
+    "server_status",
+    "task_type",
+)

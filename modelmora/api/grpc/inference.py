@@ -1,0 +1,123 @@
+"""The InferenceService servicer: Infer, InferStream and Generate over the inference core.
+
+Each handler reads its request messages, calls `modelmora.service` and encodes the answer. The
+call's gRPC deadline bounds every request's deadline; when grpclib cancels a handler (the client
+cancelled the call or closed the connection, or the deadline passed) the core withdraws its queued
+requests and stops its running ones, exactly as a REST disconnect does.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import anyio
+import structlog
+from grpclib.const import Cardinality, Handler
+from grpclib.server import Stream
+
+from ..._proto.modelmora import v1
+from ...errors import InvalidInput, ModelMoraError
+from ...service import InferenceService, InferResult
+from .calls import Calls
+from .decode import decode_call, parameters_name
+from .encode import event_message, infer_response
+from .errors import error_message
+
+__all__ = ("InferenceServicer",)
+
+log = structlog.get_logger("modelmora.api.grpc")
+
+_PATH = "/modelmora.v1.InferenceService/"
+
+
+class InferenceServicer:
+    """`modelmora.v1.InferenceService` over the core; `base_url` makes stored result URLs absolute."""
+
+    def __init__(self, service: InferenceService, calls: Calls, base_url: str) -> None:
+        self.service = service
+        self.calls = calls
+        self.base_url = base_url
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            _PATH + "Infer": Handler(self.infer, Cardinality.UNARY_UNARY, v1.InferRequest, v1.InferResponse),
+            _PATH + "InferStream": Handler(
+                self.infer_stream, Cardinality.STREAM_STREAM, v1.InferRequest, v1.InferStreamResponse
+            ),
+            _PATH + "Generate": Handler(self.generate, Cardinality.UNARY_STREAM, v1.InferRequest, v1.GenerateEvent),
+        }
+
+    async def infer(self, stream: Stream[v1.InferRequest, v1.InferResponse]) -> None:
+        async with self.calls.guard(stream, "Infer") as context:  # type: ignore[arg-type]
+            req = await stream.recv_message()
+            assert req is not None  # grpclib: a unary call has its message
+            context.parameters = parameters_name(req)
+            result = await self.service.infer(decode_call(req, stream.deadline))
+            await stream.send_message(infer_response(result, req.request_id, self.base_url))
+
+    async def generate(self, stream: Stream[v1.InferRequest, v1.GenerateEvent]) -> None:
+        async with self.calls.guard(stream, "Generate") as context:  # type: ignore[arg-type]
+            req = await stream.recv_message()
+            assert req is not None
+            context.parameters = parameters_name(req)
+            events = await self.service.open_stream(decode_call(req, stream.deadline, stream=True))
+            try:
+                async for item in events:
+                    if isinstance(item, InferResult):
+                        message = v1.GenerateEvent(result=infer_response(item, req.request_id, self.base_url))
+                    else:
+                        message = event_message(item)
+                    await stream.send_message(message)
+            finally:
+                await events.aclose()  # cancelled: the request leaves the queue, its batch stops
+
+    async def infer_stream(self, stream: Stream[v1.InferRequest, v1.InferStreamResponse]) -> None:
+        """Requests run concurrently as they arrive; each answer goes out when ready (one writer at
+        a time). A request id still in flight on this stream is refused, so each is answered once."""
+        async with self.calls.guard(stream, "InferStream"):  # type: ignore[arg-type]
+            sending = anyio.Lock()
+            in_flight: set[str] = set()
+
+            async def answer(response: v1.InferStreamResponse) -> None:
+                async with sending:
+                    await stream.send_message(response)
+
+            async def refuse(req: v1.InferRequest, exc: ModelMoraError) -> None:
+                await answer(v1.InferStreamResponse(request_id=req.request_id, error=error_message(exc)))
+
+            async def run(req: v1.InferRequest) -> None:
+                rid = req.request_id
+                try:
+                    response = await self._one(req, stream)
+                    await answer(response)
+                finally:
+                    in_flight.discard(rid)
+
+            async with anyio.create_task_group() as tg:
+                async for req in stream:
+                    if not req.request_id:
+                        tg.start_soon(refuse, req, InvalidInput("request_id is required", field="request_id"))
+                    elif req.request_id in in_flight:
+                        error = InvalidInput(f"request_id {req.request_id!r} is in flight already", field="request_id")
+                        tg.start_soon(refuse, req, error)
+                    else:
+                        in_flight.add(req.request_id)
+                        tg.start_soon(run, req)
+
+    async def _one(
+        self, req: v1.InferRequest, stream: Stream[v1.InferRequest, v1.InferStreamResponse]
+    ) -> v1.InferStreamResponse:
+        """One request of an InferStream: its answer, or its error (the stream goes on)."""
+        rid = req.request_id
+        parameters = None
+        try:
+            parameters = parameters_name(req)
+            result = await self.service.infer(decode_call(req, stream.deadline))
+            return v1.InferStreamResponse(request_id=rid, response=infer_response(result, rid, self.base_url))
+        except ModelMoraError as exc:
+            return v1.InferStreamResponse(request_id=rid, error=error_message(exc, parameters))
+        except Exception as exc:
+            trace_id = uuid.uuid4().hex
+            log.error("unhandled_error", trace_id=trace_id, method="InferStream", exc_info=exc)
+            error = v1.Error(status=13, code="internal_error", message=f"internal error (trace id {trace_id})")
+            return v1.InferStreamResponse(request_id=rid, error=error)
