@@ -36,7 +36,7 @@ REACHED_THROUGH_THEIR_MODULE: dict[str, frozenset[str]] = {
     "modelmora.registry": frozenset({"MODEL_ID_RE", "InstallPlan", "Progress"}),
     "modelmora.results": frozenset({"SWEEP_GRACE_S", "expiry_of", "new_name", "sweep_interval", "sweeping"}),
     "modelmora.scheduler": frozenset({"abandon_if_unwanted", "dispatch", "keep_alive_s", "model_status"}),
-    "modelmora.service": frozenset({"literal_choices", "registered_status", "supervisor_status", "Prepared"}),
+    "modelmora.service": frozenset({"literal_choices", "registered_status", "supervisor_status", "Prepared", "Job"}),
 }
 
 

@@ -1,7 +1,8 @@
 """The protocol-neutral inference core that every front end calls."""
 
 from ..scheduler import ModelStatus, Priority
-from .core import REGISTRY_SYNC_S, InferCall, InferenceService, InferStream
+from .call import InferCall
+from .core import REGISTRY_SYNC_S, InferenceService
 from .inputs import (
     CaptionParameters,
     EmbeddingParameters,
@@ -22,6 +23,7 @@ from .status import (
     SupervisorStatus,
     shared_memory_status,
 )
+from .stream import InferStream
 from .tasks import ADAPTERS, ReturnMode, TaskAdapter
 
 __all__ = (

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -20,7 +19,6 @@ import anyio.abc
 import anyio.to_thread
 import msgspec
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..clock import event_loop_clock
 from ..config import ModelSettings, Settings
@@ -28,10 +26,11 @@ from ..errors import ClientGone, InvalidInput, ModelMoraError, ModelNotFound, Mo
 from ..images import ImageLimits, PixelBudget
 from ..registry import ModelRecord, ModelStore, uninstall
 from ..results import ResultStore
-from ..scheduler import ModelRuntime, ModelStatus, Priority, Request, Scheduler
+from ..scheduler import ModelRuntime, ModelStatus, Request, Scheduler
 from ..tasks import TaskType
+from .call import InferCall, Job
 from .catalog import Catalog
-from .outputs import InferResult, StreamEvent, Timing
+from .outputs import InferResult, Timing
 from .status import (
     HealthModel,
     HealthModels,
@@ -40,9 +39,10 @@ from .status import (
     shared_memory_status,
     supervisor_status,
 )
-from .tasks import ADAPTERS, Prepared, ReturnMode, TaskAdapter
+from .stream import InferStream
+from .tasks import ADAPTERS
 
-__all__ = ("InferCall", "InferStream", "InferenceService")
+__all__ = ("InferenceService",)
 
 T = TypeVar("T")
 
@@ -51,38 +51,6 @@ log = structlog.get_logger("modelmora.service")
 REGISTRY_SYNC_S = 2.0
 """How often the registry is compared with the running models (installs, changes and
 uninstalls made by `mm` in another process reach the server within this time)."""
-
-
-@dataclass(frozen=True, slots=True)
-class InferCall:
-    """One inference request, whatever protocol it came in by."""
-
-    model_id: str
-    inputs: Any
-    """`TextInput` / `ImageInput`, or the decoded JSON of `input_data` (validated by the core)."""
-    parameters: Any = None
-    """The task's parameters struct, or decoded JSON (None: defaults)."""
-    version: str | None = None
-    priority: Priority = Priority.NORMAL
-    timeout_s: float | None = None
-    """None: the task type's default (`[timeout_s]` settings)."""
-    stream: bool = False
-    return_mode: ReturnMode = "auto"
-
-
-@dataclass(eq=False, slots=True)
-class _Job:
-    """A call on its way through the core."""
-
-    call: InferCall
-    record: ModelRecord
-    version: str
-    adapter: TaskAdapter
-    prepared: Prepared
-    runtime: ModelRuntime
-    request: Request
-    timeout_s: float
-    t0: float
 
 
 class InferenceService:
@@ -133,7 +101,7 @@ class InferenceService:
 
     # -- inference --------------------------------------------------------------------------
 
-    async def _start(self, call: InferCall) -> _Job:
+    async def _start(self, call: InferCall) -> Job:
         t0 = time.perf_counter()
         now = self._now
         if now is None:
@@ -165,9 +133,9 @@ class InferenceService:
             prepared.release()
             raise
         req = Request(rt.key, prepared.inputs, prepared.params, call.priority, start + timeout_s)
-        return _Job(call, rec, version, adapter, prepared, rt, req, timeout_s, t0)
+        return Job(call, rec, version, adapter, prepared, rt, req, timeout_s, t0)
 
-    async def _result(self, job: _Job) -> InferResult:
+    async def _result(self, job: Job) -> InferResult:
         req = job.request
         if req.error is not None:
             raise req.error
@@ -200,7 +168,7 @@ class InferenceService:
         finally:
             job.prepared.release()
 
-    async def _run(self, job: _Job, gone: Callable[[], Awaitable[Any]] | None) -> InferResult:
+    async def _run(self, job: Job, gone: Callable[[], Awaitable[Any]] | None) -> InferResult:
         req, rt = job.request, job.runtime
         self.scheduler.submit(rt, req)
         client_gone = False
@@ -384,56 +352,3 @@ class InferenceService:
         except Exception as exc:
             log.error("registry_failed", exc_info=exc)
             raise StorageUnavailable("the model registry cannot be read or written now") from None
-
-
-class InferStream:
-    """The events of a streaming request, then its result (`async for` over it).
-
-    Iteration ends after the `InferResult`; an error after events were sent is raised from
-    the iteration. Close it (`aclose`) when the client goes away: the request leaves the
-    queue, or its batch is stopped.
-    """
-
-    def __init__(
-        self,
-        service: InferenceService,
-        job: _Job,
-        send: MemoryObjectSendStream[tuple[int, str, dict[str, Any]]],
-        receive: MemoryObjectReceiveStream[tuple[int, str, dict[str, Any]]],
-    ) -> None:
-        self._service = service
-        self._job = job
-        self._send = send
-        self._receive = receive
-        self._finished = False
-
-    def __aiter__(self) -> InferStream:
-        return self
-
-    async def __anext__(self) -> StreamEvent | InferResult:
-        if self._finished:
-            raise StopAsyncIteration
-        job = self._job
-        with anyio.CancelScope(deadline=job.request.deadline):
-            try:
-                item, kind, data = await self._receive.receive()
-            except anyio.EndOfStream:
-                pass  # the request is done
-            else:
-                return StreamEvent(kind, {"index": item, **data} if item >= 0 else data)
-        self._finished = True
-        if not job.request.done.is_set():
-            await self.aclose()
-            raise self._service.scheduler.unfinished_error(job.runtime, job.timeout_s)
-        return await self._service._result(job)
-
-    async def aclose(self) -> None:
-        """Stop listening: a request still queued or running is withdrawn."""
-        self._finished = True
-        job = self._job
-        if not job.request.done.is_set():
-            self._service.scheduler.withdraw(job.runtime, job.request)
-        job.request.on_done = None
-        job.prepared.release()
-        self._send.close()
-        self._receive.close()
