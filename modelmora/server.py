@@ -27,6 +27,7 @@ from .config import ConfigError, Settings
 from .httpserver import HttpListener, current_backend
 from .ipc import segments
 from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
+from .observability import worker_log_env
 from .registry import ModelStore, open_store
 from .results import open_result_store
 from .scheduler import Scheduler
@@ -102,18 +103,16 @@ def connection_limit(settings: Settings) -> int:
     return min(settings.max_connections, room)
 
 
-def _worker_env(settings: Settings, worker_env: Mapping[str, str] | None) -> dict[str, str] | None:
-    """Workers log as we do: with `log_format = "json"` they learn it from the environment and
-    draw no progress bars."""
-    if settings.log_format != "json":
-        return dict(worker_env) if worker_env is not None else None
-    return {
+def _worker_env(settings: Settings, worker_env: Mapping[str, str] | None) -> dict[str, str]:
+    """Workers log as we do (format and level, from their environment); with JSON logs they draw
+    no progress bars."""
+    env = {
         **(os.environ if worker_env is None else worker_env),
-        "MODELMORA_LOG_FORMAT": "json",
-        "TQDM_DISABLE": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        **worker_log_env(settings.log_level, settings.log_format),
     }
+    if env.get("MODELMORA_LOG_FORMAT") == "json":
+        env.update(TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    return env
 
 
 def check_backend(settings: Settings, backend: str) -> None:

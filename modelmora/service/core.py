@@ -24,12 +24,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ..config import ModelSettings, Settings
 from ..errors import ClientGone, InvalidInput, ModelMoraError, ModelNotFound, ModelUnavailable, StorageUnavailable
 from ..images import ImageLimits, PixelBudget
+from ..observability import TraceContext, new_trace, reset_current, set_current
 from ..registry import ModelRecord, ModelStore
 from ..results import ResultStore
 from ..scheduler import ModelRuntime, ModelStatus, Priority, Request, Scheduler
 from ..tasks import TaskType
 from .catalog import Catalog
 from .outputs import InferResult, StreamEvent, Timing
+from .record import RequestRecorder
 from .status import (
     HealthModel,
     HealthModels,
@@ -66,6 +68,10 @@ class InferCall:
     """None: the task type's default (`[timeout_s]` settings)."""
     stream: bool = False
     return_mode: ReturnMode = "auto"
+    protocol: str = "unknown"
+    """The front end's name ("rest", "grpc", ...): the `protocol` label of the request's metrics."""
+    trace: TraceContext | None = None
+    """The caller's trace context (`observability.incoming`); None: the request starts a new trace."""
 
 
 @dataclass(eq=False, slots=True)
@@ -81,6 +87,7 @@ class _Job:
     request: Request
     timeout_s: float
     t0: float
+    trace: TraceContext
 
 
 class InferenceService:
@@ -107,6 +114,8 @@ class InferenceService:
         self.catalog = Catalog(store)
         self.started = time.time()
         self.sync_errors = 0
+        self.metrics = scheduler.metrics
+        self.record = RequestRecorder(self.metrics, settings.slow_request_fraction)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Compare the registry with the running models every `REGISTRY_SYNC_S` (errors are logged)."""
@@ -129,10 +138,18 @@ class InferenceService:
 
     # -- inference --------------------------------------------------------------------------
 
-    async def _start(self, call: InferCall) -> _Job:
-        t0 = time.perf_counter()
+    async def _start(
+        self,
+        call: InferCall,
+        rec: ModelRecord | None = None,
+        t0: float | None = None,
+        trace: TraceContext | None = None,
+    ) -> _Job:
+        """Validate and prepare `call` (its record looked up when not given) into a job ready to submit."""
+        t0 = time.perf_counter() if t0 is None else t0
         start = anyio.current_time()
-        rec = await self.catalog.get(call.model_id)
+        rec = rec or await self.catalog.get(call.model_id)
+        trace = trace or call.trace or new_trace()
         version = call.version or rec.active_version
         if rec.version_record(version) is None:
             raise ModelNotFound(f"model {call.model_id!r} has no version {version!r}", field="$.version")
@@ -157,8 +174,10 @@ class InferenceService:
         except BaseException:
             prepared.release()
             raise
-        req = Request(rt.key, prepared.inputs, prepared.params, call.priority, start + timeout_s)
-        return _Job(call, rec, version, adapter, prepared, rt, req, timeout_s, t0)
+        req = Request(
+            rt.key, prepared.inputs, prepared.params, call.priority, start + timeout_s, trace_id=trace.trace_id
+        )
+        return _Job(call, rec, version, adapter, prepared, rt, req, timeout_s, t0, trace)
 
     async def _result(self, job: _Job) -> InferResult:
         req = job.request
@@ -180,18 +199,34 @@ class InferenceService:
             gone: returns when the caller went away (REST: the client disconnected); the
                 request then leaves the queue (or its batch), and `ClientGone` is raised.
 
-        The caller's own cancellation withdraws the request the same way.
+        The caller's own cancellation withdraws the request the same way. Its metrics (under
+        `call.protocol`) and log line are recorded here, whatever its outcome; lines logged while it
+        is served carry its trace id.
 
         Raises:
             ModelMoraError: every expected failure, each with its status.
         """
-        if call.stream:
-            raise InvalidInput("a streaming request is served by open_stream", field="$.stream")
-        job = await self._start(call)
+        t0 = time.perf_counter()
+        trace = call.trace or new_trace()
+        token = set_current(trace)
+        rec: ModelRecord | None = None
         try:
-            return await self._run(job, gone)
+            if call.stream:
+                raise InvalidInput("a streaming request is served by open_stream", field="$.stream")
+            rec = await self.catalog.get(call.model_id)
+            job = await self._start(call, rec, t0, trace)
+            try:
+                result = await self._run(job, gone)
+            finally:
+                job.prepared.release()
+            seconds = time.perf_counter() - t0
+            self.record.ok(job.runtime.metrics, call.protocol, job.version, result.timing, seconds, job.timeout_s)
+            return result
+        except BaseException as exc:
+            self._failed(call, rec, exc, t0)
+            raise
         finally:
-            job.prepared.release()
+            reset_current(token)
 
     async def _run(self, job: _Job, gone: Callable[[], Awaitable[Any]] | None) -> InferResult:
         req, rt = job.request, job.runtime
@@ -215,21 +250,37 @@ class InferenceService:
             raise self.scheduler.unfinished_error(rt, job.timeout_s)
         return await self._result(job)
 
+    def _failed(self, call: InferCall, rec: ModelRecord | None, exc: BaseException, t0: float) -> None:
+        model, task = (rec.id, rec.task) if rec is not None else ("", "")
+        self.record.failed(model, task, call.protocol, exc, time.perf_counter() - t0)
+
     async def open_stream(self, call: InferCall) -> InferStream:
         """Queue a streaming request; iterate the returned stream for its events, then its result.
 
         Errors before anything runs (validation, queue full, failed model) are raised here.
         """
-        job = await self._start(call)
+        t0 = time.perf_counter()
+        trace = call.trace or new_trace()
+        token = set_current(trace)
+        rec: ModelRecord | None = None
+        try:
+            rec = await self.catalog.get(call.model_id)
+            job = await self._start(call, rec, t0, trace)
+        except BaseException as exc:
+            self._failed(call, rec, exc, t0)
+            raise
+        finally:
+            reset_current(token)
         send, receive = anyio.create_memory_object_stream[tuple[int, str, dict[str, Any]]](math.inf)
         job.request.on_event = lambda item, kind, data: send.send_nowait((item, kind, data))
         job.request.on_done = send.close  # the events end when the request is done
         try:
             self.scheduler.submit(job.runtime, job.request)
-        except BaseException:
+        except BaseException as exc:
             send.close()
             receive.close()
             job.prepared.release()
+            self._failed(call, rec, exc, t0)
             raise
         return InferStream(self, job, send, receive)
 
@@ -380,6 +431,29 @@ class InferStream:
         self._send = send
         self._receive = receive
         self._finished = False
+        self._recorded = False
+
+    @property
+    def trace(self) -> TraceContext:
+        """The request's trace context."""
+        return self._job.trace
+
+    def _record(self, error: BaseException | None, result: InferResult | None = None) -> None:
+        """Record the request once: answered (`result`), failed (`error`), or given up (neither)."""
+        if self._recorded:
+            return
+        self._recorded = True
+        job = self._job
+        seconds = time.perf_counter() - job.t0
+        token = set_current(job.trace)
+        try:
+            if result is not None:
+                rec = self._service.record
+                rec.ok(job.runtime.metrics, job.call.protocol, job.version, result.timing, seconds, job.timeout_s)
+            else:
+                self._service.record.failed(job.record.id, job.record.task, job.call.protocol, error, seconds)
+        finally:
+            reset_current(token)
 
     def __aiter__(self) -> InferStream:
         return self
@@ -397,15 +471,25 @@ class InferStream:
                 return StreamEvent(kind, {"index": item, **data} if item >= 0 else data)
         self._finished = True
         if not job.request.done.is_set():
+            error = self._service.scheduler.unfinished_error(job.runtime, job.timeout_s)
+            self._record(error)
             await self.aclose()
-            raise self._service.scheduler.unfinished_error(job.runtime, job.timeout_s)
-        return await self._service._result(job)
+            raise error
+        try:
+            result = await self._service._result(job)
+        except BaseException as exc:
+            self._record(exc)
+            raise
+        self._record(None, result)
+        return result
 
     async def aclose(self) -> None:
-        """Stop listening: a request still queued or running is withdrawn."""
+        """Stop listening: a request still queued or running is withdrawn (counted as cancelled by
+        its caller)."""
         self._finished = True
         job = self._job
         if not job.request.done.is_set():
+            self._record(None)  # the caller gave up
             self._service.scheduler.withdraw(job.runtime, job.request)
         job.request.on_done = None
         job.prepared.release()
