@@ -67,7 +67,7 @@ def start(label: str, tmp: Path, build: str | None) -> ServerProcess:
     return srv
 
 
-def run_wrk(srv: ServerProcess, concurrency: int, seconds: float, script: Path) -> tuple[float, float]:
+def run_wrk(srv: ServerProcess, concurrency: int, seconds: int, script: Path) -> tuple[float, float]:
     """(supervisor CPU microseconds per request, requests per second) of one wrk run."""
     proc = psutil.Process(srv.pid)
     before = proc.cpu_times()
@@ -88,7 +88,7 @@ def run_wrk(srv: ServerProcess, concurrency: int, seconds: float, script: Path) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--concurrency", default="1,32")
     ap.add_argument("--baseline-mm", default=None, help="the `mm` of another build to compare with")
     args = ap.parse_args()

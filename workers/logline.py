@@ -27,8 +27,7 @@ def json_format() -> bool:
 
 def enabled(level: str) -> bool:
     """Whether lines of `level` are written (`MODELMORA_LOG_LEVEL`, default info)."""
-    threshold = _LEVELS.get(os.environ.get("MODELMORA_LOG_LEVEL", "info").lower(), 20)
-    return _LEVELS.get(level, 20) >= threshold
+    return _LEVELS.get(level, 20) >= _LEVELS.get(os.environ.get("MODELMORA_LOG_LEVEL", "info").lower(), 20)
 
 
 def bind(**fields: Any) -> None:

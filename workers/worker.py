@@ -78,6 +78,8 @@ class Worker:
         order they were reserved, and the supervisor releases them in that order."""
         self._share = ThreadShare(1, 1)
         self._order = ReleaseInOrder(self._release)
+        self._debug = logline.enabled("debug")
+        """Whether each batch gets a debug line (read once: the level is fixed for the process)."""
 
     def recv(self) -> m.Message | None:
         return self.channel.recv()
@@ -214,7 +216,7 @@ class Worker:
                 return
             elapsed_ms = (time.perf_counter() - t0) * 1e3
             self.send(m.Result(msg.batch_id, encoded, elapsed_ms, vram_bytes(self.pipeline)))
-        if logline.enabled("debug"):
+        if self._debug:
             _log(
                 "batch_done",
                 level="debug",

@@ -8,8 +8,9 @@ Prometheus scrapes (`runtime.RuntimeCollector`): nothing is kept up to date betw
 
 The request path stays cheap: each model's children are bound once (`ModelMetrics`, kept on the
 model's runtime) and a successful request costs one counter increment and two histogram
-observations through them, with no label lookup and no string building. Failures, loads and
-other rare events look their labels up.
+observations through them, with no label lookup and no string building; the counters and
+histograms are lock-free ones recorded on the event loop (`instruments`), exposed through
+prometheus_client's registry. Failures, loads and other rare events look their labels up.
 
 Label values: `model` is a model id the registry knows ("" for a request refused before its model
 was found: an unknown id never becomes a label), `task` its task type, `protocol` the front end
@@ -23,8 +24,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
+
+from .instruments import CounterFamily, HistogramFamily
 
 if TYPE_CHECKING:
     from .runtime import RuntimeSample
@@ -52,9 +55,6 @@ _CANCEL_REASONS = {"deadline_exceeded": "deadline", "client_closed_request": "di
 """Outcome -> `modelmora_request_cancellations_total` reason."""
 _REJECTIONS = {"queue_full": "queue_full", "insufficient_memory": "no_memory"}
 """Outcome -> `modelmora_request_rejections_total` reason."""
-
-# no `*_created` series beside every counter and histogram
-prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class RequestMetrics:
@@ -113,92 +113,92 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         req = ("model", "task", "protocol", "outcome")
-        self.requests = Counter(
-            "modelmora_requests_total",
+        self.requests = CounterFamily(
+            "modelmora_requests",
             "Inference requests answered, by outcome ('ok' or the error code).",
             req,
-            registry=r,
+            r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = HistogramFamily(
             "modelmora_request_duration_seconds",
             "Time from a request's arrival in the core to its answer (validation, queue, inference, output).",
             req,
+            r,
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = HistogramFamily(
             "modelmora_queue_wait_seconds",
             "Time a request waited in its model's queue before its batch was dispatched.",
             ("model",),
+            r,
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.inference = Histogram(
+        self.inference = HistogramFamily(
             "modelmora_inference_duration_seconds",
             "Time a worker spent on one batch, as the worker measured it (inputs read to outputs written).",
             ("model",),
+            r,
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = HistogramFamily(
             "modelmora_batch_size_items",
             "Items (texts, images) per batch dispatched to a worker.",
             ("model",),
+            r,
             buckets=BATCH_BUCKETS,
-            registry=r,
         )
-        self.cold_starts = Counter(
-            "modelmora_cold_start_requests_total",
+        self.cold_starts = CounterFamily(
+            "modelmora_cold_start_requests",
             "Requests that arrived while their model was not loaded and waited for its load.",
             ("model",),
-            registry=r,
+            r,
         )
-        self.cold_start_wait = Histogram(
+        self.cold_start_wait = HistogramFamily(
             "modelmora_cold_start_wait_seconds",
             "Time cold-start requests waited before their batch was dispatched (mostly the load).",
             ("model",),
+            r,
             buckets=LOAD_BUCKETS,
-            registry=r,
         )
-        self.cancellations = Counter(
-            "modelmora_request_cancellations_total",
+        self.cancellations = CounterFamily(
+            "modelmora_request_cancellations",
             "Requests given up before their answer: deadline passed, client disconnected, caller cancelled.",
             ("model", "reason"),
-            registry=r,
+            r,
         )
-        self.rejections = Counter(
-            "modelmora_request_rejections_total",
+        self.rejections = CounterFamily(
+            "modelmora_request_rejections",
             "Requests refused for lack of room: queue full (429), no memory for the model within the deadline.",
             ("model", "reason"),
-            registry=r,
+            r,
         )
-        self.loads = Counter(
-            "modelmora_model_loads_total",
+        self.loads = CounterFamily(
+            "modelmora_model_loads",
             "Worker starts (load and test inference) begun, by what asked for them: request, explicit, retry.",
             ("model", "reason"),
-            registry=r,
+            r,
         )
-        self.load_failures = Counter(
-            "modelmora_model_load_failures_total", "Loads or test inferences that failed.", ("model",), registry=r
+        self.load_failures = CounterFamily(
+            "modelmora_model_load_failures", "Loads or test inferences that failed.", ("model",), r
         )
-        self.load_duration = Histogram(
+        self.load_duration = HistogramFamily(
             "modelmora_model_load_duration_seconds",
             "Time from a load's start (after admission) to the model being ready (successful loads).",
             ("model",),
+            r,
             buckets=LOAD_BUCKETS,
-            registry=r,
         )
-        self.unloads = Counter(
-            "modelmora_model_unloads_total",
+        self.unloads = CounterFamily(
+            "modelmora_model_unloads",
             "Workers that ended, by reason: evict, idle, unload, uninstall, replace, stalled, crashed.",
             ("model", "reason"),
-            registry=r,
+            r,
         )
-        self.evictions = Counter(
-            "modelmora_model_evictions_total",
+        self.evictions = CounterFamily(
+            "modelmora_model_evictions",
             "Models evicted: to make room for another model's load, or because the budget was exceeded.",
             ("model", "reason"),
-            registry=r,
+            r,
         )
         self._models: dict[tuple[str, str], ModelMetrics] = {}
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import random
 from collections.abc import MutableMapping
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from opentelemetry.trace import get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -38,8 +38,7 @@ _current: ContextVar[TraceContext | None] = ContextVar("modelmora_trace", defaul
 _bits = random.getrandbits
 
 
-@dataclass(frozen=True, slots=True)
-class TraceContext:
+class TraceContext(msgspec.Struct, frozen=True, gc=False):
     """One request's place in a trace: the trace, this server's span, and the caller's span."""
 
     trace_id: str

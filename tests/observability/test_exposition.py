@@ -91,3 +91,21 @@ def test_outcomes_that_are_cancellations_or_rejections(outcome: str, family: str
     labels = {"model": "a", "task": "txt2embed", "protocol": "grpc", "outcome": outcome}
     assert r.get_sample_value("modelmora_requests_total", labels) == 1
     assert r.get_sample_value("modelmora_request_duration_seconds_sum", labels) == 0.5
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
+    metrics = Metrics()
+    child = metrics.model("a", "txt2embed").batch_size
+    for items in (1, 2, 3, 4096, 5000):
+        child.observe(items)
+    r = metrics.registry
+    bucket = "modelmora_batch_size_items_bucket"
+    assert r.get_sample_value(bucket, {"model": "a", "le": "1.0"}) == 1  # le is inclusive
+    assert r.get_sample_value(bucket, {"model": "a", "le": "2.0"}) == 2
+    assert r.get_sample_value(bucket, {"model": "a", "le": "4.0"}) == 3
+    assert r.get_sample_value(bucket, {"model": "a", "le": "4096.0"}) == 4
+    assert r.get_sample_value(bucket, {"model": "a", "le": "+Inf"}) == 5
+    assert r.get_sample_value("modelmora_batch_size_items_count", {"model": "a"}) == 5
+    assert r.get_sample_value("modelmora_batch_size_items_sum", {"model": "a"}) == 1 + 2 + 3 + 4096 + 5000
+    with pytest.raises(ValueError, match="takes labels"):
+        metrics.queue_wait.labels("a", "extra")
