@@ -13,12 +13,13 @@ import resource
 import signal
 import socket
 import sqlite3
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import structlog
 from hypercorn.config import Config as HypercornConfig
 
@@ -27,7 +28,7 @@ from .config import ConfigError, Settings
 from .httpserver import HttpListener, current_backend
 from .ipc import segments
 from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
-from .observability import worker_log_env
+from .observability import ExportUnavailable, Spans, open_otlp, worker_log_env
 from .registry import ModelStore, open_store
 from .results import open_result_store
 from .scheduler import Scheduler
@@ -224,9 +225,11 @@ async def _serve(
             results = await stack.enter_async_context(open_result_store(settings))
         except OSError as exc:
             raise StartupError(f"cannot open the result store under {home}: {_reason(exc)}") from None
+        spans = await stack.enter_async_context(_span_export(settings.otlp_endpoint))
         await stack.enter_async_context(_owned(launcher))
         tg = await stack.enter_async_context(anyio.create_task_group())
         service = InferenceService(settings, store, scheduler, results)
+        service.record.spans = spans
         listener = HttpListener(create_app(service), config, sock, limit=limit)
         await tg.start(scheduler.run)
         await service.preload()  # starts the loads; requests are accepted meanwhile
@@ -247,6 +250,28 @@ async def _serve(
         log.info("stopping", **listener.statistics())
         background.cancel()
         scheduler.close()
+
+
+@contextlib.asynccontextmanager
+async def _span_export(endpoint: str) -> AsyncIterator[Spans | None]:
+    """Request spans exported to `endpoint` over OTLP (None when empty); flushed at the end.
+
+    Raises:
+        StartupError: the OpenTelemetry SDK or its OTLP exporter is not installed.
+    """
+    if not endpoint:
+        yield None
+        return
+    try:
+        spans = open_otlp(endpoint)
+    except ExportUnavailable as exc:
+        raise StartupError(str(exc)) from None
+    log.info("exporting_spans", endpoint=endpoint)
+    try:
+        yield spans
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(spans.close)
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,5 +1,6 @@
 """Metrics (every Prometheus metric defined once), structured logs and W3C trace context."""
 
+from .export import ExportUnavailable, Spans, open_otlp
 from .gpu import GpuSample, Nvml
 from .logs import configure_logging, debug_enabled, effective_format, worker_log_env
 from .metrics import CANCELLED, CONTENT_TYPE, Metrics, ModelMetrics, RequestMetrics
@@ -18,6 +19,7 @@ from .tracing import (
 __all__ = (
     "CANCELLED",
     "CONTENT_TYPE",
+    "ExportUnavailable",
     "GpuSample",
     "Metrics",
     "ModelMetrics",
@@ -26,6 +28,7 @@ __all__ = (
     "RequestMetrics",
     "RuntimeCollector",
     "RuntimeSample",
+    "Spans",
     "TraceContext",
     "add_trace_id",
     "configure_logging",
@@ -35,6 +38,7 @@ __all__ = (
     "effective_format",
     "incoming",
     "new_trace",
+    "open_otlp",
     "reset_current",
     "set_current",
     "worker_log_env",

@@ -220,10 +220,12 @@ class InferenceService:
             finally:
                 job.prepared.release()
             seconds = time.perf_counter() - t0
-            self.record.ok(job.runtime.metrics, call.protocol, job.version, result.timing, seconds, job.timeout_s)
+            self.record.ok(
+                job.runtime.metrics, call.protocol, job.version, result.timing, seconds, job.timeout_s, trace
+            )
             return result
         except BaseException as exc:
-            self._failed(call, rec, exc, t0)
+            self._failed(call, rec, exc, t0, trace)
             raise
         finally:
             reset_current(token)
@@ -250,9 +252,11 @@ class InferenceService:
             raise self.scheduler.unfinished_error(rt, job.timeout_s)
         return await self._result(job)
 
-    def _failed(self, call: InferCall, rec: ModelRecord | None, exc: BaseException, t0: float) -> None:
+    def _failed(
+        self, call: InferCall, rec: ModelRecord | None, exc: BaseException, t0: float, trace: TraceContext
+    ) -> None:
         model, task = (rec.id, rec.task) if rec is not None else ("", "")
-        self.record.failed(model, task, call.protocol, exc, time.perf_counter() - t0)
+        self.record.failed(model, task, call.protocol, exc, time.perf_counter() - t0, trace)
 
     async def open_stream(self, call: InferCall) -> InferStream:
         """Queue a streaming request; iterate the returned stream for its events, then its result.
@@ -267,7 +271,7 @@ class InferenceService:
             rec = await self.catalog.get(call.model_id)
             job = await self._start(call, rec, t0, trace)
         except BaseException as exc:
-            self._failed(call, rec, exc, t0)
+            self._failed(call, rec, exc, t0, trace)
             raise
         finally:
             reset_current(token)
@@ -280,7 +284,7 @@ class InferenceService:
             send.close()
             receive.close()
             job.prepared.release()
-            self._failed(call, rec, exc, t0)
+            self._failed(call, rec, exc, t0, trace)
             raise
         return InferStream(self, job, send, receive)
 
@@ -449,9 +453,11 @@ class InferStream:
         try:
             if result is not None:
                 rec = self._service.record
-                rec.ok(job.runtime.metrics, job.call.protocol, job.version, result.timing, seconds, job.timeout_s)
+                protocol = job.call.protocol
+                rec.ok(job.runtime.metrics, protocol, job.version, result.timing, seconds, job.timeout_s, job.trace)
             else:
-                self._service.record.failed(job.record.id, job.record.task, job.call.protocol, error, seconds)
+                rec = self._service.record
+                rec.failed(job.record.id, job.record.task, job.call.protocol, error, seconds, job.trace)
         finally:
             reset_current(token)
 

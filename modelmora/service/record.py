@@ -13,7 +13,7 @@ from __future__ import annotations
 import structlog
 
 from ..errors import ModelMoraError
-from ..observability import CANCELLED, Metrics, ModelMetrics, debug_enabled
+from ..observability import CANCELLED, Metrics, ModelMetrics, Spans, TraceContext, debug_enabled
 from .outputs import Timing
 
 __all__ = ("RequestRecorder",)
@@ -33,13 +33,34 @@ class RequestRecorder:
     def __init__(self, metrics: Metrics, slow_fraction: float) -> None:
         self.metrics = metrics
         self.slow_fraction = slow_fraction
+        self.spans: Spans | None = None
+        """Where request spans are exported (`otlp_endpoint`); None: nowhere."""
 
     def ok(
-        self, model: ModelMetrics | None, protocol: str, version: str, timing: Timing, seconds: float, timeout_s: float
+        self,
+        model: ModelMetrics | None,
+        protocol: str,
+        version: str,
+        timing: Timing,
+        seconds: float,
+        timeout_s: float,
+        trace: TraceContext | None = None,
     ) -> None:
         """A request was answered `seconds` after it arrived."""
         if model is not None:
             model.protocol(protocol).ok(seconds)
+        if self.spans is not None and trace is not None:
+            name = model.model if model is not None else ""
+            attributes = {
+                "modelmora.model": name,
+                "modelmora.version": version,
+                "modelmora.task": model.task if model is not None else "",
+                "modelmora.protocol": protocol,
+                "modelmora.outcome": "ok",
+                "modelmora.queue_ms": timing.queue_ms,
+                "modelmora.inference_ms": timing.inference_ms,
+            }
+            self.spans.request(trace, f"infer {name}", seconds, attributes)
         if self.slow_fraction and seconds > self.slow_fraction * timeout_s:
             log.warning(
                 "slow_request",
@@ -63,7 +84,15 @@ class RequestRecorder:
                 inference_ms=timing.inference_ms,
             )
 
-    def failed(self, model: str, task: str, protocol: str, error: BaseException | None, seconds: float) -> None:
+    def failed(
+        self,
+        model: str,
+        task: str,
+        protocol: str,
+        error: BaseException | None,
+        seconds: float,
+        trace: TraceContext | None = None,
+    ) -> None:
         """A request ended without an answer: an expected error, a bug, or its caller's cancellation
         (`error` is then the cancellation exception, or None).
 
@@ -76,6 +105,10 @@ class RequestRecorder:
         else:
             outcome = CANCELLED
         self.metrics.request_failed(model, task, protocol, outcome, seconds)
+        if self.spans is not None and trace is not None:
+            attributes = {"modelmora.model": model, "modelmora.task": task, "modelmora.protocol": protocol}
+            attributes["modelmora.outcome"] = outcome
+            self.spans.request(trace, f"infer {model}", seconds, attributes, error=outcome)
         fields = {"model": model or None, "protocol": protocol, "outcome": outcome, "total_ms": round(seconds * 1e3, 3)}
         if isinstance(error, ModelMoraError):
             status = error.http_status

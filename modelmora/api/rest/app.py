@@ -67,7 +67,7 @@ def create_app(service: InferenceService) -> ASGIApp:
         try:
             env = decode(_envelope_decoder, await read_body(scope, receive, limit, body_timeout_s))
         except ModelMoraError as exc:  # refused before the core saw it: counted here, without a model
-            service.record.failed("", "", "rest", exc, time.perf_counter() - t0)
+            service.record.failed("", "", "rest", exc, time.perf_counter() - t0, trace)
             raise
         call = InferCall(
             model_id,
