@@ -115,7 +115,7 @@ class Metrics:
         req = ("model", "task", "protocol", "outcome")
         self.requests = CounterFamily(
             "modelmora_requests",
-            "Inference requests answered, by outcome ('ok' or the error code).",
+            "Inference requests, by how they ended: 'ok', 'cancelled' or the error code.",
             req,
             r,
         )
@@ -149,7 +149,7 @@ class Metrics:
         )
         self.cold_starts = CounterFamily(
             "modelmora_cold_start_requests",
-            "Requests that arrived while their model was not loaded and waited for its load.",
+            "Requests that arrived while their model was not loaded (or its worker stopping) and waited for a load.",
             ("model",),
             r,
         )

@@ -251,7 +251,8 @@ class Scheduler:
             raise self.supervisor.failed_error(rt)
         rt.queue.put_nowait(req)
         rt.last_used = anyio.current_time()
-        if rt.state is not ModelState.READY and rt.metrics is not None:  # it waits for a load
+        stopping = rt.stop_reason is not None and not rt.stop_reason.drains  # its worker is on its way out
+        if (rt.state is not ModelState.READY or stopping) and rt.metrics is not None:  # it waits for a load
             req.cold = True
             rt.metrics.cold_starts.inc()
 
