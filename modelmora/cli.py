@@ -74,6 +74,7 @@ def serve(
     backend: Literal["asyncio", "trio"] | None = None,
     config: Path | None = None,
     home: Path | None = None,
+    print_config: bool = False,
 ) -> None:
     """Run the server (REST on HTTP/1.1 and HTTP/2 cleartext, gRPC on its own port).
 
@@ -91,6 +92,9 @@ def serve(
         TOML configuration file.
     home
         Data directory (registry, model files); default $MODELMORA_HOME.
+    print_config
+        Print the effective configuration (file, then MODELMORA_* environment, then flags; secrets
+        masked) as TOML, and exit.
     """
     from .logs import configure_logging
     from .server import StartupError, run
@@ -99,6 +103,11 @@ def serve(
         settings = _settings(config, home, host=host, port=port, grpc_port=grpc_port, backend=backend)
     except ConfigError as exc:
         raise _StartFailed(str(exc)) from None
+    if print_config:
+        from .configview import render
+
+        sys.stdout.write(render(settings))
+        return
     configure_logging(settings.log_level, settings.log_format)
     try:
         run(settings)

@@ -211,8 +211,15 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     pipelines: dict[str, str] = {}
     """Task type -> "module:Class" overriding the built-in worker pipeline (custom pipelines)."""
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
-    log_format: Literal["console", "json"] = "console"
-    """"json": every line the server and its workers write is one JSON object."""
+    log_format: Literal["auto", "console", "json"] = "auto"
+    """"json": every line the server and its workers write is one JSON object; "console": key=value
+    text; "auto": JSON unless stderr is a terminal."""
+    otlp_endpoint: str = ""
+    """Export one span per request over OTLP/HTTP to this URL (e.g. "http://collector:4318/v1/traces");
+    empty: no export. Needs `opentelemetry-sdk` and `opentelemetry-exporter-otlp-proto-http` installed."""
+    slow_request_fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+    """A request answered after more than this share of its timeout is logged as a `slow_request`
+    warning (0: never)."""
 
     @property
     def home_path(self) -> Path:

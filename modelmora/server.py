@@ -15,12 +15,13 @@ import resource
 import signal
 import socket
 import sqlite3
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import structlog
 from hypercorn.config import Config as HypercornConfig
 
@@ -29,6 +30,7 @@ from .config import ConfigError, Settings
 from .httpserver import HttpListener, current_backend
 from .ipc import segments
 from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
+from .observability import ExportUnavailable, Spans, open_otlp, worker_log_env
 from .registry import ModelStore, open_store
 from .results import open_result_store
 from .scheduler import Scheduler
@@ -107,18 +109,16 @@ def connection_limit(settings: Settings) -> int:
     return min(settings.max_connections, room)
 
 
-def _worker_env(settings: Settings, worker_env: Mapping[str, str] | None) -> dict[str, str] | None:
-    """Workers log as we do: with `log_format = "json"` they learn it from the environment and
-    draw no progress bars."""
-    if settings.log_format != "json":
-        return dict(worker_env) if worker_env is not None else None
-    return {
+def _worker_env(settings: Settings, worker_env: Mapping[str, str] | None) -> dict[str, str]:
+    """Workers log as we do (format and level, from their environment); with JSON logs they draw
+    no progress bars."""
+    env = {
         **(os.environ if worker_env is None else worker_env),
-        "MODELMORA_LOG_FORMAT": "json",
-        "TQDM_DISABLE": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        **worker_log_env(settings.log_level, settings.log_format),
     }
+    if env.get("MODELMORA_LOG_FORMAT") == "json":
+        env.update(TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    return env
 
 
 def check_backend(settings: Settings, backend: str) -> None:
@@ -249,9 +249,11 @@ async def _serve(
             results = await stack.enter_async_context(open_result_store(settings))
         except OSError as exc:
             raise StartupError(f"cannot open the result store under {home}: {_reason(exc)}") from None
+        spans = await stack.enter_async_context(_span_export(settings.otlp_endpoint))
         await stack.enter_async_context(_owned(launcher))
         tg = await stack.enter_async_context(anyio.create_task_group())
         service = InferenceService(settings, store, scheduler, results)
+        service.record.spans = spans
         listener = HttpListener(create_app(service), config, sock, limit=limit)
         grpc = _grpc_listener(service, grpc_sock, port) if grpc_sock is not None else None
         await tg.start(scheduler.run)
@@ -305,6 +307,28 @@ def _tune_gc() -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
+@contextlib.asynccontextmanager
+async def _span_export(endpoint: str) -> AsyncIterator[Spans | None]:
+    """Request spans exported to `endpoint` over OTLP (None when empty); flushed at the end.
+
+    Raises:
+        StartupError: the OpenTelemetry SDK or its OTLP exporter is not installed.
+    """
+    if not endpoint:
+        yield None
+        return
+    try:
+        spans = open_otlp(endpoint)
+    except ExportUnavailable as exc:
+        raise StartupError(str(exc)) from None
+    log.info("exporting_spans", endpoint=endpoint)
+    try:
+        yield spans
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(spans.close)
 
 
 def _reason(exc: BaseException) -> str:

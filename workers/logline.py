@@ -1,7 +1,10 @@
-"""How the zygote and workers write their few lines to stderr: `[worker PID] event k=v` by
-default, one JSON object a line when the server logs JSON (`MODELMORA_LOG_FORMAT=json` in the
-environment the server gives them). `configure()` routes the standard library's logging and
-Python warnings the same way (libraries' warnings would otherwise be bare text)."""
+"""How the zygote and workers write their lines to stderr, in the shape of the supervisor's own
+(structlog's): one JSON object a line when the server logs JSON (`MODELMORA_LOG_FORMAT=json` in
+the environment the server gives them), else `timestamp [level] event key=value...`. Every line
+is tagged with the process's role ("worker", "zygote") and pid, and, once a worker knows its
+model, with the model and version (`bind`). Lines below `MODELMORA_LOG_LEVEL` are not written.
+`configure()` routes the standard library's logging and Python warnings the same way (libraries'
+warnings would otherwise be bare text)."""
 
 from __future__ import annotations
 
@@ -12,11 +15,24 @@ import sys
 import time
 from typing import Any
 
-__all__ = ("configure", "json_format", "write")
+__all__ = ("bind", "configure", "enabled", "json_format", "write")
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_context: dict[str, Any] = {}
 
 
 def json_format() -> bool:
     return os.environ.get("MODELMORA_LOG_FORMAT", "").lower() == "json"
+
+
+def enabled(level: str) -> bool:
+    """Whether lines of `level` are written (`MODELMORA_LOG_LEVEL`, default info)."""
+    return _LEVELS.get(level, 20) >= _LEVELS.get(os.environ.get("MODELMORA_LOG_LEVEL", "info").lower(), 20)
+
+
+def bind(**fields: Any) -> None:
+    """Add `fields` (e.g. model, version) to every later line of this process."""
+    _context.update(fields)
 
 
 def _timestamp() -> str:
@@ -32,13 +48,15 @@ def _text_value(value: Any) -> str:
 
 def write(role: str, event: str, *, level: str = "info", **fields: Any) -> None:
     """One line on stderr from this process (`role`: "worker" or "zygote"); `level` as in logging
-    ("info", "warning", "error"), shown by the JSON format."""
+    ("debug", "info", "warning", "error"); nothing when `level` is below `MODELMORA_LOG_LEVEL`."""
+    if not enabled(level):
+        return
+    record = {**_context, **fields, "role": role, "pid": os.getpid()}
     if json_format():
-        record = {"event": event, "role": role, "pid": os.getpid(), **fields}
-        line = json.dumps({**record, "level": level, "timestamp": _timestamp()}, default=str)
+        line = json.dumps({"event": event, **record, "level": level, "timestamp": _timestamp()}, default=str)
     else:
-        kv = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
-        line = f"[{role} {os.getpid()}] {event} {kv}"
+        kv = " ".join(f"{k}={_text_value(v)}" for k, v in sorted(record.items()))
+        line = f"{_timestamp()} [{level:<9}] {event:<30} {kv}"
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
@@ -48,6 +66,7 @@ class _JsonFormatter(logging.Formatter):
         out: dict[str, Any] = {
             "event": record.getMessage(),
             "logger": record.name,
+            **_context,
             "level": record.levelname.lower(),
             "pid": os.getpid(),
             "timestamp": _timestamp(),

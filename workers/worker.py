@@ -53,8 +53,12 @@ __all__ = ("Worker", "main", "serve", "stream_count")
 _RING_WAIT_MAX_S = 0.005
 
 
-def _log(event: str, **fields: Any) -> None:
-    logline.write("worker", event, **fields)
+def _log(event: str, *, level: str = "info", **fields: Any) -> None:
+    logline.write("worker", event, level=level, **fields)
+
+
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()
 
 
 class Worker:
@@ -74,6 +78,8 @@ class Worker:
         order they were reserved, and the supervisor releases them in that order."""
         self._share = ThreadShare(1, 1)
         self._order = ReleaseInOrder(self._release)
+        self._debug = logline.enabled("debug")
+        """Whether each batch gets a debug line (read once: the level is fixed for the process)."""
 
     def recv(self) -> m.Message | None:
         return self.channel.recv()
@@ -97,6 +103,7 @@ class Worker:
         if not isinstance(first, m.Load):
             return 2
         self.channel.start_heartbeat(first.heartbeat_s)
+        logline.bind(model=first.model_id, version=first.version)
         try:
             self.setup(first)
             t0 = time.perf_counter()
@@ -114,14 +121,7 @@ class Worker:
             t3 = time.perf_counter()
         except Exception as exc:  # the supervisor reports it; we exit
             # one error event per failed load, the traceback in it (not printed beside it)
-            logline.write(
-                "worker",
-                "load_failed",
-                level="error",
-                model=first.model_id,
-                error=f"{type(exc).__name__}: {exc}",
-                traceback="".join(traceback.format_exception(exc)).rstrip(),
-            )
+            _log("load_failed", level="error", error=f"{type(exc).__name__}: {exc}", traceback=_traceback(exc))
             self.send(m.Error(-1, m.ErrorCode.MODEL_LOAD_FAILED, f"{type(exc).__name__}: {exc}"))
             return 1
         import psutil
@@ -139,7 +139,7 @@ class Worker:
                 streams=self.streams,
             )
         )
-        _log("ready", model=first.model_id, version=first.version, device=self.pipeline.device)
+        _log("ready", device=self.pipeline.device)
         self.channel.start_reader()
         self._share = ThreadShare(first.threads, self.streams)
         streams = Streams(self.streams, self.infer)
@@ -190,13 +190,15 @@ class Worker:
                 outputs = self.pipeline.run(inputs, msg.params)
             del inputs
         except cancel.Cancelled:
+            _log("batch_cancelled", batch=msg.batch_id, trace_ids=msg.trace_ids)
             self.send(m.Error(msg.batch_id, m.ErrorCode.CANCELLED, "cancelled by the supervisor"))
             return
         except InputError as exc:
+            _log("batch_refused", level="debug", batch=msg.batch_id, trace_ids=msg.trace_ids, error=str(exc))
             self.send(m.Error(msg.batch_id, m.ErrorCode.INVALID_INPUT, str(exc), exc.field or ""))
             return
         except Exception as exc:
-            traceback.print_exc()
+            self._failed(msg, exc)
             self.send(m.Error(msg.batch_id, m.ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}"))
             return
         finally:
@@ -209,11 +211,32 @@ class Worker:
                 self.send(m.Error(msg.batch_id, m.ErrorCode.RESULT_TOO_LARGE, f"{exc}; raise response_ring_mb"))
                 return
             except (TypeError, ValueError) as exc:  # outputs the protocol cannot carry
-                traceback.print_exc()
+                self._failed(msg, exc)
                 self.send(m.Error(msg.batch_id, m.ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}"))
                 return
             elapsed_ms = (time.perf_counter() - t0) * 1e3
             self.send(m.Result(msg.batch_id, encoded, elapsed_ms, vram_bytes(self.pipeline)))
+        if self._debug:
+            _log(
+                "batch_done",
+                level="debug",
+                batch=msg.batch_id,
+                items=len(next(iter(outputs.values()), ())),
+                infer_ms=round(elapsed_ms, 3),
+                trace_ids=msg.trace_ids,
+            )
+
+    @staticmethod
+    def _failed(msg: m.Infer, exc: BaseException) -> None:
+        """One error line for a failed batch: its requests' trace ids and the traceback."""
+        _log(
+            "batch_failed",
+            level="error",
+            batch=msg.batch_id,
+            trace_ids=msg.trace_ids,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback=_traceback(exc),
+        )
 
     def close(self) -> None:
         self.channel.close()

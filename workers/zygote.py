@@ -292,9 +292,10 @@ class Zygote:
             reseed()
             apply_env(msg.env, msg.unset)
             code = serve(fd, ppid=self.pid, preload=self.modules, forked=True)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
-                traceback.print_exc()
+                trace = "".join(traceback.format_exception(exc)).rstrip()
+                logline.write("worker", "worker_failed", level="error", error=repr(exc), traceback=trace)
         finally:
             exit_now(code)
 

@@ -39,9 +39,9 @@ __all__ = (
     "split",
 )
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """2: Cancel; 3: Arrays, Blobs, Event, non-tensor outputs; 4: Load.streams; 5: Heartbeat, Phase,
-typed `Loaded` fields, `ErrorCode`, `Load.heartbeat_s` (and no `Load.options`)."""
+typed `Loaded` fields, `ErrorCode`, `Load.heartbeat_s` (and no `Load.options`); 6: `Infer.trace_ids`."""
 
 
 class Span(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -125,6 +125,8 @@ class Infer(msgspec.Struct, tag="infer", array_like=True, frozen=True, gc=False)
     batch_id: int
     inputs: dict[str, Input]
     params: dict[str, Any] = {}
+    trace_ids: list[str] = []
+    """The W3C trace ids of the batch's requests (32 hex digits each), for the worker's log lines."""
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True, frozen=True, gc=False):

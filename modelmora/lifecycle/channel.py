@@ -19,7 +19,7 @@ Cancellation: a caller cancelled inside `infer()` once the batch was sent tells 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -107,6 +107,8 @@ class WorkerChannel:
         """Set once the worker was asked to exit: its end is then no crash."""
         self.vram_bytes = 0
         """GPU memory the worker holds, as it last reported (at load and after each batch)."""
+        self.on_infer_s: Callable[[float], None] | None = None
+        """Receives the seconds the worker spent on each batch it answered, as it measured them."""
 
     async def _recv(self) -> m.Message | None:
         while not self._backlog:
@@ -195,8 +197,10 @@ class WorkerChannel:
 
     def _dispatch(self, msg: m.Message) -> None:
         match msg:
-            case m.Result(batch_id=bid, outputs=outputs, vram_bytes=vram):
+            case m.Result(batch_id=bid, outputs=outputs, infer_ms=infer_ms, vram_bytes=vram):
                 self.vram_bytes = vram
+                if self.on_infer_s is not None:
+                    self.on_infer_s(infer_ms / 1e3)
                 data = {}
                 for name, item in outputs.items():
                     if item.span.seg:
@@ -279,6 +283,7 @@ class WorkerChannel:
         *,
         batch_id: int | None = None,
         on_event: EventSink | None = None,
+        trace_ids: Sequence[str] = (),
     ) -> Outputs:
         """Run one batch; returns the worker's outputs (one entry or row per input item).
 
@@ -286,7 +291,8 @@ class WorkerChannel:
         travel as raw arrays. `on_event` receives the batch's events (tokens, progress) as
         they arrive, on the event loop. A caller cancelled here once the batch was sent tells
         the worker (`Cancel`, shielded), which stops it at the pipeline's next step; its
-        segments stay held until the worker answers.
+        segments stay held until the worker answers. `trace_ids` (the W3C trace ids of the batch's
+        requests) go with the batch: the worker's log lines about it carry them.
 
         Raises:
             WorkerCrashed: the worker died (before or) while running the batch, or stalled.
@@ -315,7 +321,7 @@ class WorkerChannel:
                 # shielded: a frame is sent whole or the channel is broken (a stuck worker is the
                 # watchdog's or `_stop`'s to kill); once sent, the worker owns the batch's segments
                 with anyio.CancelScope(shield=True):
-                    await self._send(m.Infer(bid, wire, params))
+                    await self._send(m.Infer(bid, wire, params, list(trace_ids)))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 if self._slots.pop(bid, None) is not None:
                     for name in large:

@@ -21,6 +21,7 @@ from ..config import Settings
 from ..errors import InsufficientMemory
 from ..lifecycle import ModelState
 from ..lifecycle.budget import MemoryBudget, pss_bytes
+from ..observability import Metrics
 from .request import ModelKey
 from .runtime import ModelRuntime, StopReason
 
@@ -52,9 +53,12 @@ def _read_pss(pids: list[int], shared: Callable[[], int | None] | None) -> tuple
 class Admission:
     """The memory budgets and the decisions made against them."""
 
-    def __init__(self, settings: Settings, models: Mapping[ModelKey, ModelRuntime]) -> None:
+    def __init__(
+        self, settings: Settings, models: Mapping[ModelKey, ModelRuntime], metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.models = models
+        self.metrics = metrics or Metrics()
         self.budget = MemoryBudget(
             settings.effective_memory_budget_mb, settings.admission_factor, settings.worker_base_mb or 400.0
         )
@@ -144,6 +148,7 @@ class Admission:
                 if victim is not None:
                     log.info("evicting", model=str(victim.key), for_model=str(rt.key), need_mb=round(need))
                     victim.evictions += 1
+                    self.metrics.evictions.labels(victim.key.model_id, "make_room").inc()
                     victim.stop(StopReason.EVICT)
                     while victim.loaded or victim.state == ModelState.UNLOADING:
                         await victim.changed.wait()
@@ -219,6 +224,7 @@ class Admission:
             if victim is not None and not victim.busy:
                 log.warning("over_budget_evicting", model=str(victim.key), used_mb=round(budget.used_mb()), vram=gpu)
                 victim.evictions += 1
+                self.metrics.evictions.labels(victim.key.model_id, "over_budget").inc()
                 victim.stop(StopReason.EVICT)
 
     def status(self) -> BudgetStatus:

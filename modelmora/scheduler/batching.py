@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -48,6 +49,7 @@ class BatchWorker(Protocol):
         *,
         batch_id: int | None = None,
         on_event: EventSink | None = None,
+        trace_ids: Sequence[str] = (),
     ) -> Outputs: ...
 
 
@@ -108,27 +110,39 @@ async def _run_batch(
     batch = run.requests
     now = time.perf_counter()
     inputs: dict[str, list[Any]] = {name: [] for name in batch[0].inputs}
+    metrics = rt.metrics
+    items = 0
     for req in batch:
         req.dispatched_at = now
+        items += req.size
         for name, values in req.inputs.items():
             inputs[name].extend(values)
+        if metrics is not None:
+            metrics.queue_wait.observe(now - req.enqueued_at)
+            if req.cold:
+                metrics.cold_start_wait.observe(now - req.enqueued_at)
+    if metrics is not None:
+        metrics.batch_size.observe(items)
     params = dict(batch[0].params)
     params["batch_size"] = max_items
     rt.batches += 1
     bid = worker.new_batch_id()
+    trace_ids = [req.trace_id for req in batch]
     try:
         error: ModelMoraError | None = None
         outputs: Outputs | None = None
         with run.scope:  # cancelled when every request of the batch was withdrawn
             try:
-                outputs = await worker.infer(inputs, params, batch_id=bid, on_event=_event_router(batch))
+                outputs = await worker.infer(
+                    inputs, params, batch_id=bid, on_event=_event_router(batch), trace_ids=trace_ids
+                )
             except ModelMoraError as exc:
                 error = exc
             except Exception as exc:  # a bug below us fails this batch, not the server
-                log.error("batch_failed_unexpectedly", model=str(rt.key), exc_info=exc)
+                log.error("batch_failed_unexpectedly", model=str(rt.key), trace_ids=trace_ids, exc_info=exc)
                 error = ModelUnavailable(f"model {rt.key.model_id!r} failed while running this request")
         if run.scope.cancelled_caught:  # the handle told the worker to stop it at its next step
-            log.info("batch_cancelled", model=str(rt.key), batch=bid)
+            log.info("batch_cancelled", model=str(rt.key), batch=bid, trace_ids=trace_ids)
         elif outputs is not None:
             on_batch_done(rt, worker)
             _deliver(batch, outputs)

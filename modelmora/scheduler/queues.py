@@ -15,9 +15,12 @@ put/take stay O(log n) amortised.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections import deque
 from collections.abc import Callable
+
+import structlog
 
 from ..broadcast import Broadcast
 from ..clock import event_loop_clock
@@ -27,6 +30,15 @@ from .request import Priority, Request
 __all__ = ("ModelQueue",)
 
 _CLASSES = tuple(int(p) for p in Priority)
+
+log = structlog.get_logger("modelmora.scheduler")
+
+SATURATED = 0.8
+"""A queue this full (share of its limit) is saturated: a warning is logged..."""
+DRAINED = 0.5
+"""...and again only after it went back below this share,"""
+SATURATED_LOG_S = 10.0
+"""...and at most once in this many seconds."""
 
 
 class ModelQueue:
@@ -51,6 +63,11 @@ class ModelQueue:
         self._count = 0
         self._items = 0
         self._changed = Broadcast()
+        self.by_priority = [0] * (len(_CLASSES) + 1)
+        """Requests waiting, by the priority they arrived with (index: `Priority` value)."""
+        self.saturated = False
+        """At least `SATURATED` of the limit is waiting (until it drains below `DRAINED`)."""
+        self._saturated_logged = -math.inf
 
     def __len__(self) -> int:
         """Requests waiting (cancelled ones leave at once through `discard`)."""
@@ -91,6 +108,9 @@ class ModelQueue:
             self._arrivals[req.cls].append(req)
         self._count += 1
         self._items += req.size
+        self.by_priority[req.priority] += 1
+        if self._count >= SATURATED * self.limit and not self.saturated:
+            self._saturate(req)
         self._notify()
 
     def discard(self, req: Request) -> None:
@@ -102,6 +122,15 @@ class ModelQueue:
         req.cls = 0
         self._count -= 1
         self._items -= req.size
+        self.by_priority[req.priority] -= 1
+        if self.saturated and self._count < DRAINED * self.limit:
+            self.saturated = False
+
+    def _saturate(self, req: Request) -> None:
+        self.saturated = True
+        if req.queued_at - self._saturated_logged >= SATURATED_LOG_S:
+            self._saturated_logged = req.queued_at
+            log.warning("queue_saturated", model=str(req.key), waiting=self._count, limit=self.limit)
 
     async def wait_nonempty(self) -> None:
         """Return once a request is waiting."""
@@ -162,6 +191,7 @@ class ModelQueue:
         req.cls = cls
         self._count += 1
         self._items += req.size
+        self.by_priority[req.priority] += 1
         heapq.heappush(self._heaps[cls], (req.deadline, req.seq, req))
 
     def take_batch(self, max_items: int) -> list[Request]:

@@ -78,6 +78,10 @@ class Request:
     else meanwhile (e.g. for the client to disconnect) without a task of its own."""
     size: int = field(init=False)
     """Number of input items (texts, images)."""
+    trace_id: str = ""
+    """The W3C trace id of the request (32 hex digits; "" when none): its batch takes it to the worker."""
+    cold: bool = False
+    """It arrived while its model was not loaded (a cold start: it waits for the load)."""
 
     def __post_init__(self) -> None:
         self.size = len(next(iter(self.inputs.values()))) if self.inputs else 0

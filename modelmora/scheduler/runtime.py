@@ -12,6 +12,7 @@ import structlog
 from ..broadcast import Broadcast
 from ..config import ModelSettings
 from ..lifecycle import ModelState, WorkerHandle, check_transition
+from ..observability import ModelMetrics
 from ..registry import ModelRecord
 from .queues import ModelQueue
 from .request import ModelKey, Request
@@ -115,6 +116,8 @@ class ModelRuntime:
     any_changed: Broadcast = field(default_factory=Broadcast)
     """Shared by all runtimes of a scheduler, notified with `changed`: loads waiting for memory
     look again when any model's state changes (a victim may have become evictable)."""
+    metrics: ModelMetrics | None = None
+    """The model's metric children, bound once (set by the scheduler)."""
 
     def set_state(self, state: ModelState, reason: str = "") -> None:
         """Move to `state` (one of the transitions `lifecycle.states` allows) and wake waiters."""

@@ -20,12 +20,13 @@ import structlog
 from ..config import ModelSettings, Settings
 from ..errors import DeadlineExceeded, InsufficientMemory, ModelMoraError, ModelNotFound, ModelUnavailable
 from ..lifecycle import Launcher, ModelState, WorkerHandle, WorkerSpec
+from ..observability import Metrics, ModelSample, RuntimeSample, detach
 from ..registry import ModelRecord
 from ..tasks import task_info
 from . import batching
 from .admission import Admission, BudgetStatus
 from .queues import ModelQueue
-from .request import ModelKey, Request
+from .request import ModelKey, Priority, Request
 from .runtime import ModelIdentity, ModelRuntime, StopReason
 from .status import ModelStatus, model_status
 from .supervision import ModelSupervisor, WorkerOpener
@@ -47,6 +48,7 @@ class Scheduler:
         clock: the queues' clock (default: the event loop's).
         launcher: how workers start (default: spawned).
         open_worker: replaces starting real workers (policy tests use fakes).
+        metrics: where its figures go (default: a registry of its own, `metrics`).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class Scheduler:
         clock: Callable[[], float] | None = None,
         launcher: Launcher | None = None,
         open_worker: WorkerOpener | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.instance_id = instance_id
@@ -67,8 +70,12 @@ class Scheduler:
         self.clock = clock
         self.launcher = launcher
         self.models: dict[ModelKey, ModelRuntime] = {}
-        self.admission = Admission(settings, self.models)
-        self.supervisor = ModelSupervisor(settings, self.admission, open_worker or self._open_worker)
+        self.metrics = metrics or Metrics()
+        self.metrics.observe_runtime(self.runtime_sample)
+        self.admission = Admission(settings, self.models, self.metrics)
+        self.supervisor = ModelSupervisor(
+            settings, self.admission, open_worker or self._open_worker, metrics=self.metrics
+        )
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False
         self._stop = anyio.Event()
@@ -155,13 +162,21 @@ class Scheduler:
             settings.queue_limit or self.settings.queue_limit, self.clock, self.settings.priority_aging_ms / 1000
         )
         rt = ModelRuntime(
-            key, identity, queue, settings, vrec.size_bytes, record=rec, any_changed=self.admission.capacity
+            key,
+            identity,
+            queue,
+            settings,
+            vrec.size_bytes,
+            record=rec,
+            any_changed=self.admission.capacity,
+            metrics=self.metrics.model(rec.id, rec.task),
         )
         self.models[key] = rt
         self._tg.start_soon(self._serve, rt, name=f"model {key}")
         return rt
 
     async def _serve(self, rt: ModelRuntime) -> None:
+        detach()  # started by a request: its lines are the model's, not that request's
         try:
             await self.supervisor.serve(rt)
         finally:
@@ -236,6 +251,10 @@ class Scheduler:
             raise self.supervisor.failed_error(rt)
         rt.queue.put_nowait(req)
         rt.last_used = rt.queue.clock()
+        stopping = rt.stop_reason is not None and not rt.stop_reason.drains  # its worker is on its way out
+        if (rt.state is not ModelState.READY or stopping) and rt.metrics is not None:  # it waits for a load
+            req.cold = True
+            rt.metrics.cold_starts.inc()
 
     def withdraw(self, rt: ModelRuntime, req: Request) -> None:
         """The caller gave up (deadline, disconnect): drop it from the queue, or drop its result.
@@ -328,3 +347,33 @@ class Scheduler:
     def status(self) -> list[ModelStatus]:
         now, wall = anyio.current_time(), time.time()
         return [model_status(rt, self.admission, now, wall) for rt in self.models.values()]
+
+    def runtime_sample(self) -> RuntimeSample:
+        """The gauges of `metrics`, read when Prometheus scrapes."""
+        models = []
+        for rt in list(self.models.values()):
+            worker = rt.worker if rt.loaded else None
+            by_priority = rt.queue.by_priority
+            models.append(
+                ModelSample(
+                    rt.key.model_id,
+                    rt.key.version,
+                    rt.identity.task,
+                    str(rt.state),
+                    {p.name.lower(): by_priority[p] for p in Priority},
+                    len(rt.running),
+                    worker.pid if worker is not None else None,
+                    int(rt.measured_mb * _MB) if worker is not None and rt.measured_mb is not None else None,
+                    rt.device,
+                    int(rt.measured_vram_mb * _MB) if worker is not None and rt.measured_vram_mb is not None else None,
+                )
+            )
+        b, v = self.admission.budget, self.admission.vram
+        return RuntimeSample(
+            models,
+            None if b.unlimited else b.budget_mb * _MB,
+            b.used_mb() * _MB,
+            b.shared_mb * _MB,
+            None if v.unlimited else v.budget_mb * _MB,
+            v.used_mb() * _MB,
+        )

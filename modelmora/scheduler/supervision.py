@@ -15,6 +15,7 @@ load or batches fails that model only: it is logged and counted, and the task go
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -24,6 +25,7 @@ import structlog
 from ..config import Settings
 from ..errors import InsufficientMemory, ModelLoadFailed
 from ..lifecycle import TRANSITIONS, ModelState, WorkerHandle, WorkerSpec
+from ..observability import Metrics
 from . import batching
 from .admission import Admission
 from .runtime import ModelIdentity, ModelRuntime, StopReason
@@ -39,10 +41,13 @@ WorkerOpener = Callable[[WorkerSpec, Callable[[str], None]], AbstractAsyncContex
 class ModelSupervisor:
     """Runs the per-model tasks of one scheduler."""
 
-    def __init__(self, settings: Settings, admission: Admission, open_worker: WorkerOpener) -> None:
+    def __init__(
+        self, settings: Settings, admission: Admission, open_worker: WorkerOpener, *, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.admission = admission
         self.open_worker = open_worker
+        self.metrics = metrics or admission.metrics
         self.unexpected_errors = 0
 
     async def serve(self, rt: ModelRuntime) -> None:
@@ -135,6 +140,9 @@ class ModelSupervisor:
         )
 
     async def _run_worker(self, rt: ModelRuntime) -> None:
+        reason = "retry" if rt.state == ModelState.FAILED else "explicit" if rt.load_requested else "request"
+        self.metrics.loads.labels(rt.key.model_id, reason).inc()
+        started = time.perf_counter()
         rt.set_state(ModelState.LOADING, "work waiting")
 
         def on_phase(phase: str) -> None:
@@ -144,6 +152,7 @@ class ModelSupervisor:
         identity = rt.identity
         try:
             async with self.open_worker(self.spec(rt), on_phase) as worker:
+                self.metrics.load_duration.labels(rt.key.model_id).observe(time.perf_counter() - started)
                 await self._serve_worker(rt, worker, identity)
         except ModelLoadFailed:
             raise
@@ -160,6 +169,8 @@ class ModelSupervisor:
         rt.last_error = None
         rt.load_requested = False
         rt.device = worker.loaded.device if worker.loaded is not None else None
+        if rt.metrics is not None:  # the worker's own time per batch, from its Result messages
+            worker.on_infer_s = rt.metrics.inference.observe
         self.admission.record_vram(rt, worker.vram_bytes)
         await self.admission.measure(rt, worker.pid)
         rt.last_used = anyio.current_time()  # idle time counts from here
@@ -175,9 +186,14 @@ class ModelSupervisor:
             rt.crash_streak += 1
             how = "stalled and was killed" if worker.crash_reason == "stalled" else "exited unexpectedly"
             rt.last_error = f"worker {worker.pid} {how}"
+            self.metrics.unloads.labels(
+                rt.key.model_id, "stalled" if worker.crash_reason == "stalled" else "crashed"
+            ).inc()
             rt.set_state(ModelState.CACHED, "worker crashed")
         else:
-            rt.set_state(ModelState.UNLOADING, str(rt.stop_reason or "stopping"))
+            reason = str(rt.stop_reason or "stopping")
+            self.metrics.unloads.labels(rt.key.model_id, _unload_reason(rt)).inc()
+            rt.set_state(ModelState.UNLOADING, reason)
 
     def _batch_done(self, rt: ModelRuntime, worker: WorkerHandle) -> None:
         self.admission.record_vram(rt, worker.vram_bytes)
@@ -202,6 +218,7 @@ class ModelSupervisor:
 
     def _load_failed(self, rt: ModelRuntime, exc: ModelLoadFailed) -> None:
         s = self.settings
+        self.metrics.load_failures.labels(rt.key.model_id).inc()
         rt.failures += 1
         rt.last_error = exc.message
         rt.load_requested = False
@@ -212,3 +229,13 @@ class ModelSupervisor:
             rt.retry_at = None
         rt.set_state(ModelState.FAILED, exc.message)
         rt.queue.fail_all(self.failed_error(rt))
+
+
+def _unload_reason(rt: ModelRuntime) -> str:
+    """The `reason` label of a worker that stopped as asked: explicit unloads (drained or not) are
+    "unload", an uninstalled model's "uninstall", else the stop reason (evict, idle, replace)."""
+    if rt.removed:
+        return "uninstall"
+    if rt.stop_reason in (StopReason.UNLOAD, StopReason.UNLOAD_NOW):
+        return "unload"
+    return str(rt.stop_reason or "stopping")

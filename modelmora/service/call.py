@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..observability import TraceContext
 from ..registry import ModelRecord
 from ..scheduler import ModelRuntime, Priority, Request
 from .tasks import Prepared, ReturnMode, TaskAdapter
@@ -27,6 +28,10 @@ class InferCall:
     """None: the task type's default (`[timeout_s]` settings)."""
     stream: bool = False
     return_mode: ReturnMode = "auto"
+    protocol: str = "unknown"
+    """The front end's name ("rest", "grpc", ...): the `protocol` label of the request's metrics."""
+    trace: TraceContext | None = None
+    """The caller's trace context (`observability.incoming`); None: the request starts a new trace."""
 
 
 @dataclass(eq=False, slots=True)
@@ -42,3 +47,4 @@ class Job:
     request: Request
     timeout_s: float
     t0: float
+    trace: TraceContext

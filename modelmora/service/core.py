@@ -24,6 +24,7 @@ from ..clock import event_loop_clock
 from ..config import ModelSettings, Settings
 from ..errors import ClientGone, InvalidInput, ModelMoraError, ModelNotFound, ModelUnavailable, StorageUnavailable
 from ..images import ImageLimits, PixelBudget
+from ..observability import TraceContext, new_trace, reset_current, set_current
 from ..registry import ModelRecord, ModelStore, uninstall
 from ..results import ResultStore
 from ..scheduler import ModelRuntime, ModelStatus, Request, Scheduler
@@ -31,6 +32,7 @@ from ..tasks import TaskType
 from .call import InferCall, Job
 from .catalog import Catalog
 from .outputs import InferResult, Timing
+from .record import RequestRecorder
 from .status import (
     HealthModel,
     HealthModels,
@@ -79,6 +81,8 @@ class InferenceService:
         self.sync_errors = 0
         self._now: Callable[[], float] | None = None
         """The event loop's clock, looked up at the first request."""
+        self.metrics = scheduler.metrics
+        self.record = RequestRecorder(self.metrics, settings.slow_request_fraction)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Compare the registry with the running models every `REGISTRY_SYNC_S` (errors are logged)."""
@@ -101,13 +105,21 @@ class InferenceService:
 
     # -- inference --------------------------------------------------------------------------
 
-    async def _start(self, call: InferCall) -> Job:
-        t0 = time.perf_counter()
+    async def _start(
+        self,
+        call: InferCall,
+        rec: ModelRecord | None = None,
+        t0: float | None = None,
+        trace: TraceContext | None = None,
+    ) -> Job:
+        """Validate and prepare `call` (its record looked up when not given) into a job ready to submit."""
+        t0 = time.perf_counter() if t0 is None else t0
         now = self._now
         if now is None:
             now = self._now = event_loop_clock()
         start = now()
-        rec = await self.catalog.get(call.model_id)
+        rec = rec or await self.catalog.get(call.model_id)
+        trace = trace or call.trace or new_trace()
         version = call.version or rec.active_version
         if rec.version_record(version) is None:
             raise ModelNotFound(f"model {call.model_id!r} has no version {version!r}", field="$.version")
@@ -132,8 +144,10 @@ class InferenceService:
         except BaseException:
             prepared.release()
             raise
-        req = Request(rt.key, prepared.inputs, prepared.params, call.priority, start + timeout_s)
-        return Job(call, rec, version, adapter, prepared, rt, req, timeout_s, t0)
+        req = Request(
+            rt.key, prepared.inputs, prepared.params, call.priority, start + timeout_s, trace_id=trace.trace_id
+        )
+        return Job(call, rec, version, adapter, prepared, rt, req, timeout_s, t0, trace)
 
     async def _result(self, job: Job) -> InferResult:
         req = job.request
@@ -155,18 +169,36 @@ class InferenceService:
             gone: returns when the caller went away (REST: the client disconnected); the
                 request then leaves the queue (or its batch), and `ClientGone` is raised.
 
-        The caller's own cancellation withdraws the request the same way.
+        The caller's own cancellation withdraws the request the same way. Its metrics (under
+        `call.protocol`) and log line are recorded here, whatever its outcome; lines logged while it
+        is served carry its trace id.
 
         Raises:
             ModelMoraError: every expected failure, each with its status.
         """
-        if call.stream:
-            raise InvalidInput("a streaming request is served by open_stream", field="$.stream")
-        job = await self._start(call)
+        t0 = time.perf_counter()
+        trace = call.trace or new_trace()
+        token = set_current(trace)
+        rec: ModelRecord | None = None
         try:
-            return await self._run(job, gone)
+            if call.stream:
+                raise InvalidInput("a streaming request is served by open_stream", field="$.stream")
+            rec = await self.catalog.get(call.model_id)
+            job = await self._start(call, rec, t0, trace)
+            try:
+                result = await self._run(job, gone)
+            finally:
+                job.prepared.release()
+            seconds = time.perf_counter() - t0
+            self.record.ok(
+                job.runtime.metrics, call.protocol, job.version, result.timing, seconds, job.timeout_s, trace
+            )
+            return result
+        except BaseException as exc:
+            self._failed(call, rec, exc, t0, trace)
+            raise
         finally:
-            job.prepared.release()
+            reset_current(token)
 
     async def _run(self, job: Job, gone: Callable[[], Awaitable[Any]] | None) -> InferResult:
         req, rt = job.request, job.runtime
@@ -190,21 +222,39 @@ class InferenceService:
             raise self.scheduler.unfinished_error(rt, job.timeout_s)
         return await self._result(job)
 
+    def _failed(
+        self, call: InferCall, rec: ModelRecord | None, exc: BaseException, t0: float, trace: TraceContext
+    ) -> None:
+        model, task = (rec.id, rec.task) if rec is not None else ("", "")
+        self.record.failed(model, task, call.protocol, exc, time.perf_counter() - t0, trace)
+
     async def open_stream(self, call: InferCall) -> InferStream:
         """Queue a streaming request; iterate the returned stream for its events, then its result.
 
         Errors before anything runs (validation, queue full, failed model) are raised here.
         """
-        job = await self._start(call)
+        t0 = time.perf_counter()
+        trace = call.trace or new_trace()
+        token = set_current(trace)
+        rec: ModelRecord | None = None
+        try:
+            rec = await self.catalog.get(call.model_id)
+            job = await self._start(call, rec, t0, trace)
+        except BaseException as exc:
+            self._failed(call, rec, exc, t0, trace)
+            raise
+        finally:
+            reset_current(token)
         send, receive = anyio.create_memory_object_stream[tuple[int, str, dict[str, Any]]](math.inf)
         job.request.on_event = lambda item, kind, data: send.send_nowait((item, kind, data))
         job.request.on_done = send.close  # the events end when the request is done
         try:
             self.scheduler.submit(job.runtime, job.request)
-        except BaseException:
+        except BaseException as exc:
             send.close()
             receive.close()
             job.prepared.release()
+            self._failed(call, rec, exc, t0, trace)
             raise
         return InferStream(self, job, send, receive)
 

@@ -10,7 +10,7 @@ with their items and parameters, and whether a batch was cancelled under it.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,6 +131,7 @@ class FakeWorker:
         *,
         batch_id: int | None = None,
         on_event: EventSink | None = None,
+        trace_ids: Sequence[str] = (),
     ) -> Outputs:
         if self.dead:
             raise WorkerCrashed("the fake worker is gone", retry_after_s=1.0)

@@ -15,6 +15,7 @@ from grpclib.metadata import Deadline
 from ..._proto.modelmora import v1
 from ...errors import DeadlineExceeded, InvalidInput
 from ...images import ImageRef, Pixels
+from ...observability import TraceContext, incoming
 from ...service import (
     CaptionParameters,
     EmbeddingParameters,
@@ -47,7 +48,9 @@ def parameters_name(req: v1.InferRequest) -> str | None:
     return name or None
 
 
-def decode_call(req: v1.InferRequest, deadline: Deadline | None, *, stream: bool = False) -> InferCall:
+def decode_call(
+    req: v1.InferRequest, deadline: Deadline | None, *, stream: bool = False, metadata: Any = None
+) -> InferCall:
     """The core's call for one request message; `deadline` is the gRPC call's.
 
     Raises:
@@ -70,7 +73,16 @@ def decode_call(req: v1.InferRequest, deadline: Deadline | None, *, stream: bool
         timeout_s=_timeout_s(req.timeout_seconds, deadline),
         stream=stream,
         return_mode=_return_mode(req.return_mode),
+        protocol="grpc",
+        trace=_trace(metadata),
     )
+
+
+def _trace(metadata: Any) -> TraceContext:
+    """The caller's W3C trace context from the call's `traceparent` / `tracestate` metadata."""
+    if not metadata:
+        return incoming(None)
+    return incoming(metadata.get("traceparent"), metadata.get("tracestate"))
 
 
 def _parameters(req: v1.InferRequest) -> Any:

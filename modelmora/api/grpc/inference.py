@@ -52,7 +52,7 @@ class InferenceServicer:
             req = await stream.recv_message()
             assert req is not None  # grpclib: a unary call has its message
             context.parameters = parameters_name(req)
-            result = await self.service.infer(decode_call(req, stream.deadline))
+            result = await self.service.infer(decode_call(req, stream.deadline, metadata=stream.metadata))
             await stream.send_message(infer_response(result, req.request_id, self.base_url))
 
     async def generate(self, stream: Stream[v1.InferRequest, v1.GenerateEvent]) -> None:
@@ -60,7 +60,9 @@ class InferenceServicer:
             req = await stream.recv_message()
             assert req is not None
             context.parameters = parameters_name(req)
-            events = await self.service.open_stream(decode_call(req, stream.deadline, stream=True))
+            events = await self.service.open_stream(
+                decode_call(req, stream.deadline, stream=True, metadata=stream.metadata)
+            )
             try:
                 async for item in events:
                     if isinstance(item, InferResult):
@@ -112,7 +114,7 @@ class InferenceServicer:
         parameters = None
         try:
             parameters = parameters_name(req)
-            result = await self.service.infer(decode_call(req, stream.deadline))
+            result = await self.service.infer(decode_call(req, stream.deadline, metadata=stream.metadata))
             return v1.InferStreamResponse(request_id=rid, response=infer_response(result, rid, self.base_url))
         except ModelMoraError as exc:
             return v1.InferStreamResponse(request_id=rid, error=error_message(exc, parameters))

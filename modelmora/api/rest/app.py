@@ -5,6 +5,7 @@ or middleware layers on the path every request takes); everything else goes to S
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ...config import ModelSettings
 from ...errors import ClientGone, ModelMoraError
+from ...observability import TraceContext, incoming, reset_current, set_current
 from ...registry import ModelRecord
 from ...results import FilesystemResultStore, result_route
 from ...service import InferCall, InferenceService, InferResult, Priority
@@ -58,8 +60,15 @@ def create_app(service: InferenceService) -> ASGIApp:
     public_url = settings.public_url.rstrip("/") + "/" if settings.public_url else ""
     limit, body_timeout_s = settings.max_body_bytes, settings.body_read_timeout_s
 
-    async def infer(scope: Scope, receive: Receive, model_id: str) -> Response:
-        env = decode(_envelope_decoder, await read_body(scope, receive, limit, body_timeout_s))
+    metrics = service.metrics
+
+    async def infer(scope: Scope, receive: Receive, model_id: str, trace: TraceContext) -> Response:
+        t0 = time.perf_counter()
+        try:
+            env = decode(_envelope_decoder, await read_body(scope, receive, limit, body_timeout_s))
+        except ModelMoraError as exc:  # refused before the core saw it: counted here, without a model
+            service.record.failed("", "", "rest", exc, time.perf_counter() - t0, trace)
+            raise
         call = InferCall(
             model_id,
             env.input_data,
@@ -69,6 +78,8 @@ def create_app(service: InferenceService) -> ASGIApp:
             timeout_s=env.timeout_seconds,
             stream=env.stream,
             return_mode=env.return_,
+            protocol="rest",
+            trace=trace,
         )
         encoding = str(env.parameters.get("encoding", "float"))
         base_url = public_url or _base_url(scope)
@@ -81,13 +92,23 @@ def create_app(service: InferenceService) -> ASGIApp:
         return json_response(response_body(result, encoding, base_url))
 
     async def handle_infer(scope: Scope, receive: Receive, send: Send, model_id: str) -> None:
+        trace = incoming(*_trace_headers(scope))
+        token = set_current(trace)
         try:
-            response = await infer(scope, receive, model_id)
+            response = await infer(scope, receive, model_id, trace)
         except ModelMoraError as exc:
             response = error_response(exc)
         except Exception as exc:
-            response = unexpected(scope.get("path", ""), exc)
+            response = unexpected(scope.get("path", ""), exc, trace.trace_id)
+        finally:
+            reset_current(token)
+        response.raw_headers.append((b"traceparent", trace.traceparent.encode()))
         await response(scope, receive, send)
+
+    async def metrics_text(request: HTTPRequest) -> Response:
+        """Prometheus metrics, in the format the scraper accepts."""
+        body, media_type = metrics.exposition(request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": media_type})
 
     async def list_models(request: HTTPRequest) -> Response:
         recs = await service.models(request.query_params.get("task_type"))
@@ -152,6 +173,8 @@ def create_app(service: InferenceService) -> ASGIApp:
         Route("/api/v1/models/{model_id}/load", load_model, methods=["POST"]),
         Route("/api/v1/models/{model_id}/unload", unload_model, methods=["POST"]),
         Route("/api/v1/status", status, methods=["GET"]),
+        Route("/api/v1/metrics", metrics_text, methods=["GET"]),
+        Route("/metrics", metrics_text, methods=["GET"]),
         Route("/health/live", live, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
         Route("/health/models", health_models, methods=["GET"]),
@@ -219,6 +242,17 @@ class _Api:
                 await self.infer(scope, receive, send, model_id)
                 return
         await self.app(scope, receive, send)
+
+
+def _trace_headers(scope: Scope) -> tuple[str | None, str | None]:
+    """The request's W3C `traceparent` and `tracestate` headers (None where absent)."""
+    parent = state = None
+    for name, value in scope["headers"]:
+        if len(name) == 11 and name.lower() == b"traceparent":
+            parent = value.decode("latin-1")
+        elif len(name) == 10 and name.lower() == b"tracestate":
+            state = value.decode("latin-1")
+    return parent, state
 
 
 def _base_url(scope: Scope) -> str:

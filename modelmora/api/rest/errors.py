@@ -35,8 +35,9 @@ def error_response(exc: ModelMoraError) -> Response:
     return json_response(error_body(exc), exc.http_status, headers)
 
 
-def unexpected(path: str, exc: BaseException) -> Response:
-    trace_id = uuid.uuid4().hex
+def unexpected(path: str, exc: BaseException, trace_id: str | None = None) -> Response:
+    """A 500 naming the trace id under which `exc` is logged (the request's, else a new one)."""
+    trace_id = trace_id or uuid.uuid4().hex
     log.error("unhandled_error", trace_id=trace_id, path=path, exc_info=exc)
     return json_response(ErrorBody(ErrorDetail("internal_error", f"internal error (trace id {trace_id})")), 500)
 
