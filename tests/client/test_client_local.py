@@ -46,3 +46,11 @@ async def test_a_closed_client_refuses_calls() -> None:
         await client.models()
     with pytest.raises(ValueError, match="target must be host:port"):
         AsyncClient("localhost")
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_the_async_client_says_it_needs_asyncio() -> None:
+    client = AsyncClient("127.0.0.1:9")
+    with pytest.raises(RuntimeError, match=r"needs a running asyncio event loop \(grpclib\)"):
+        await client.models()
+    await client.close()
