@@ -1,0 +1,74 @@
+"""The Python client of ModelMora's gRPC API: `AsyncClient` (asyncio) and `Client` (blocking), with
+the same methods: `embed` (a float32 numpy array), `generate` and `generate_stream`, `caption`,
+`generate_image` and `generate_image_stream`, `models`, `model`, `status`, `load`, `unload`.
+
+Every failure raises a `ClientError` (a subclass per gRPC status). UNAVAILABLE is retried as
+`RetryPolicy` says (`modelmora.client.retry` lists which calls are idempotent).
+
+Importing this package loads grpclib, betterproto2, numpy and the generated messages, never the
+server or torch.
+"""
+
+from grpclib.const import Status
+
+from ._requests import ImageInput, PriorityName, ReturnMode
+from .aio import DEFAULT_TARGET, AsyncClient
+from .blocking import Client
+from .errors import (
+    CallCancelledError,
+    ClientError,
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from .results import (
+    GeneratedImage,
+    ImageResult,
+    ModelInfo,
+    ModelSettings,
+    ModelState,
+    ModelVersion,
+    Progress,
+    ServerStatus,
+    TextResult,
+    Timing,
+    Token,
+)
+from .retry import RetryPolicy
+
+__all__ = (
+    "DEFAULT_TARGET",
+    "AsyncClient",
+    "CallCancelledError",
+    "Client",
+    "ClientError",
+    "DeadlineExceededError",
+    "GeneratedImage",
+    "ImageInput",
+    "ImageResult",
+    "InternalError",
+    "InvalidArgumentError",
+    "ModelInfo",
+    "ModelSettings",
+    "ModelState",
+    "ModelVersion",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "PriorityName",
+    "Progress",
+    "ReturnMode",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "ServerStatus",
+    "Status",
+    "TextResult",
+    "Timing",
+    "Token",
+    "UnauthenticatedError",
+    "UnavailableError",
+)
