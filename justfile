@@ -38,6 +38,7 @@ bench-ipc *ARGS:
 bench-gpu *ARGS:
     python bench/bench_gpu.py {{ARGS}}
 
-# Regenerate schema/openapi.json from the msgspec types.
+# Regenerate schema/openapi.json and the registry's JSON Schemas from the msgspec types.
 schema:
     python -c "import json; from modelmora.api import openapi; open('schema/openapi.json', 'w').write(json.dumps(openapi.document(), indent=2, sort_keys=True) + '\n')"
+    python -m modelmora.registry.schemas schema

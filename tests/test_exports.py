@@ -32,7 +32,9 @@ REACHED_THROUGH_THEIR_MODULE: dict[str, frozenset[str]] = {
     "modelmora.images": frozenset({"data_uri_payload", "decode_base64"}),
     "modelmora.ipc": frozenset({"MAX_FRAME_BYTES", "Arrays", "Blobs", "split", "itemsize", "ALIGN", "HEADER_BYTES"}),
     "modelmora.lifecycle": frozenset({"SpawnedProcess", "DEFAULT_PRELOAD", "ForkedProcess", "ZygoteClient"}),
-    "modelmora.registry": frozenset({"MODEL_ID_RE", "InstallPlan", "Progress"}),
+    "modelmora.registry": frozenset(
+        {"MODEL_ID_RE", "InstallPlan", "Progress", "MAX_PARAMS_BYTES", "SCHEMA_VERSION", "SEMVER_RE"}
+    ),
     "modelmora.results": frozenset({"SWEEP_GRACE_S", "expiry_of", "new_name", "sweep_interval", "sweeping"}),
     "modelmora.scheduler": frozenset({"abandon_if_unwanted", "dispatch", "keep_alive_s", "model_status"}),
     "modelmora.service": frozenset({"literal_choices", "registered_status", "supervisor_status", "Prepared"}),

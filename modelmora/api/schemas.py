@@ -8,6 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from ..config import ModelSettings
+from ..registry import ModelMetadata
 from ..service import (
     CaptionParameters,
     EmbeddingParameters,
@@ -20,6 +21,7 @@ from ..service import (
 )
 
 __all__ = (
+    "ActivateVersion",
     "CaptionParameters",
     "EmbeddingOutput",
     "EmbeddingParameters",
@@ -139,19 +141,38 @@ class ErrorBody(msgspec.Struct):
 class ModelVersionInfo(msgspec.Struct):
     version: str
     revision: str
+    """The resolved revision of the source (a Hugging Face commit...)."""
     size_bytes: int
     files: int
     created_at: float
+    checksums: dict[str, str] = {}
+    """Relative path of each file -> its SHA-256 (hex), as recorded at install."""
 
 
 class ModelInfo(msgspec.Struct):
+    """A registered model: versions in semantic-version order, its metadata, its settings."""
+
     id: str
     task_type: str
     source: str
     active_version: str
     versions: list[ModelVersionInfo]
     settings: ModelSettings
+    metadata: ModelMetadata = ModelMetadata()
+    active_pinned: bool = False
+    """The active version is pinned: an install does not move it, only an explicit activation."""
+    created_at: float = 0.0
+    updated_at: float = 0.0
 
 
 class ModelList(msgspec.Struct):
     models: list[ModelInfo]
+    total: int = 0
+    """Models matching the filter, of which `models` is the page asked for (`limit`, `offset`)."""
+
+
+class ActivateVersion(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of `POST /api/v1/models/{id}/versions/{version}` (optional)."""
+
+    pin: bool | None = None
+    """true: pin the version (later installs do not move it); false: unpin; absent: unchanged."""

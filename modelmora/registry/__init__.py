@@ -1,22 +1,45 @@
-"""The model registry (what is installed) and installation from sources."""
+"""The model registry (what is installed), installation from sources, metadata and versions."""
 
 from pathlib import Path
 
 from ..config import ConfigError
-from .install import TASKS, detect_task, install, parse_source, uninstall
-from .store import ModelRecord, ModelStore, SQLiteStore, VersionRecord
+from .install import TASKS, detect_task, install, parse_source, source_url, uninstall
+from .metadata import (
+    ModelConfig,
+    ModelMetadata,
+    ResourceHints,
+    check_metadata,
+    effective_settings,
+    parse_metadata,
+    validation_error,
+)
+from .sqlite import SQLiteStore
+from .store import ModelRecord, ModelStore, VersionRecord
+from .versions import check_version, latest, semver_key, split_ref
 
 __all__ = (
     "TASKS",
+    "ModelConfig",
+    "ModelMetadata",
     "ModelRecord",
     "ModelStore",
+    "ResourceHints",
     "SQLiteStore",
     "VersionRecord",
+    "check_metadata",
+    "check_version",
     "detect_task",
+    "effective_settings",
     "install",
+    "latest",
     "open_store",
+    "parse_metadata",
     "parse_source",
+    "semver_key",
+    "source_url",
+    "split_ref",
     "uninstall",
+    "validation_error",
 )
 
 

@@ -17,11 +17,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import msgspec
 
 from ..errors import InvalidInput, ModelNotFound, RegistryError, SourceError
 from ..tasks import TaskType
 from .layout import architecture_task, check_layout, find_model_dir
+from .metadata import ModelMetadata, check_metadata, parse_metadata
 from .store import ModelRecord, ModelStore, VersionRecord
+from .versions import check_version
 
 __all__ = (
     "MODEL_ID_RE",
@@ -31,13 +36,13 @@ __all__ = (
     "detect_task",
     "install",
     "parse_source",
+    "source_url",
     "uninstall",
 )
 
 TASKS = tuple(str(t) for t in TaskType)
 """The task types a model can be installed for."""
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SEMVER_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 Progress = Callable[[int, int], None]
@@ -188,6 +193,15 @@ def _task_and_layout(root: Path, source: str, plan: InstallPlan, task: str | Non
     return resolved
 
 
+def source_url(plan: InstallPlan) -> str | None:
+    """The URL people can open for a source (a Hugging Face model page); None for a local directory."""
+    if plan.kind == "hf":
+        return f"https://huggingface.co/{plan.location}"
+    if plan.kind in ("http", "s3"):
+        return plan.location
+    return None
+
+
 def install(
     store: ModelStore,
     home: Path,
@@ -197,6 +211,8 @@ def install(
     task: str | None = None,
     version: str | None = None,
     force: bool = False,
+    activate: bool = False,
+    metadata: ModelMetadata | dict[str, Any] | None = None,
     progress: Progress | None = None,
     hf_progress: bool = True,
     check_files: bool = True,
@@ -208,11 +224,18 @@ def install(
     repo after the download and before it is registered. Tests whose workers run stand-in
     pipelines turn it off.
 
+    Args:
+        activate: the new version becomes the active one (refused when the active one is pinned);
+            a model's first version is always active.
+        metadata: the model's metadata (`ModelMetadata`, or decoded JSON validated here); None: a
+            new model gets none beyond its source URL, an existing one keeps its own.
+
     Raises:
-        InvalidInput: bad id, version, task or source; the task cannot be detected; the files
-            are not laid out as the task expects (the message names what is missing, and a
+        InvalidInput: bad id, version, task, metadata or source; the task cannot be detected; the
+            files are not laid out as the task expects (the message names what is missing, and a
             subfolder that holds the model when there is one).
-        RegistryError: the id is taken by another source, or this version exists (no `force`).
+        RegistryError: the id is taken by another source, this version exists (no `force`), or
+            `activate` on a model whose active version is pinned.
     """
     plan = parse_source(source)
     if plan.kind == "local":
@@ -225,11 +248,10 @@ def install(
     mid = model_id or default_id
     if not MODEL_ID_RE.match(mid):
         raise InvalidInput(f"model id {mid!r} must match {MODEL_ID_RE.pattern}", field="id")
-    ver = version or "1.0.0"
-    if not SEMVER_RE.match(ver):
-        raise InvalidInput(f"version {ver!r} is not a semantic version (e.g. 1.0.0)", field="version")
+    ver = check_version(version or "1.0.0")
     if task is not None and task not in TASKS:
         raise InvalidInput(f"task {task!r} is not one of {', '.join(TASKS)}", field="task")
+    meta = None if metadata is None else parse_metadata(metadata, task)
     canonical = plan.location if plan.kind == "hf" else f"file://{plan.location}"
 
     existing = store.get(mid)
@@ -243,11 +265,22 @@ def install(
             raise RegistryError(f"model {mid!r} version {ver} is already installed (use --force to reinstall)")
         if task is not None and task != existing.task:
             raise RegistryError(f"model {mid!r} is registered with task {existing.task}, not {task}")
+        if activate and existing.active_pinned and existing.active_version != ver:
+            raise RegistryError(
+                f"model {mid!r} is pinned to version {existing.active_version}: activate {ver} explicitly"
+                f" (mm activate {mid} {ver}) or install it without activating"
+            )
+    elif meta is None:
+        meta = ModelMetadata(source_url=source_url(plan))
+    elif meta.source_url is None:
+        meta = msgspec.structs.replace(meta, source_url=source_url(plan))
 
     known_task = task or (existing.task if existing else None)
     resolved_task = ""
     if plan.kind == "local":  # checked before anything is copied
         resolved_task = _task_and_layout(Path(plan.location), source, plan, known_task, check_files)
+        if meta is not None:
+            check_metadata(meta, resolved_task)
     models_dir = home / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=models_dir))
@@ -258,6 +291,8 @@ def install(
         else:
             revision = _download_hf(plan, staging, hf_progress)
             resolved_task = _task_and_layout(staging, source, plan, known_task, check_files)
+            if meta is not None:
+                check_metadata(meta, resolved_task)
         files = _list_files(staging)
         rel = [p.relative_to(staging).as_posix() for p in files]
         checksums = {r: _sha256(p) for r, p in zip(rel, files, strict=True)}
@@ -272,23 +307,48 @@ def install(
             shutil.rmtree(staging, ignore_errors=True)
     record = VersionRecord(ver, str(final), revision, checksums, size, time.time())
     try:
-        return store.add_version(mid, resolved_task, canonical, record, replace=force)
+        return store.add_version(mid, resolved_task, canonical, record, replace=force, metadata=meta, activate=activate)
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise
 
 
-def uninstall(store: ModelStore, home: Path, model_id: str) -> ModelRecord:
-    """Remove a model's registry row and its copied files (never the original source).
+def uninstall(store: ModelStore, home: Path, model_id: str, version: str | None = None) -> ModelRecord:
+    """Remove a model (or one of its versions) from the registry, and its copied files (never the
+    original source).
+
+    Returns:
+        The model as it was before (all versions removed), or as it is now (one version removed).
 
     Raises:
-        ModelNotFound: no such model.
+        ModelNotFound: no such model or version.
+        RegistryError: `version` is the active one while others remain (activate another first).
     """
-    rec = store.remove(model_id)
-    if rec is None:
-        raise ModelNotFound(f"model {model_id!r} is not installed")
     models_dir = (home / "models").resolve()
-    for v in rec.versions:
+    if version is None:
+        rec = store.remove(model_id)
+        if rec is None:
+            raise ModelNotFound(f"model {model_id!r} is not installed")
+        gone = rec.versions
+    else:
+        current = store.get(model_id)
+        if current is None:
+            raise ModelNotFound(f"model {model_id!r} is not installed")
+        vrec = current.version_record(version)
+        if vrec is None:
+            raise ModelNotFound(f"model {model_id!r} has no version {version!r}", field="version")
+        if len(current.versions) == 1:
+            return uninstall(store, home, model_id)
+        if version == current.active_version:
+            others = ", ".join(v.version for v in current.versions if v.version != version)
+            raise RegistryError(
+                f"version {version} of model {model_id!r} is the active one: activate another ({others}) first"
+            )
+        after = store.remove_version(model_id, version)
+        if after is None:  # activated or removed meanwhile by another process
+            raise RegistryError(f"version {version} of model {model_id!r} changed while it was being removed")
+        rec, gone = after, [vrec]
+    for v in gone:
         p = Path(v.path).resolve()
         if models_dir in p.parents:  # only our own copies
             shutil.rmtree(p, ignore_errors=True)

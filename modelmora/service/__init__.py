@@ -1,6 +1,7 @@
 """The protocol-neutral inference core that every front end calls."""
 
 from ..scheduler import ModelStatus, Priority
+from .admin import ModelAdmin
 from .core import REGISTRY_SYNC_S, InferCall, InferenceService, InferStream
 from .inputs import (
     CaptionParameters,
@@ -36,6 +37,7 @@ __all__ = (
     "ImageGenerationParameters",
     "ImageInput",
     "Images",
+    "ModelAdmin",
     "ModelStatus",
     "InferCall",
     "InferResult",

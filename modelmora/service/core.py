@@ -28,6 +28,7 @@ from ..registry import ModelRecord, ModelStore
 from ..results import ResultStore
 from ..scheduler import ModelRuntime, ModelStatus, Priority, Request, Scheduler
 from ..tasks import TaskType
+from .admin import ModelAdmin
 from .catalog import Catalog
 from .outputs import InferResult, StreamEvent, Timing
 from .status import (
@@ -105,6 +106,8 @@ class InferenceService:
         self.pixels = PixelBudget.from_settings(settings)
         """Decoded pixels of all requests in flight (held from decoding until the answer)."""
         self.catalog = Catalog(store)
+        self.admin = ModelAdmin(settings, store, scheduler, self.catalog)
+        """Registry changes while the server runs: metadata, the active version, deleting."""
         self.started = time.time()
         self.sync_errors = 0
 
