@@ -7,6 +7,7 @@ exception text never reaches a client.
 from __future__ import annotations
 
 __all__ = (
+    "ChecksumMismatch",
     "ClientGone",
     "DeadlineExceeded",
     "Forbidden",
@@ -122,6 +123,19 @@ class ModelLoadFailed(ModelMoraError):
 
     http_status = 503
     code = "model_load_failed"
+
+
+class ChecksumMismatch(ModelLoadFailed):
+    """A model file's SHA-256 differs from the one recorded at install, or the file is missing
+    (raised before a load, refusing it, and before an activation, refusing it: 409); `file` names
+    the file, relative to the version's folder."""
+
+    http_status = 409
+    code = "checksum_mismatch"
+
+    def __init__(self, message: str, *, file: str, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.file = file
 
 
 class ModelUnavailable(ModelMoraError):

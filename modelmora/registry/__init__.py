@@ -3,7 +3,11 @@
 from pathlib import Path
 
 from ..config import ConfigError
+from .active import activate
+from .checksums import FileVerifier, hash_files, sha256_file
 from .install import TASKS, detect_task, install, parse_source, source_url, uninstall
+from .locked import LockInstall, install_locked
+from .lockfile import LOCK_NAME, LockedModel, LockedVersion, LockFile, lock_from, read_lock, render_lock, write_lock
 from .metadata import (
     ModelConfig,
     ModelMetadata,
@@ -18,7 +22,13 @@ from .store import ModelRecord, ModelStore, VersionRecord
 from .versions import check_version, latest, semver_key, split_ref
 
 __all__ = (
+    "LOCK_NAME",
     "TASKS",
+    "FileVerifier",
+    "LockFile",
+    "LockInstall",
+    "LockedModel",
+    "LockedVersion",
     "ModelConfig",
     "ModelMetadata",
     "ModelRecord",
@@ -26,20 +36,28 @@ __all__ = (
     "ResourceHints",
     "SQLiteStore",
     "VersionRecord",
+    "activate",
     "check_metadata",
     "check_version",
     "detect_task",
     "effective_settings",
+    "hash_files",
     "install",
+    "install_locked",
     "latest",
+    "lock_from",
     "open_store",
     "parse_metadata",
     "parse_source",
+    "read_lock",
+    "render_lock",
     "semver_key",
+    "sha256_file",
     "source_url",
     "split_ref",
     "uninstall",
     "validation_error",
+    "write_lock",
 )
 
 

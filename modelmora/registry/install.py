@@ -8,7 +8,6 @@ failed install leaves nothing half-written; the user's directory is never modifi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -21,8 +20,9 @@ from typing import Any
 
 import msgspec
 
-from ..errors import InvalidInput, ModelNotFound, RegistryError, SourceError
+from ..errors import ChecksumMismatch, InvalidInput, ModelNotFound, RegistryError, SourceError
 from ..tasks import TaskType
+from .checksums import hash_files
 from .layout import architecture_task, check_layout, find_model_dir
 from .metadata import ModelMetadata, check_metadata, parse_metadata
 from .store import ModelRecord, ModelStore, VersionRecord
@@ -101,14 +101,6 @@ def detect_task(files: list[str], root: Path | None = None) -> str | None:
         found = architecture_task(config) if isinstance(config, dict) else None
         return found[1] if found else None
     return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _list_files(root: Path) -> list[Path]:
@@ -193,6 +185,20 @@ def _task_and_layout(root: Path, source: str, plan: InstallPlan, task: str | Non
     return resolved
 
 
+def _check_expected(found: dict[str, str], expected: dict[str, str], what: str) -> None:
+    for name in sorted(expected.keys() | found.keys()):
+        if name not in found:
+            raise ChecksumMismatch(f"{what}: the pinned file {name} is not in the source", file=name)
+        if name not in expected:
+            raise ChecksumMismatch(f"{what}: the source has {name}, which is not pinned", file=name)
+        if found[name] != expected[name]:
+            raise ChecksumMismatch(
+                f"{what}: checksum mismatch in {name}: SHA-256 {found[name][:12]}... differs from the pinned"
+                f" {expected[name][:12]}...",
+                file=name,
+            )
+
+
 def source_url(plan: InstallPlan) -> str | None:
     """The URL people can open for a source (a Hugging Face model page); None for a local directory."""
     if plan.kind == "hf":
@@ -216,6 +222,7 @@ def install(
     progress: Progress | None = None,
     hf_progress: bool = True,
     check_files: bool = True,
+    expect_files: dict[str, str] | None = None,
 ) -> ModelRecord:
     """Register a model from `source`, copying its files under `home/models`.
 
@@ -229,6 +236,8 @@ def install(
             a model's first version is always active.
         metadata: the model's metadata (`ModelMetadata`, or decoded JSON validated here); None: a
             new model gets none beyond its source URL, an existing one keeps its own.
+        expect_files: the files the version must have and their SHA-256 (a lock file's pins):
+            any difference refuses the install before anything is registered.
 
     Raises:
         InvalidInput: bad id, version, task, metadata or source; the task cannot be detected; the
@@ -236,6 +245,7 @@ def install(
             subfolder that holds the model when there is one).
         RegistryError: the id is taken by another source, this version exists (no `force`), or
             `activate` on a model whose active version is pinned.
+        ChecksumMismatch: with `expect_files`, a file differs, is missing or is not expected.
     """
     plan = parse_source(source)
     if plan.kind == "local":
@@ -295,7 +305,9 @@ def install(
                 check_metadata(meta, resolved_task)
         files = _list_files(staging)
         rel = [p.relative_to(staging).as_posix() for p in files]
-        checksums = {r: _sha256(p) for r, p in zip(rel, files, strict=True)}
+        checksums = hash_files(staging, rel)
+        if expect_files is not None:
+            _check_expected(checksums, expect_files, f"model {mid!r} version {ver} from {source}")
         size = sum(p.stat().st_size for p in files)
         final = models_dir / mid / ver
         final.parent.mkdir(parents=True, exist_ok=True)

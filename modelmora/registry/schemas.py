@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from .lockfile import LockFile
 from .metadata import ModelMetadata
 
 __all__ = ("json_schemas", "main", "write_schemas")
@@ -30,6 +31,12 @@ def json_schemas() -> dict[str, dict[str, Any]]:
             "ModelMora model metadata",
             "The metadata of a registered model: `metadata` of POST /api/v1/models and of"
             " PUT /api/v1/models/{id}/metadata, `mm install --metadata FILE`.",
+        ),
+        "modelmora-lock.schema.json": _schema(
+            LockFile,
+            "modelmora.lock",
+            "The lock file (TOML) parsed: every model of a registry pinned with its versions, sources, resolved"
+            " revisions and the SHA-256 of every file (`mm lock` writes it, `mm install` installs it).",
         ),
     }
 

@@ -19,7 +19,7 @@ import structlog
 from ..config import ModelSettings, Settings
 from ..errors import DeadlineExceeded, InsufficientMemory, ModelMoraError, ModelNotFound, ModelUnavailable
 from ..lifecycle import Launcher, ModelState, WorkerHandle, WorkerSpec
-from ..registry import ModelRecord, effective_settings
+from ..registry import FileVerifier, ModelRecord, effective_settings
 from ..tasks import task_info
 from . import batching
 from .admission import Admission, BudgetStatus
@@ -46,6 +46,8 @@ class Scheduler:
         clock: the queues' clock (default: the event loop's).
         launcher: how workers start (default: spawned).
         open_worker: replaces starting real workers (policy tests use fakes).
+        verifier: checks a version's files against their recorded SHA-256 before each worker
+            starts (default: one of its own).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class Scheduler:
         clock: Callable[[], float] | None = None,
         launcher: Launcher | None = None,
         open_worker: WorkerOpener | None = None,
+        verifier: FileVerifier | None = None,
     ) -> None:
         self.settings = settings
         self.instance_id = instance_id
@@ -65,6 +68,7 @@ class Scheduler:
         self.worker_env = worker_env
         self.clock = clock
         self.launcher = launcher
+        self.verifier = verifier or FileVerifier()
         self.models: dict[ModelKey, ModelRuntime] = {}
         self.admission = Admission(settings, self.models)
         self.supervisor = ModelSupervisor(settings, self.admission, open_worker or self._open_worker)
@@ -75,6 +79,11 @@ class Scheduler:
     @asynccontextmanager
     async def _open_worker(self, spec: WorkerSpec, on_phase: Callable[[str], None]) -> AsyncIterator[WorkerHandle]:
         s = self.settings
+        rt = self.models.get(ModelKey(spec.model_id, spec.version))
+        if rt is not None and rt.identity.path == spec.path:  # ChecksumMismatch: the load fails, naming the file
+            what = f"model {spec.model_id!r} version {spec.version}"
+            files = dict(rt.identity.files)
+            await anyio.to_thread.run_sync(lambda: self.verifier.verify(spec.path, files, what=what))
         extra: dict[str, Any] = {} if self.launcher is None else {"launcher": self.launcher}
         async with WorkerHandle.open(
             spec,

@@ -17,7 +17,7 @@ import structlog
 
 from ..config import Settings
 from ..errors import ModelMoraError, ModelNotFound, RegistryError, StorageUnavailable
-from ..registry import ModelMetadata, ModelRecord, ModelStore, parse_metadata, uninstall
+from ..registry import ModelMetadata, ModelRecord, ModelStore, activate, parse_metadata, uninstall
 from ..scheduler import Scheduler
 from .catalog import Catalog
 
@@ -64,21 +64,21 @@ class ModelAdmin:
         return new
 
     async def activate(self, model_id: str, version: str, *, pin: bool | None = None) -> ModelRecord:
-        """Make `version` the active one (and pin or unpin it). New requests without a version go
-        to it at once; the previous version's worker serves what it holds, then stops.
+        """Make `version` the active one (and pin or unpin it), once its files match their recorded
+        checksums. New requests without a version go to it at once; the previous version's worker
+        serves what it holds, then stops.
 
         Raises:
+            InvalidInput: not a semantic version.
             ModelNotFound: no such model or version.
+            ChecksumMismatch: a file of the version changed (409; the active version stays).
         """
-        rec = await self._model(model_id)
-        if rec.version_record(version) is None:
-            have = ", ".join(v.version for v in rec.versions)
-            raise ModelNotFound(f"model {model_id!r} has no version {version!r} (installed: {have})", field="version")
-        new = await _registry(self.store.aset_active(model_id, version, pinned=pin))
-        if new is None:
-            raise ModelNotFound(f"model {model_id!r} has no version {version!r}", field="version")
+        verifier = self.scheduler.verifier
+        old, new = await _registry(
+            anyio.to_thread.run_sync(lambda: activate(self.store, model_id, version, pin=pin, verifier=verifier))
+        )
         log.info(
-            "model_activated", model=model_id, version=version, previous=rec.active_version, pinned=new.active_pinned
+            "model_activated", model=model_id, version=version, previous=old.active_version, pinned=new.active_pinned
         )
         self._follow(new)
         return new
