@@ -18,11 +18,24 @@ from . import __version__, cli_lock, cli_meta, cli_models
 from .cli_base import CommandFailed, StartFailed, fail, os_error, settings_for
 from .cli_lock import lock
 from .cli_meta import metadata, set_
-from .cli_models import activate, info, install, list_, uninstall
+from .cli_models import activate, catalog, info, install, list_, uninstall
 from .config import ConfigError
 from .errors import ModelMoraError
 
-__all__ = ("activate", "app", "info", "install", "list_", "lock", "main", "metadata", "serve", "set_", "uninstall")
+__all__ = (
+    "activate",
+    "app",
+    "catalog",
+    "info",
+    "install",
+    "list_",
+    "lock",
+    "main",
+    "metadata",
+    "serve",
+    "set_",
+    "uninstall",
+)
 
 app = cyclopts.App(name="mm", help="ModelMora: a multi-model inference server.", version=__version__)
 app.command(cli_models.install)
@@ -33,6 +46,7 @@ app.command(cli_meta.metadata)
 app.command(cli_models.activate)
 app.command(cli_models.uninstall)
 app.command(cli_lock.lock)
+app.command(cli_models.catalog)
 
 
 @app.command

@@ -30,7 +30,7 @@ from .cli_base import (
 from .cli_meta import metadata_from
 from .errors import ModelNotFound
 
-__all__ = ("activate", "info", "install", "list_", "model_json", "uninstall")
+__all__ = ("activate", "catalog", "info", "install", "list_", "model_json", "uninstall")
 
 
 def _when(ts: float) -> str:
@@ -67,8 +67,8 @@ def install(
     Parameters
     ----------
     source
-        ./path, /abs/path, ~/path, file://path, or org/name[@revision] on Hugging Face; none:
-        the lock file.
+        ./path, /abs/path, ~/path, file://path, org/name[@revision] on Hugging Face, or the id of
+        a catalog model (mm catalog); none: the lock file.
     id
         Model id (default: the directory or repo name).
     task
@@ -111,6 +111,7 @@ def install(
         (the lock file is never changed).
     """
     from .registry import install as do_install
+    from .registry import load_catalog
 
     if source is None:
         from .cli_lock import install_from_lock
@@ -163,6 +164,7 @@ def install(
             metadata=meta,
             progress=report,
             check_files=check,
+            catalog=load_catalog(settings.catalog_file),
         )
     finally:
         progress.stop()
@@ -317,3 +319,34 @@ def uninstall(model_id: str, *, config: Path | None = None, home: Path | None = 
         console.print(f"uninstalled {rec.id} ({', '.join(v.version for v in rec.versions)})")
     else:
         console.print(f"uninstalled {rec.id} {version} (left: {', '.join(v.version for v in rec.versions)})")
+
+
+def catalog(
+    *,
+    task: TaskChoice = None,
+    json_: Annotated[bool, cyclopts.Parameter(name="--json")] = False,
+    config: Path | None = None,
+    home: Path | None = None,
+) -> None:
+    """List the known models: `mm install SOURCE` (or its id) takes their task, metadata and
+    defaults, so it needs no flags. The `catalog_file` setting adds your own.
+
+    Parameters
+    ----------
+    task
+        Only models of this task type.
+    json_
+        Print JSON instead of a table.
+    """
+    from .registry import load_catalog
+
+    entries = load_catalog(settings_for(config, home).catalog_file).entries
+    entries = [e for e in entries if task is None or e.task == task]
+    if json_:
+        print_json([{"id": e.model_id, **msgspec.to_builtins(e)} for e in entries])
+        return
+    table = Table("id", "task", "dim", "source", "description")
+    for e in entries:
+        dim = e.metadata.config.vector_size
+        table.add_row(e.model_id, str(e.task), str(dim) if dim else "", e.source, e.metadata.description)
+    print_table(table)

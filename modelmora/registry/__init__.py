@@ -4,6 +4,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from .active import activate
+from .catalog import CatalogEntry, CatalogFile, ModelCatalog, load_catalog, merge_metadata
 from .checksums import FileVerifier, hash_files, sha256_file
 from .install import TASKS, detect_task, install, parse_source, source_url, uninstall
 from .locked import LockInstall, install_locked
@@ -24,11 +25,14 @@ from .versions import check_version, latest, semver_key, split_ref
 __all__ = (
     "LOCK_NAME",
     "TASKS",
+    "CatalogEntry",
+    "CatalogFile",
     "FileVerifier",
     "LockFile",
     "LockInstall",
     "LockedModel",
     "LockedVersion",
+    "ModelCatalog",
     "ModelConfig",
     "ModelMetadata",
     "ModelRecord",
@@ -45,7 +49,9 @@ __all__ = (
     "install",
     "install_locked",
     "latest",
+    "load_catalog",
     "lock_from",
+    "merge_metadata",
     "open_store",
     "parse_metadata",
     "parse_source",

@@ -20,8 +20,10 @@ from typing import Any
 
 import msgspec
 
+from ..config import ModelSettings
 from ..errors import ChecksumMismatch, InvalidInput, ModelNotFound, RegistryError, SourceError
 from ..tasks import TaskType
+from .catalog import ModelCatalog, merge_metadata
 from .checksums import hash_files
 from .layout import architecture_task, check_layout, find_model_dir
 from .metadata import ModelMetadata, check_metadata, parse_metadata
@@ -79,7 +81,7 @@ def parse_source(source: str) -> InstallPlan:
     if not HF_REPO_RE.match(repo):
         raise InvalidInput(
             f"source {source!r} is neither a local path (start it with / ./ ../ ~ or file://)"
-            " nor a Hugging Face repo id 'org/name[@revision]'",
+            " nor a Hugging Face repo id 'org/name[@revision]' nor a catalog id (mm catalog lists them)",
             field="source",
         )
     return InstallPlan("hf", repo, revision or None)
@@ -223,6 +225,7 @@ def install(
     hf_progress: bool = True,
     check_files: bool = True,
     expect_files: dict[str, str] | None = None,
+    catalog: ModelCatalog | None = None,
 ) -> ModelRecord:
     """Register a model from `source`, copying its files under `home/models`.
 
@@ -238,6 +241,8 @@ def install(
             new model gets none beyond its source URL, an existing one keeps its own.
         expect_files: the files the version must have and their SHA-256 (a lock file's pins):
             any difference refuses the install before anything is registered.
+        catalog: known models: `source` may be a catalog id (`all-MiniLM-L6-v2`); a new model of
+            the catalog takes its task, id, revision, metadata (`metadata` over it) and settings.
 
     Raises:
         InvalidInput: bad id, version, task, metadata or source; the task cannot be detected; the
@@ -247,6 +252,12 @@ def install(
             `activate` on a model whose active version is pinned.
         ChecksumMismatch: with `expect_files`, a file differs, is missing or is not expected.
     """
+    entry = catalog.find(source) if catalog is not None else None
+    if entry is not None:
+        if "/" not in source.partition("@")[0]:  # a catalog id: its repo, at its pinned revision if any
+            source = entry.source + (f"@{entry.revision}" if entry.revision else "")
+        elif "@" not in source and entry.revision:
+            source = f"{source}@{entry.revision}"
     plan = parse_source(source)
     if plan.kind == "local":
         src = Path(plan.location)
@@ -254,17 +265,17 @@ def install(
             raise InvalidInput(f"source directory {src} does not exist or is not a directory", field="source")
         default_id = src.name
     else:
-        default_id = plan.location.rsplit("/", 1)[-1]
+        default_id = entry.model_id if entry is not None else plan.location.rsplit("/", 1)[-1]
     mid = model_id or default_id
     if not MODEL_ID_RE.match(mid):
         raise InvalidInput(f"model id {mid!r} must match {MODEL_ID_RE.pattern}", field="id")
     ver = check_version(version or "1.0.0")
     if task is not None and task not in TASKS:
         raise InvalidInput(f"task {task!r} is not one of {', '.join(TASKS)}", field="task")
-    meta = None if metadata is None else parse_metadata(metadata, task)
     canonical = plan.location if plan.kind == "hf" else f"file://{plan.location}"
 
     existing = store.get(mid)
+    meta: ModelMetadata | None = None
     if existing is not None:
         if existing.source != canonical:
             raise RegistryError(
@@ -280,10 +291,16 @@ def install(
                 f"model {mid!r} is pinned to version {existing.active_version}: activate {ver} explicitly"
                 f" (mm activate {mid} {ver}) or install it without activating"
             )
-    elif meta is None:
-        meta = ModelMetadata(source_url=source_url(plan))
-    elif meta.source_url is None:
-        meta = msgspec.structs.replace(meta, source_url=source_url(plan))
+        if metadata is not None:
+            meta = parse_metadata(metadata, task or existing.task)
+    else:
+        if entry is not None:
+            task = task or str(entry.task)
+            meta = parse_metadata(merge_metadata(entry.metadata, metadata), task)
+        else:
+            meta = parse_metadata(metadata, task)
+        if meta.source_url is None:
+            meta = msgspec.structs.replace(meta, source_url=source_url(plan))
 
     known_task = task or (existing.task if existing else None)
     resolved_task = ""
@@ -319,10 +336,13 @@ def install(
             shutil.rmtree(staging, ignore_errors=True)
     record = VersionRecord(ver, str(final), revision, checksums, size, time.time())
     try:
-        return store.add_version(mid, resolved_task, canonical, record, replace=force, metadata=meta, activate=activate)
+        rec = store.add_version(mid, resolved_task, canonical, record, replace=force, metadata=meta, activate=activate)
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise
+    if existing is None and entry is not None and entry.settings != ModelSettings():
+        rec = store.update_settings(mid, msgspec.to_builtins(entry.settings)) or rec
+    return rec
 
 
 def uninstall(store: ModelStore, home: Path, model_id: str, version: str | None = None) -> ModelRecord:

@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from .catalog import CatalogFile
 from .lockfile import LockFile
 from .metadata import ModelMetadata
 
@@ -31,6 +32,12 @@ def json_schemas() -> dict[str, dict[str, Any]]:
             "ModelMora model metadata",
             "The metadata of a registered model: `metadata` of POST /api/v1/models and of"
             " PUT /api/v1/models/{id}/metadata, `mm install --metadata FILE`.",
+        ),
+        "catalog.schema.json": _schema(
+            CatalogFile,
+            "ModelMora model catalog",
+            "A model catalog (TOML): known models with their task type, default id and revision, metadata and"
+            " settings; the shipped catalog and the user's `catalog_file` have this form.",
         ),
         "modelmora-lock.schema.json": _schema(
             LockFile,
