@@ -46,6 +46,7 @@ app.command(cli_meta.metadata)
 app.command(cli_models.activate)
 app.command(cli_models.uninstall)
 app.command(cli_lock.lock)
+app.command(cli_lock.cache_app)
 app.command(cli_models.catalog)
 
 

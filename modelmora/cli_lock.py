@@ -1,15 +1,21 @@
-"""`mm lock` and `mm install` from a lock file: the registry pinned, and installed exactly."""
+"""`mm lock`, `mm install` from a lock file (the registry pinned, and installed exactly) and
+`mm cache` (the downloads kept by content)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
+import cyclopts
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
 
-from .cli_base import CommandFailed, console, err_console, open_registry, settings_for
+from .cli_base import CommandFailed, console, err_console, open_registry, print_json, print_table, settings_for
 
-__all__ = ("install_from_lock", "lock", "lockfile_path")
+__all__ = ("cache_app", "cache_list", "cache_prune", "install_from_lock", "lock", "lockfile_path")
 
 
 def lockfile_path(lockfile: Path | None) -> Path:
@@ -57,7 +63,7 @@ def install_from_lock(
     lockfile: Path | None, *, frozen: bool, force: bool, check: bool, config: Path | None, home: Path | None
 ) -> None:
     """`mm install` with no source: install what the lock file pins (see `registry.install_locked`)."""
-    from .registry import install_locked, read_lock, write_lock
+    from .registry import SourceLimits, install_locked, read_lock, write_lock
 
     path = lockfile_path(lockfile)
     if not path.is_file():
@@ -93,6 +99,7 @@ def install_from_lock(
             force=force,
             progress_for=progress_for,
             check_files=check,
+            limits=SourceLimits.from_settings(settings),
         )
     finally:
         progress.stop()
@@ -104,3 +111,65 @@ def install_from_lock(
     if result.changed:
         parts.append(f"active version, settings or metadata set for {', '.join(result.changed)}")
     console.print(f"{path}: " + "; ".join(parts), highlight=False)
+
+
+cache_app = cyclopts.App(name="cache", help="The download cache: archives and files fetched from URLs, by content.")
+
+
+@cache_app.command(name="list")
+def cache_list(
+    *,
+    json_: Annotated[bool, cyclopts.Parameter(name="--json")] = False,
+    config: Path | None = None,
+    home: Path | None = None,
+) -> None:
+    """List the cached downloads: SHA-256, size, when fetched, the URLs that served them.
+
+    Parameters
+    ----------
+    json_
+        Print JSON instead of a table.
+    """
+    from .registry import DownloadCache
+
+    cache = DownloadCache.under(settings_for(config, home).home_path)
+    entries = cache.entries()
+    if json_:
+        print_json([dataclasses.asdict(e) for e in entries])
+        return
+    partial = cache.partial_bytes()
+    unfinished = f"{partial / 2**20:.1f} MiB of unfinished downloads (resumed by the next install)"
+    if not entries:
+        console.print(f"the download cache is empty ({cache.root})" + (f"; {unfinished}" if partial else ""))
+        return
+    table = Table("sha256", "size", "fetched", "urls")
+    for e in entries:
+        when = datetime.fromtimestamp(e.fetched_at, UTC).isoformat(timespec="seconds")
+        table.add_row(e.sha256, f"{e.size_bytes / 2**20:.1f} MiB", when, "\n".join(e.urls))
+    print_table(table)
+    if partial:
+        console.print(f"and {unfinished}")
+
+
+@cache_app.command(name="prune")
+def cache_prune(
+    *,
+    all_: Annotated[bool, cyclopts.Parameter(name="--all")] = False,
+    config: Path | None = None,
+    home: Path | None = None,
+) -> None:
+    """Remove cached downloads that no installed version came from, and unfinished downloads.
+
+    Parameters
+    ----------
+    all_
+        Remove every cached download (installed models keep their files).
+    """
+    from .registry import DownloadCache
+
+    settings = settings_for(config, home)
+    keep: set[str] = set()
+    if not all_:
+        keep = {v.revision for rec in open_registry(settings).list() for v in rec.versions if v.revision}
+    removed, freed = DownloadCache.under(settings.home_path).prune(keep)
+    console.print(f"removed {removed} files, {freed / 2**20:.1f} MiB")

@@ -67,8 +67,9 @@ def install(
     Parameters
     ----------
     source
-        ./path, /abs/path, ~/path, file://path, org/name[@revision] on Hugging Face, or the id of
-        a catalog model (mm catalog); none: the lock file.
+        ./path, /abs/path, ~/path, file://path; an http(s):// URL of an archive (tar, tar.gz,
+        zip...) or of a single file; org/name[@revision] on Hugging Face; the id of a catalog model
+        (mm catalog); none: the lock file.
     id
         Model id (default: the directory or repo name).
     task
@@ -110,8 +111,8 @@ def install(
         With no SOURCE: fail instead of resolving an entry the lock gives no checksums for
         (the lock file is never changed).
     """
+    from .registry import SourceLimits, load_catalog
     from .registry import install as do_install
-    from .registry import load_catalog
 
     if source is None:
         from .cli_lock import install_from_lock
@@ -165,6 +166,7 @@ def install(
             progress=report,
             check_files=check,
             catalog=load_catalog(settings.catalog_file),
+            limits=SourceLimits.from_settings(settings),
         )
     finally:
         progress.stop()

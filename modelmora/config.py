@@ -108,6 +108,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     closed at once, whatever this is)."""
     registry_url: str = ""
     """Empty: SQLite file `$MODELMORA_HOME/registry.sqlite3`."""
+    max_download_bytes: Count = 64 * 2**30
+    """Largest file a model source may download (an archive, a model file)."""
+    max_unpacked_bytes: Count = 256 * 2**30
+    """Largest total a model archive may unpack to (counted while unpacking, whatever it claims)."""
+    max_archive_members: Count = 100_000
+    """Most files and folders a model archive may hold."""
     catalog_file: str = ""
     """A model catalog (TOML, the format of the shipped one) whose entries add to and override the
     shipped catalog's: `mm install` takes task, id, metadata and settings from it."""

@@ -4,9 +4,10 @@ from pathlib import Path
 
 from ..config import ConfigError
 from .active import activate
+from .cache import CacheEntry, DownloadCache
 from .catalog import CatalogEntry, CatalogFile, ModelCatalog, load_catalog, merge_metadata
 from .checksums import FileVerifier, hash_files, sha256_file
-from .install import TASKS, detect_task, install, parse_source, source_url, uninstall
+from .install import TASKS, detect_task, install, uninstall
 from .locked import LockInstall, install_locked
 from .lockfile import LOCK_NAME, LockedModel, LockedVersion, LockFile, lock_from, read_lock, render_lock, write_lock
 from .metadata import (
@@ -18,6 +19,7 @@ from .metadata import (
     parse_metadata,
     validation_error,
 )
+from .sources import InstallPlan, Progress, SourceLimits, parse_source, source_url
 from .sqlite import SQLiteStore
 from .store import ModelRecord, ModelStore, VersionRecord
 from .versions import check_version, latest, semver_key, split_ref
@@ -25,9 +27,12 @@ from .versions import check_version, latest, semver_key, split_ref
 __all__ = (
     "LOCK_NAME",
     "TASKS",
+    "CacheEntry",
     "CatalogEntry",
     "CatalogFile",
+    "DownloadCache",
     "FileVerifier",
+    "InstallPlan",
     "LockFile",
     "LockInstall",
     "LockedModel",
@@ -38,7 +43,9 @@ __all__ = (
     "ModelRecord",
     "ModelStore",
     "ResourceHints",
+    "Progress",
     "SQLiteStore",
+    "SourceLimits",
     "VersionRecord",
     "activate",
     "check_metadata",

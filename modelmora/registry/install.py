@@ -1,9 +1,9 @@
-"""Installing and uninstalling models: sources, task detection, file copies, checksums.
+"""Installing and uninstalling models: task detection, layout checks, checksums, the registry.
 
-A source is a local directory (`/...`, `./...`, `../...`, `~...`, `file://...`) or a
-Hugging Face repo `org/name[@revision]`. Files land in
-`$MODELMORA_HOME/models/<id>/<version>/` through a temporary directory and a rename, so a
-failed install leaves nothing half-written; the user's directory is never modified.
+Sources (`sources.py`): a local directory, an HTTP(S) archive or file, a Hugging Face repo, or a
+catalog id. Files land in `$MODELMORA_HOME/models/<id>/<version>/` through a temporary directory
+and a rename, so a failed install leaves nothing half-written; the user's directory is never
+modified.
 """
 
 from __future__ import annotations
@@ -13,78 +13,38 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from ..config import ModelSettings
-from ..errors import ChecksumMismatch, InvalidInput, ModelNotFound, RegistryError, SourceError
+from ..errors import ChecksumMismatch, InvalidInput, ModelNotFound, RegistryError
 from ..tasks import TaskType
+from .cache import DownloadCache
 from .catalog import ModelCatalog, merge_metadata
 from .checksums import hash_files
 from .layout import architecture_task, check_layout, find_model_dir
 from .metadata import ModelMetadata, check_metadata, parse_metadata
+from .sources import (
+    InstallPlan,
+    Progress,
+    SourceLimits,
+    copy_tree,
+    download_hf,
+    fetch_http,
+    list_files,
+    parse_source,
+    source_url,
+)
 from .store import ModelRecord, ModelStore, VersionRecord
 from .versions import check_version
 
-__all__ = (
-    "MODEL_ID_RE",
-    "TASKS",
-    "InstallPlan",
-    "Progress",
-    "detect_task",
-    "install",
-    "parse_source",
-    "source_url",
-    "uninstall",
-)
+__all__ = ("MODEL_ID_RE", "TASKS", "detect_task", "install", "uninstall")
 
 TASKS = tuple(str(t) for t in TaskType)
 """The task types a model can be installed for."""
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-Progress = Callable[[int, int], None]
-"""Called with (bytes done, bytes total) while files are copied."""
-
-# Files a task's loader needs from a Hugging Face repo: configs, tokenizer, safetensors.
-_HF_ALLOW = ["*.json", "*.txt", "*.model", "*.safetensors", "*/*.json", "*/*.txt", "*/*.safetensors"]
-_HF_IGNORE = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite", "*.bin", "*.pt"]
-_HF_IGNORE_WITH_BIN = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite"]
-
-
-@dataclass(frozen=True, slots=True)
-class InstallPlan:
-    """A parsed source."""
-
-    kind: str  # "local" | "hf"
-    location: str  # resolved directory, or repo id
-    revision: str | None = None
-
-
-def parse_source(source: str) -> InstallPlan:
-    """Classify a source string.
-
-    Raises:
-        InvalidInput: neither a local path nor an `org/name` repo id (s3/http sources are
-            not supported yet).
-    """
-    if source.startswith(("/", "./", "../", "~", "file://")) or source in (".", ".."):
-        path = source.removeprefix("file://")
-        return InstallPlan("local", str(Path(path).expanduser().resolve()))
-    if source.startswith(("s3://", "http://", "https://")):
-        raise InvalidInput(f"source {source!r}: s3:// and http(s):// sources are not supported yet", field="source")
-    repo, _, revision = source.partition("@")
-    if not HF_REPO_RE.match(repo):
-        raise InvalidInput(
-            f"source {source!r} is neither a local path (start it with / ./ ../ ~ or file://)"
-            " nor a Hugging Face repo id 'org/name[@revision]' nor a catalog id (mm catalog lists them)",
-            field="source",
-        )
-    return InstallPlan("hf", repo, revision or None)
 
 
 def detect_task(files: list[str], root: Path | None = None) -> str | None:
@@ -103,47 +63,6 @@ def detect_task(files: list[str], root: Path | None = None) -> str | None:
         found = architecture_task(config) if isinstance(config, dict) else None
         return found[1] if found else None
     return None
-
-
-def _list_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and ".git" not in p.relative_to(root).parts)
-
-
-def _copy_tree(src: Path, dst: Path, progress: Progress | None) -> None:
-    files = _list_files(src)
-    total = sum(p.stat().st_size for p in files)
-    done = 0
-    if progress:
-        progress(0, total)
-    for p in files:
-        target = dst / p.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with p.open("rb") as fin, target.open("wb") as fout:
-            while chunk := fin.read(4 << 20):
-                fout.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
-
-
-def _download_hf(plan: InstallPlan, dest: Path, progress: bool) -> str:
-    from .hf import HubError, download_snapshot, list_repo_files  # huggingface_hub is slow to import
-
-    try:
-        remote = list_repo_files(plan.location, revision=plan.revision)
-        has_st = any(f.endswith(".safetensors") for f in remote)
-        return download_snapshot(
-            plan.location,
-            dest,
-            revision=plan.revision,
-            allow_patterns=_HF_ALLOW + ([] if has_st else ["*.bin", "*/*.bin"]),
-            ignore_patterns=_HF_IGNORE if has_st else _HF_IGNORE_WITH_BIN,
-            progress=progress,
-        )
-    except HubError as exc:
-        if exc.kind in ("not_found", "revision_not_found"):
-            raise ModelNotFound(str(exc), field="source") from exc
-        raise SourceError(str(exc), field="source") from exc
 
 
 def _subfolder_hint(root: Path, source: str, plan: InstallPlan, task: str | None) -> str:
@@ -165,7 +84,7 @@ def _task_and_layout(root: Path, source: str, plan: InstallPlan, task: str | Non
     Raises:
         InvalidInput: no files; the task cannot be detected; the layout does not fit the task.
     """
-    files = _list_files(root)
+    files = list_files(root)
     if not files:
         raise InvalidInput(f"source {source!r} holds no files", field="source")
     rel = [p.relative_to(root).as_posix() for p in files]
@@ -201,15 +120,6 @@ def _check_expected(found: dict[str, str], expected: dict[str, str], what: str) 
             )
 
 
-def source_url(plan: InstallPlan) -> str | None:
-    """The URL people can open for a source (a Hugging Face model page); None for a local directory."""
-    if plan.kind == "hf":
-        return f"https://huggingface.co/{plan.location}"
-    if plan.kind in ("http", "s3"):
-        return plan.location
-    return None
-
-
 def install(
     store: ModelStore,
     home: Path,
@@ -226,6 +136,8 @@ def install(
     check_files: bool = True,
     expect_files: dict[str, str] | None = None,
     catalog: ModelCatalog | None = None,
+    revision: str | None = None,
+    limits: SourceLimits | None = None,
 ) -> ModelRecord:
     """Register a model from `source`, copying its files under `home/models`.
 
@@ -243,6 +155,9 @@ def install(
             any difference refuses the install before anything is registered.
         catalog: known models: `source` may be a catalog id (`all-MiniLM-L6-v2`); a new model of
             the catalog takes its task, id, revision, metadata (`metadata` over it) and settings.
+        revision: the revision wanted (a lock file's pin): a Hugging Face commit, or the SHA-256 of
+            an HTTP source's file (served from the download cache when it holds it).
+        limits: download and archive limits (default: `SourceLimits()`).
 
     Raises:
         InvalidInput: bad id, version, task, metadata or source; the task cannot be detected; the
@@ -259,20 +174,17 @@ def install(
         elif "@" not in source and entry.revision:
             source = f"{source}@{entry.revision}"
     plan = parse_source(source)
-    if plan.kind == "local":
-        src = Path(plan.location)
-        if not src.is_dir():
-            raise InvalidInput(f"source directory {src} does not exist or is not a directory", field="source")
-        default_id = src.name
-    else:
-        default_id = entry.model_id if entry is not None else plan.location.rsplit("/", 1)[-1]
-    mid = model_id or default_id
+    if plan.kind == "hf" and revision:
+        plan = InstallPlan("hf", plan.location, revision)
+    if plan.kind == "local" and not Path(plan.location).is_dir():
+        raise InvalidInput(f"source directory {plan.location} does not exist or is not a directory", field="source")
+    mid = model_id or (entry.model_id if entry is not None and plan.kind == "hf" else plan.default_id)
     if not MODEL_ID_RE.match(mid):
         raise InvalidInput(f"model id {mid!r} must match {MODEL_ID_RE.pattern}", field="id")
     ver = check_version(version or "1.0.0")
     if task is not None and task not in TASKS:
         raise InvalidInput(f"task {task!r} is not one of {', '.join(TASKS)}", field="task")
-    canonical = plan.location if plan.kind == "hf" else f"file://{plan.location}"
+    canonical = plan.canonical
 
     existing = store.get(mid)
     meta: ModelMetadata | None = None
@@ -312,15 +224,20 @@ def install(
     models_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=models_dir))
     try:
-        revision = ""
+        fetched = ""
         if plan.kind == "local":
-            _copy_tree(Path(plan.location), staging, progress)
+            copy_tree(Path(plan.location), staging, progress)
         else:
-            revision = _download_hf(plan, staging, hf_progress)
+            if plan.kind == "hf":
+                fetched = download_hf(plan, staging, hf_progress)
+            else:
+                cache = DownloadCache.under(home)
+                limits = limits or SourceLimits()
+                fetched = fetch_http(plan, staging, cache, limits, expect_sha256=revision, progress=progress)
             resolved_task = _task_and_layout(staging, source, plan, known_task, check_files)
             if meta is not None:
                 check_metadata(meta, resolved_task)
-        files = _list_files(staging)
+        files = list_files(staging)
         rel = [p.relative_to(staging).as_posix() for p in files]
         checksums = hash_files(staging, rel)
         if expect_files is not None:
@@ -334,7 +251,7 @@ def install(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    record = VersionRecord(ver, str(final), revision, checksums, size, time.time())
+    record = VersionRecord(ver, str(final), fetched, checksums, size, time.time())
     try:
         rec = store.add_version(mid, resolved_task, canonical, record, replace=force, metadata=meta, activate=activate)
     except BaseException:

@@ -10,8 +10,9 @@ import msgspec
 
 from ..errors import InvalidInput, RegistryError
 from .checksums import FileVerifier
-from .install import Progress, install
+from .install import install
 from .lockfile import LockedModel, LockedVersion, LockFile
+from .sources import Progress, SourceLimits
 from .store import ModelStore
 
 __all__ = ("LockInstall", "install_locked")
@@ -37,12 +38,6 @@ class LockInstall:
         return bool(self.resolved)
 
 
-def _source_for(model: LockedModel, version: LockedVersion) -> str:
-    if model.source.startswith("file://") or not version.revision:
-        return model.source
-    return f"{model.source}@{version.revision}"  # a Hugging Face repo at its pinned commit
-
-
 def install_locked(
     store: ModelStore,
     home: Path,
@@ -53,6 +48,7 @@ def install_locked(
     verifier: FileVerifier | None = None,
     progress_for: Callable[[str], Progress | None] | None = None,
     check_files: bool = True,
+    limits: SourceLimits | None = None,
 ) -> LockInstall:
     """Install every version `lock` pins, check every checksum, and set each model's active
     version, pin, settings and metadata as the lock says.
@@ -108,7 +104,7 @@ def install_locked(
             new = install(
                 store,
                 home,
-                _source_for(model, v),
+                model.source,
                 model_id=model.id,
                 task=model.task,
                 version=v.version,
@@ -118,6 +114,8 @@ def install_locked(
                 hf_progress=False,
                 check_files=check_files,
                 expect_files=v.files if v.resolved else None,
+                revision=v.revision or None,
+                limits=limits,
             )
             installed = new.version_record(v.version)
             assert installed is not None
