@@ -100,6 +100,7 @@ def install_from_lock(
             progress_for=progress_for,
             check_files=check,
             limits=SourceLimits.from_settings(settings),
+            s3=settings.s3,
         )
     finally:
         progress.stop()

@@ -68,8 +68,9 @@ def install(
     ----------
     source
         ./path, /abs/path, ~/path, file://path; an http(s):// URL of an archive (tar, tar.gz,
-        zip...) or of a single file; org/name[@revision] on Hugging Face; the id of a catalog model
-        (mm catalog); none: the lock file.
+        zip...) or of a single file; s3://bucket/prefix (the [s3] settings' endpoint and keys);
+        org/name[@revision] on Hugging Face; the id of a catalog model (mm catalog); none: the lock
+        file.
     id
         Model id (default: the directory or repo name).
     task
@@ -167,6 +168,7 @@ def install(
             check_files=check,
             catalog=load_catalog(settings.catalog_file),
             limits=SourceLimits.from_settings(settings),
+            s3=settings.s3,
         )
     finally:
         progress.stop()

@@ -14,7 +14,7 @@ from typing import IO
 
 from ..errors import InvalidInput, PayloadTooLarge
 
-__all__ = ("ArchiveLimits", "is_archive", "unpack")
+__all__ = ("ArchiveLimits", "is_archive", "safe_member_path", "unpack")
 
 _CHUNK = 1 << 20
 
@@ -30,7 +30,7 @@ def is_archive(path: Path) -> bool:
     return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
 
 
-def _member_path(name: str, what: str) -> PurePosixPath:
+def safe_member_path(name: str, what: str) -> PurePosixPath:
     """The member's path inside the target, refusing absolute paths, `..`, drive letters and NULs."""
     clean = name.replace("\\", "/")
     path = PurePosixPath(clean)
@@ -73,7 +73,7 @@ def _unpack_tar(archive: Path, target: Path, limits: ArchiveLimits, what: str) -
         for count, member in enumerate(tar, 1):
             if count > limits.max_members:
                 raise PayloadTooLarge(f"{what}: more than {limits.max_members} members (max_archive_members); refused")
-            rel = _member_path(member.name, what)
+            rel = safe_member_path(member.name, what)
             if not rel.parts:
                 continue
             if member.isdir():
@@ -114,7 +114,7 @@ def _unpack_zip(archive: Path, target: Path, limits: ArchiveLimits, what: str) -
         if len(infos) > limits.max_members:
             raise PayloadTooLarge(f"{what}: more than {limits.max_members} members (max_archive_members); refused")
         for info in infos:
-            rel = _member_path(info.filename, what)
+            rel = safe_member_path(info.filename, what)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise InvalidInput(f"{what}: the member {info.filename!r} is a symbolic link; refused")

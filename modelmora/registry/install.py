@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from ..config import ModelSettings
+from ..config import ModelSettings, S3Settings
 from ..errors import ChecksumMismatch, InvalidInput, ModelNotFound, RegistryError
 from ..tasks import TaskType
 from .cache import DownloadCache
@@ -33,6 +33,7 @@ from .sources import (
     copy_tree,
     download_hf,
     fetch_http,
+    fetch_s3_source,
     list_files,
     parse_source,
     source_url,
@@ -138,6 +139,7 @@ def install(
     catalog: ModelCatalog | None = None,
     revision: str | None = None,
     limits: SourceLimits | None = None,
+    s3: S3Settings | None = None,
 ) -> ModelRecord:
     """Register a model from `source`, copying its files under `home/models`.
 
@@ -158,6 +160,7 @@ def install(
         revision: the revision wanted (a lock file's pin): a Hugging Face commit, or the SHA-256 of
             an HTTP source's file (served from the download cache when it holds it).
         limits: download and archive limits (default: `SourceLimits()`).
+        s3: endpoint, region and credentials of `s3://` sources (the `[s3]` settings).
 
     Raises:
         InvalidInput: bad id, version, task, metadata or source; the task cannot be detected; the
@@ -228,11 +231,17 @@ def install(
         if plan.kind == "local":
             copy_tree(Path(plan.location), staging, progress)
         else:
+            cache, limits = DownloadCache.under(home), limits or SourceLimits()
             if plan.kind == "hf":
                 fetched = download_hf(plan, staging, hf_progress)
+            elif plan.kind == "s3":
+                fetched = fetch_s3_source(plan, staging, cache, limits, s3 or S3Settings(), progress=progress)
+                if revision and fetched != revision:
+                    raise ChecksumMismatch(
+                        f"{plan.location} now holds content {fetched[:12]}..., not the pinned {revision[:12]}...",
+                        file=plan.location.rsplit("/", 1)[-1],
+                    )
             else:
-                cache = DownloadCache.under(home)
-                limits = limits or SourceLimits()
                 fetched = fetch_http(plan, staging, cache, limits, expect_sha256=revision, progress=progress)
             resolved_task = _task_and_layout(staging, source, plan, known_task, check_files)
             if meta is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 
+from ..config import S3Settings
 from ..errors import InvalidInput, RegistryError
 from .checksums import FileVerifier
 from .install import install
@@ -49,6 +50,7 @@ def install_locked(
     progress_for: Callable[[str], Progress | None] | None = None,
     check_files: bool = True,
     limits: SourceLimits | None = None,
+    s3: S3Settings | None = None,
 ) -> LockInstall:
     """Install every version `lock` pins, check every checksum, and set each model's active
     version, pin, settings and metadata as the lock says.
@@ -116,6 +118,7 @@ def install_locked(
                 expect_files=v.files if v.resolved else None,
                 revision=v.revision or None,
                 limits=limits,
+                s3=s3,
             )
             installed = new.version_record(v.version)
             assert installed is not None

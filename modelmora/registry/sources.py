@@ -8,13 +8,15 @@ or a Hugging Face repo `org/name[@revision]`. HTTP downloads go through the down
 
 from __future__ import annotations
 
+import hashlib
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-from ..config import Settings
+from ..config import S3Settings, Settings
 from ..errors import InvalidInput, ModelNotFound, SourceError
 from .archive import ArchiveLimits, is_archive, unpack
 from .cache import DownloadCache
@@ -28,6 +30,7 @@ __all__ = (
     "copy_tree",
     "download_hf",
     "fetch_http",
+    "fetch_s3_source",
     "list_files",
     "parse_source",
     "source_url",
@@ -64,15 +67,16 @@ class SourceLimits:
 class InstallPlan:
     """A parsed source."""
 
-    kind: str  # "local" | "hf" | "http"
+    kind: str  # "local" | "hf" | "http" | "s3"
     location: str  # resolved directory, repo id, or URL
     revision: str | None = None
 
     @property
     def default_id(self) -> str:
         """The model id when none is given: the folder's, the repo's or the file's name."""
-        if self.kind == "http":
-            name = PurePosixPath(unquote(urlsplit(self.location).path)).name
+        if self.kind in ("http", "s3"):
+            path = self.location.rstrip("/") if self.kind == "s3" else unquote(urlsplit(self.location).path)
+            name = PurePosixPath(path).name
             for suffix in _ARCHIVE_SUFFIXES:
                 if name.lower().endswith(suffix):
                     return name[: -len(suffix)]
@@ -82,15 +86,16 @@ class InstallPlan:
     @property
     def canonical(self) -> str:
         """The source as the registry records it."""
-        return f"file://{self.location}" if self.kind == "local" else self.location
+        if self.kind == "local":
+            return f"file://{self.location}"
+        return self.location.rstrip("/") if self.kind == "s3" else self.location
 
 
 def parse_source(source: str) -> InstallPlan:
     """Classify a source string.
 
     Raises:
-        InvalidInput: neither a local path, an http(s) URL, nor an `org/name` repo id (s3 sources
-            are not supported yet).
+        InvalidInput: neither a local path, an http(s) or s3 URL, nor an `org/name` repo id.
     """
     if source.startswith(("/", "./", "../", "~", "file://")) or source in (".", ".."):
         path = source.removeprefix("file://")
@@ -101,12 +106,16 @@ def parse_source(source: str) -> InstallPlan:
             raise InvalidInput(f"source {source!r}: the URL must name a file (an archive or a model file)")
         return InstallPlan("http", source)
     if source.startswith("s3://"):
-        raise InvalidInput(f"source {source!r}: s3:// sources are not supported yet", field="source")
+        bucket, _, key = source.removeprefix("s3://").partition("/")
+        if not bucket or not key.strip("/"):
+            raise InvalidInput(f"source {source!r}: an s3:// source is s3://bucket/prefix or s3://bucket/key")
+        return InstallPlan("s3", source)
     repo, _, revision = source.partition("@")
     if not HF_REPO_RE.match(repo):
         raise InvalidInput(
             f"source {source!r} is neither a local path (start it with / ./ ../ ~ or file://), an http(s) URL,"
-            " a Hugging Face repo id 'org/name[@revision]' nor a catalog id (mm catalog lists them)",
+            " an s3://bucket/prefix, a Hugging Face repo id 'org/name[@revision]' nor a catalog id"
+            " (mm catalog lists them)",
             field="source",
         )
     return InstallPlan("hf", repo, revision or None)
@@ -116,7 +125,7 @@ def source_url(plan: InstallPlan) -> str | None:
     """The URL people can open for a source (a Hugging Face model page); None for a local directory."""
     if plan.kind == "hf":
         return f"https://huggingface.co/{plan.location}"
-    if plan.kind == "http":
+    if plan.kind in ("http", "s3"):
         return plan.location
     return None
 
@@ -199,3 +208,44 @@ def fetch_http(
             while chunk := fin.read(4 << 20):
                 fout.write(chunk)
     return digest
+
+
+def fetch_s3_source(
+    plan: InstallPlan,
+    dest: Path,
+    cache: DownloadCache,
+    limits: SourceLimits,
+    s3: S3Settings,
+    *,
+    progress: Progress | None = None,
+) -> str:
+    """Download (or take from the cache) an `s3://` source into `dest`: the objects under a prefix
+    at their paths below it; one object is unpacked when it is an archive, else placed under its
+    name. Returns the revision: the SHA-256 of a single object, else of the list of files and their
+    SHA-256.
+
+    Raises:
+        see `s3source.fetch_s3` and `archive.unpack`.
+    """
+    from .s3source import fetch_s3  # botocore is slow to import
+
+    fetched = fetch_s3(
+        plan.location,
+        s3,
+        cache,
+        max_bytes=limits.max_download_bytes,
+        max_objects=limits.max_archive_members,
+        progress=progress,
+    )
+    if len(fetched) == 1 and not plan.location.endswith("/") and is_archive(fetched[0][1]):
+        archive_limits = ArchiveLimits(limits.max_archive_members, limits.max_unpacked_bytes)
+        unpack(fetched[0][1], dest, archive_limits, what=f"the archive at {plan.location}")
+        return fetched[0][1].name
+    for rel, blob in fetched:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(blob, target)
+    if len(fetched) == 1 and not plan.location.endswith("/"):
+        return fetched[0][1].name
+    listing = "".join(f"{rel}\t{blob.name}\n" for rel, blob in sorted(fetched))
+    return hashlib.sha256(listing.encode()).hexdigest()
