@@ -19,6 +19,7 @@ __all__ = (
     "ModelMoraError",
     "ModelNotFound",
     "ModelUnavailable",
+    "OperationNotFound",
     "PayloadTooLarge",
     "QueueFull",
     "RegistryError",
@@ -74,6 +75,13 @@ class ModelNotFound(ModelMoraError):
 
     http_status = 404
     code = "model_not_found"
+
+
+class OperationNotFound(ModelMoraError):
+    """No background operation with that id (or it ended too long ago to be kept)."""
+
+    http_status = 404
+    code = "operation_not_found"
 
 
 class InvalidInput(ModelMoraError):

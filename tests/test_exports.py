@@ -38,7 +38,7 @@ REACHED_THROUGH_THEIR_MODULE: dict[str, frozenset[str]] = {
     ),
     "modelmora.results": frozenset({"SWEEP_GRACE_S", "expiry_of", "new_name", "sweep_interval", "sweeping"}),
     "modelmora.scheduler": frozenset({"abandon_if_unwanted", "dispatch", "keep_alive_s", "model_status"}),
-    "modelmora.service": frozenset({"literal_choices", "registered_status", "supervisor_status", "Prepared"}),
+    "modelmora.service": frozenset({"literal_choices", "registered_status", "supervisor_status", "Prepared", "KEEP_S"}),
 }
 
 

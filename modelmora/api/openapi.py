@@ -14,10 +14,11 @@ import msgspec
 
 from .. import __version__
 from ..config import ModelSettings
-from ..service import ModelStatus, ServerStatus
+from ..service import ModelStatus, Operation, ServerStatus
 from .schemas import (
     ActivateVersion,
     CaptionParameters,
+    DownloadVersion,
     EmbeddingParameters,
     EmbeddingResponse,
     ErrorBody,
@@ -29,6 +30,7 @@ from .schemas import (
     InferRequest,
     ModelInfo,
     ModelList,
+    RegisterModel,
     TextInput,
     TextResponse,
 )
@@ -70,6 +72,9 @@ def document() -> dict[str, Any]:
         HealthModels,
         ModelSettings,
         ActivateVersion,
+        RegisterModel,
+        DownloadVersion,
+        Operation,
         ServerStatus,
         ModelStatus,
         *inputs,
@@ -183,6 +188,51 @@ def document() -> dict[str, Any]:
                         },
                     ],
                     "responses": {"200": _ok("ModelList"), "422": _error("Unknown task type, bad limit or offset")},
+                },
+                "post": {
+                    "summary": "Register a model version from a source (http(s) archive or file, s3, Hugging Face,"
+                    " catalog id); checked at once, installed in the background",
+                    "operationId": "registerModel",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": _REF.format(name="RegisterModel")}}},
+                    },
+                    "responses": {
+                        "202": _ok("Operation", "Started: poll the operation (Location header)"),
+                        "409": _error("This version is already installed (force to reinstall)"),
+                        "422": _error("Invalid field, a local path, or a private address; error.field names it"),
+                        "503": _error("Background operations are not accepted now"),
+                    },
+                },
+            },
+            "/api/v1/models/{model_id}/download": {
+                "post": {
+                    "summary": "Fetch a version's files again from its source at its recorded revision; they must"
+                    " match the recorded checksums (background)",
+                    "operationId": "downloadModel",
+                    "parameters": [model_id],
+                    "requestBody": {
+                        "required": False,
+                        "content": {"application/json": {"schema": {"$ref": _REF.format(name="DownloadVersion")}}},
+                    },
+                    "responses": {
+                        "202": _ok("Operation", "Started: poll the operation (Location header)"),
+                        "404": _error("Unknown model or version"),
+                        "422": _error("A local source"),
+                    },
+                }
+            },
+            "/api/v1/operations/{operation_id}": {
+                "get": {
+                    "summary": "A background operation: status (pending, running, succeeded, failed), bytes, error",
+                    "operationId": "getOperation",
+                    "parameters": [
+                        {"name": "operation_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        "200": _ok("Operation"),
+                        "404": _error("Unknown operation, or ended over an hour ago"),
+                    },
                 }
             },
             "/api/v1/models/{model_id}": {

@@ -1,7 +1,7 @@
 """The protocol-neutral inference core that every front end calls."""
 
 from ..scheduler import ModelStatus, Priority
-from .admin import ModelAdmin
+from .admin import ModelAdmin, RegisterCall
 from .core import REGISTRY_SYNC_S, InferCall, InferenceService, InferStream
 from .inputs import (
     CaptionParameters,
@@ -13,6 +13,7 @@ from .inputs import (
     convert,
     split_validation,
 )
+from .operations import Operation, OperationError, Operations
 from .outputs import Embeddings, GeneratedImage, Images, InferResult, Output, StreamEvent, Texts, Timing
 from .status import (
     HealthModel,
@@ -38,6 +39,9 @@ __all__ = (
     "ImageInput",
     "Images",
     "ModelAdmin",
+    "Operation",
+    "OperationError",
+    "Operations",
     "ModelStatus",
     "InferCall",
     "InferResult",
@@ -45,6 +49,7 @@ __all__ = (
     "InferenceService",
     "Output",
     "Priority",
+    "RegisterCall",
     "ReturnMode",
     "ServerStatus",
     "SharedMemoryStatus",

@@ -8,20 +8,38 @@ moment later. Raises only `ModelMoraError`s.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import ipaddress
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import anyio.to_thread
+import msgspec
 import structlog
 
-from ..config import Settings
-from ..errors import ModelMoraError, ModelNotFound, RegistryError, StorageUnavailable
-from ..registry import ModelMetadata, ModelRecord, ModelStore, activate, parse_metadata, uninstall
+from ..config import ModelSettings, Settings
+from ..errors import InvalidInput, ModelMoraError, ModelNotFound, RegistryError, StorageUnavailable
+from ..images import is_public_address
+from ..registry import (
+    TASKS,
+    ModelMetadata,
+    ModelRecord,
+    ModelStore,
+    SourceLimits,
+    activate,
+    check_version,
+    install,
+    load_catalog,
+    parse_metadata,
+    parse_source,
+    uninstall,
+)
 from ..scheduler import Scheduler
 from .catalog import Catalog
+from .operations import Operation, Operations
 
-__all__ = ("ModelAdmin",)
+__all__ = ("ModelAdmin", "RegisterCall")
 
 T = TypeVar("T")
 
@@ -36,6 +54,8 @@ class ModelAdmin:
         self.store = store
         self.scheduler = scheduler
         self.catalog = catalog
+        self.operations = Operations()
+        """Background installs; runs in the service's task group (`InferenceService.run`)."""
 
     async def _model(self, model_id: str) -> ModelRecord:
         rec = await _registry(self.store.aget(model_id))
@@ -83,6 +103,108 @@ class ModelAdmin:
         self._follow(new)
         return new
 
+    async def register(self, call: RegisterCall) -> Operation:
+        """Check a registration at once (422 naming the field, 409 for a version already installed),
+        then install it in the background: the operation to poll.
+
+        Local paths are refused (install them with `mm install` on the server's machine); an http(s)
+        source whose host resolves to a private, loopback or link-local address is refused unless
+        `allow_private_urls`.
+
+        Raises:
+            InvalidInput, RegistryError, ModelUnavailable.
+        """
+        plan = _field(lambda: parse_source(call.source), "$.source")
+        if plan.kind == "local":
+            raise InvalidInput(
+                "local paths are not installed over the API: use mm install on the server's machine, or an"
+                " http(s), s3 or Hugging Face source",
+                field="$.source",
+            )
+        if plan.kind == "http" and not self.settings.allow_private_urls:
+            private = await _private_host(plan.location)
+            if private is not None:
+                raise InvalidInput(
+                    f"the source's host resolves to {private}, a private or loopback address; set"
+                    " allow_private_urls to allow it",
+                    field="$.source",
+                )
+        if call.version is not None:
+            _field(lambda: check_version(call.version or ""), "$.version")
+        if call.task is not None and call.task not in TASKS:
+            raise InvalidInput(f"task_type {call.task!r} is not one of {', '.join(TASKS)}", field="$.task_type")
+        if call.metadata is not None:
+            parse_metadata(call.metadata, call.task)
+        catalog = load_catalog(self.settings.catalog_file)
+        entry = catalog.find(call.source)
+        model_id = call.model_id or (entry.model_id if entry is not None and plan.kind == "hf" else plan.default_id)
+        existing = await _registry(self.store.aget(model_id))
+        version = call.version or "1.0.0"
+        if existing is not None and existing.version_record(version) is not None and not call.force:
+            raise RegistryError(f"model {model_id!r} version {version} is already installed (force to reinstall)")
+        home, store, settings = self.settings.home_path, self.store, self.settings
+
+        def work(progress: Callable[[int, int], None]) -> None:
+            install(
+                store,
+                home,
+                call.source,
+                model_id=model_id,
+                task=call.task,
+                version=version,
+                force=call.force,
+                activate=call.activate,
+                metadata=call.metadata,
+                progress=progress,
+                hf_progress=False,
+                check_files=call.check_files,
+                catalog=catalog,
+                limits=SourceLimits.from_settings(settings),
+                s3=settings.s3,
+            )
+            if call.settings is not None:
+                store.update_settings(model_id, msgspec.to_builtins(call.settings))
+            self.catalog.forget(model_id)
+
+        return self.operations.start("install", model_id, version, work)
+
+    async def download(self, model_id: str, version: str | None = None) -> Operation:
+        """Fetch a version's files again from its source, at its recorded revision, in the background;
+        the files must match the checksums recorded at install (a repair after files were lost or
+        changed).
+
+        Raises:
+            ModelNotFound: no such model or version; InvalidInput: a local source.
+        """
+        rec = await self._model(model_id)
+        vrec = rec.version_record(version)
+        if vrec is None:
+            raise ModelNotFound(f"model {model_id!r} has no version {version!r}", field="version")
+        if rec.source.startswith("file://"):
+            raise InvalidInput(
+                f"model {model_id!r} was installed from a local folder: install it again with mm install"
+            )
+        home, store, settings = self.settings.home_path, self.store, self.settings
+
+        def work(progress: Callable[[int, int], None]) -> None:
+            install(
+                store,
+                home,
+                rec.source,
+                model_id=model_id,
+                version=vrec.version,
+                force=True,
+                progress=progress,
+                hf_progress=False,
+                expect_files=vrec.files,
+                revision=vrec.revision or None,
+                limits=SourceLimits.from_settings(settings),
+                s3=settings.s3,
+            )
+            self.catalog.forget(model_id)
+
+        return self.operations.start("download", model_id, vrec.version, work)
+
     async def delete(self, model_id: str, version: str | None = None, *, force: bool = False) -> ModelRecord:
         """Remove a model (or one version that is not the active one) and its files. A version whose
         worker is running is refused unless `force`: then it is unloaded first (its queue drained
@@ -119,6 +241,14 @@ class ModelAdmin:
         return removed
 
 
+def _field(check: Callable[[], T], field: str) -> T:
+    """Run a registry check, naming `field` in the `InvalidInput` it raises."""
+    try:
+        return check()
+    except InvalidInput as exc:
+        raise InvalidInput(exc.message, field=field) from None
+
+
 async def _registry(call: Awaitable[T]) -> T:
     try:
         return await call
@@ -127,3 +257,31 @@ async def _registry(call: Awaitable[T]) -> T:
     except Exception as exc:
         log.error("registry_failed", exc_info=exc)
         raise StorageUnavailable("the model registry cannot be read or written now") from None
+
+
+class RegisterCall(msgspec.Struct, frozen=True):
+    """Register a model version from a source (what `POST /api/v1/models` asks)."""
+
+    source: str
+    model_id: str | None = None
+    task: str | None = None
+    version: str | None = None
+    force: bool = False
+    activate: bool = False
+    metadata: dict[str, Any] | None = None
+    settings: ModelSettings | None = None
+    check_files: bool = True
+
+
+async def _private_host(url: str) -> str | None:
+    """The first address of the URL's host that is not public (None when all are)."""
+    host = urlsplit(url).hostname or ""
+    try:
+        infos = await anyio.getaddrinfo(host, None)
+    except OSError:
+        return None  # the download says it cannot resolve it
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if not is_public_address(address):
+            return str(address)
+    return None

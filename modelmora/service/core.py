@@ -112,11 +112,14 @@ class InferenceService:
         self.sync_errors = 0
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Compare the registry with the running models every `REGISTRY_SYNC_S` (errors are logged)."""
-        task_status.started()
-        while True:
-            await anyio.sleep(REGISTRY_SYNC_S)
-            await self.sync_registry()
+        """Compare the registry with the running models every `REGISTRY_SYNC_S` (errors are logged),
+        and run the background operations (`admin.operations`)."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.admin.operations.run)
+            task_status.started()
+            while True:
+                await anyio.sleep(REGISTRY_SYNC_S)
+                await self.sync_registry()
 
     async def sync_registry(self) -> None:
         """Replace workers whose registry entry changed; stop those of uninstalled models.

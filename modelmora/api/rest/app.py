@@ -20,9 +20,17 @@ from ...config import ModelSettings
 from ...errors import ClientGone, InvalidInput, ModelMoraError
 from ...registry import ModelRecord, semver_key
 from ...results import FilesystemResultStore, result_route
-from ...service import InferCall, InferenceService, InferResult, Priority
+from ...service import InferCall, InferenceService, InferResult, Operation, Priority, RegisterCall
 from .. import openapi
-from ..schemas import ActivateVersion, InferRequest, ModelInfo, ModelList, ModelVersionInfo
+from ..schemas import (
+    ActivateVersion,
+    DownloadVersion,
+    InferRequest,
+    ModelInfo,
+    ModelList,
+    ModelVersionInfo,
+    RegisterModel,
+)
 from .body import decode, read_body
 from .cors import Cors
 from .encode import response_body, sse
@@ -39,6 +47,8 @@ _envelope_decoder = msgspec.json.Decoder(InferRequest)
 _settings_decoder = msgspec.json.Decoder(ModelSettings)
 _empty_decoder = msgspec.json.Decoder(_Empty)
 _activate_decoder = msgspec.json.Decoder(ActivateVersion)
+_register_decoder = msgspec.json.Decoder(RegisterModel)
+_download_decoder = msgspec.json.Decoder(DownloadVersion)
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
 MAX_PAGE = 1000
 """`GET /api/v1/models?limit=` at most (and by default)."""
@@ -59,6 +69,11 @@ def _model_info(rec: ModelRecord) -> ModelInfo:
         rec.created_at,
         rec.updated_at,
     )
+
+
+def _accepted(op: Operation) -> Response:
+    """202 with the operation, and where to poll it."""
+    return json_response(op, 202, {"Location": f"/api/v1/operations/{op.id}"})
 
 
 def _query_int(request: HTTPRequest, name: str, default: int, maximum: int) -> int:
@@ -117,11 +132,26 @@ def create_app(service: InferenceService) -> ASGIApp:
         await response(scope, receive, send)
 
     async def list_models(request: HTTPRequest) -> Response:
-        """The registry, by id: `?task_type=` filters, `?limit=&offset=` pages (`total` counts all)."""
-        limit = _query_int(request, "limit", MAX_PAGE, MAX_PAGE)
+        """GET: the registry, by id: `?task_type=` filters, `?limit=&offset=` pages (`total` counts
+        all); POST: register a model version from a source, in the background (202 + the operation)."""
+        if request.method == "POST":
+            body = decode(_register_decoder, await read_body(request.scope, request.receive, limit, body_timeout_s))
+            call = RegisterCall(
+                body.source,
+                body.id,
+                None if body.task_type is None else str(body.task_type),
+                body.version,
+                body.force,
+                body.activate,
+                None if body.metadata is None else msgspec.to_builtins(body.metadata),
+                body.settings,
+                body.check,
+            )
+            return _accepted(await service.admin.register(call))
+        count = _query_int(request, "limit", MAX_PAGE, MAX_PAGE)
         offset = _query_int(request, "offset", 0, 2**31)
         recs = await service.models(request.query_params.get("task_type"))
-        page = recs[offset : offset + limit]
+        page = recs[offset : offset + count]
         return json_response(ModelList([_model_info(r) for r in page], len(recs)))
 
     async def model(request: HTTPRequest) -> Response:
@@ -136,6 +166,15 @@ def create_app(service: InferenceService) -> ASGIApp:
             rec = await service.admin.delete(model_id, force=_query_flag(request, "force"))
             return json_response(_model_info(rec))
         return json_response(_model_info(await service.model(model_id)))
+
+    async def download_model(request: HTTPRequest) -> Response:
+        """Fetch a version's files again from its source at its recorded revision (background)."""
+        body = await read_body(request.scope, request.receive, limit, body_timeout_s, optional=True)
+        version = decode(_download_decoder, body).version if body else None
+        return _accepted(await service.admin.download(request.path_params["model_id"], version))
+
+    async def operation(request: HTTPRequest) -> Response:
+        return json_response(service.admin.operations.get(request.path_params["operation_id"]))
 
     async def model_metadata(request: HTTPRequest) -> Response:
         """Replace a model's metadata (validated for its task; 422 naming the field)."""
@@ -201,7 +240,9 @@ def create_app(service: InferenceService) -> ASGIApp:
     routes = [
         # POSTs are served by `_Api` before routing; the route gives other methods their 405
         Route("/api/v1/infer/{model_id}", infer_via_router, methods=["POST"]),
-        Route("/api/v1/models", list_models, methods=["GET"]),
+        Route("/api/v1/models", list_models, methods=["GET", "POST"]),
+        Route("/api/v1/models/{model_id}/download", download_model, methods=["POST"]),
+        Route("/api/v1/operations/{operation_id}", operation, methods=["GET"]),
         Route("/api/v1/models/{model_id}", model, methods=["GET", "PUT", "DELETE"]),  # one route: 405 lists all
         Route("/api/v1/models/{model_id}/metadata", model_metadata, methods=["PUT"]),
         Route("/api/v1/models/{model_id}/versions/{version}", model_version, methods=["POST", "DELETE"]),
