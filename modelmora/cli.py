@@ -14,15 +14,20 @@ from typing import Literal
 
 import cyclopts
 
-from . import __version__, cli_lock, cli_meta, cli_models
+from . import __version__, cli_init, cli_lock, cli_meta, cli_models, cli_remote
 from .cli_base import CommandFailed, StartFailed, fail, os_error, settings_for
 from .cli_lock import lock
-from .cli_meta import metadata, set_
-from .cli_models import activate, catalog, info, install, list_, uninstall
+from .cli_meta import catalog, metadata, set_
+from .cli_models import activate, info, install, list_, uninstall
+from .cli_remote import health, load, status, unload
 from .config import ConfigError
 from .errors import ModelMoraError
 
 __all__ = (
+    "health",
+    "load",
+    "status",
+    "unload",
     "activate",
     "app",
     "catalog",
@@ -47,7 +52,12 @@ app.command(cli_models.activate)
 app.command(cli_models.uninstall)
 app.command(cli_lock.lock)
 app.command(cli_lock.cache_app)
-app.command(cli_models.catalog)
+app.command(cli_meta.catalog)
+app.command(cli_init.init)
+app.command(cli_remote.status)
+app.command(cli_remote.health)
+app.command(cli_remote.load)
+app.command(cli_remote.unload)
 
 
 @app.command

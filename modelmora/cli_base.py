@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import cyclopts
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import Settings, load_settings
@@ -54,7 +55,7 @@ def settings_for(config: Path | None, home: Path | None = None, **overrides: Any
 
 
 def fail(message: str, status: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(status)
 
 

@@ -1,19 +1,21 @@
-"""`mm` commands that change a model's settings and metadata: set, metadata; and the metadata
-flags `mm install` shares with them."""
+"""`mm` commands about a model's settings and metadata: set, metadata, catalog (the known models'
+metadata); and the metadata flags `mm install` shares with them."""
 
 from __future__ import annotations
 
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import cyclopts
 import msgspec
+from rich.table import Table
 
-from .cli_base import CommandFailed, console, open_registry, settings_for
+from .cli_base import CommandFailed, TaskChoice, console, open_registry, print_json, print_table, settings_for
 from .errors import InvalidInput, ModelNotFound
 
-__all__ = ("metadata", "metadata_from", "set_")
+__all__ = ("catalog", "metadata", "metadata_from", "set_")
 
 
 def _read_metadata_file(path: Path) -> dict[str, Any]:
@@ -188,3 +190,34 @@ def metadata(
     new = store.update_metadata(model_id, parse_metadata(data, rec.task))
     assert new is not None
     console.print_json(msgspec.json.encode(new.metadata).decode())
+
+
+def catalog(
+    *,
+    task: TaskChoice = None,
+    json_: Annotated[bool, cyclopts.Parameter(name="--json")] = False,
+    config: Path | None = None,
+    home: Path | None = None,
+) -> None:
+    """List the known models: `mm install SOURCE` (or its id) takes their task, metadata and
+    defaults, so it needs no flags. The `catalog_file` setting adds your own.
+
+    Parameters
+    ----------
+    task
+        Only models of this task type.
+    json_
+        Print JSON instead of a table.
+    """
+    from .registry import load_catalog
+
+    entries = load_catalog(settings_for(config, home).catalog_file).entries
+    entries = [e for e in entries if task is None or e.task == task]
+    if json_:
+        print_json([{"id": e.model_id, **msgspec.to_builtins(e)} for e in entries])
+        return
+    table = Table("id", "task", "dim", "source", "description")
+    for e in entries:
+        dim = e.metadata.config.vector_size
+        table.add_row(e.model_id, str(e.task), str(dim) if dim else "", e.source, e.metadata.description)
+    print_table(table)

@@ -28,9 +28,10 @@ from .cli_base import (
     settings_for,
 )
 from .cli_meta import metadata_from
+from .cli_remote import Remote, UrlOption, remote_install, server_url
 from .errors import ModelNotFound
 
-__all__ = ("activate", "catalog", "info", "install", "list_", "model_json", "uninstall")
+__all__ = ("activate", "info", "install", "list_", "model_json", "uninstall")
 
 
 def _when(ts: float) -> str:
@@ -58,6 +59,7 @@ def install(
     max_length: int | None = None,
     lockfile: Path | None = None,
     frozen: bool = False,
+    url: UrlOption = None,
     config: Path | None = None,
     home: Path | None = None,
 ) -> None:
@@ -111,6 +113,9 @@ def install(
     frozen
         With no SOURCE: fail instead of resolving an entry the lock gives no checksums for
         (the lock file is never changed).
+    url
+        Ask a running server to install it (in the background; followed here): an http(s), s3,
+        Hugging Face or catalog source, not a local path.
     """
     from .registry import SourceLimits, load_catalog
     from .registry import install as do_install
@@ -136,6 +141,25 @@ def install(
         vector_size=vector_size,
         max_length=max_length,
     )
+    if url is not None:
+        body = {
+            "source": source,
+            "id": id,
+            "task_type": None if task is None else str(task),
+            "version": version,
+            "force": force,
+            "activate": activate,
+            "metadata": meta,
+            "check": check,
+        }
+        m = remote_install(server_url(url, config, home), body)
+        v = next(x for x in m["versions"] if x["version"] == (version or "1.0.0"))
+        console.print(
+            f"installed [bold]{m['id']}[/] {v['version']} ({m['task_type']}, {v['files']} files,"
+            f" {v['size_bytes'] / 2**20:.1f} MiB) from {m['source']} on {server_url(url, config, home)}",
+            highlight=False,
+        )
+        return
     settings = settings_for(config, home)
     store = open_registry(settings)
     progress = Progress(
@@ -185,6 +209,7 @@ def list_(
     *,
     task: TaskChoice = None,
     json_: Annotated[bool, cyclopts.Parameter(name="--json")] = False,
+    url: UrlOption = None,
     config: Path | None = None,
     home: Path | None = None,
 ) -> None:
@@ -195,39 +220,69 @@ def list_(
     task
         Only models of this task type.
     json_
-        Print JSON (every field of every model) instead of a table.
+        Print JSON (every field of every model, as GET /api/v1/models/{id} gives it).
+    url
+        Ask a running server instead of the local registry.
     """
-    from .registry import semver_key
-
-    settings = settings_for(config, home)
-    recs = open_registry(settings).list(None if task is None else str(task))
+    if url is not None:
+        params = {"task_type": str(task)} if task is not None else {}
+        models = Remote(server_url(url, config, home)).call("GET", "/api/v1/models", params=params)["models"]
+    else:
+        settings = settings_for(config, home)
+        models = [model_json(r) for r in open_registry(settings).list(None if task is None else str(task))]
     if json_:
-        print_json([model_json(r) for r in recs])
+        print_json(models)
         return
-    if not recs:
+    if not models:
         console.print("no models installed; add one with `mm install SOURCE`")
         return
     table = Table("id", "task", "active", "versions", "size", "name", "source")
-    for r in recs:
-        active = r.version_record()
-        size = f"{active.size_bytes / 2**20:.1f} MiB" if active else "-"
-        versions = ", ".join(sorted((v.version for v in r.versions), key=semver_key))
-        pin = " (pinned)" if r.active_pinned else ""
-        table.add_row(r.id, r.task, r.active_version + pin, versions, size, r.metadata.display_name, r.source)
+    for m in models:
+        active = next((v for v in m["versions"] if v["version"] == m["active_version"]), None)
+        size = f"{active['size_bytes'] / 2**20:.1f} MiB" if active else "-"
+        versions = ", ".join(v["version"] for v in m["versions"])
+        pin = " (pinned)" if m["active_pinned"] else ""
+        name = m["metadata"].get("display_name", "")
+        table.add_row(m["id"], m["task_type"], m["active_version"] + pin, versions, size, name, m["source"])
     print_table(table)
 
 
 def model_json(rec: Any) -> dict[str, Any]:
-    """A registry record as JSON for scripts (`--json`)."""
-    out: dict[str, Any] = msgspec.to_builtins(rec)
-    out["task_type"] = out.pop("task")
-    return out
+    """A registry record as JSON, in the shape `GET /api/v1/models/{id}` answers (versions in
+    semantic-version order, each with its files' SHA-256 under `checksums`)."""
+    from .registry import semver_key
+
+    versions = [
+        {
+            "version": v.version,
+            "revision": v.revision,
+            "size_bytes": v.size_bytes,
+            "files": len(v.files),
+            "created_at": v.created_at,
+            "checksums": dict(sorted(v.files.items())),
+            "path": v.path,
+        }
+        for v in sorted(rec.versions, key=lambda v: semver_key(v.version))
+    ]
+    return {
+        "id": rec.id,
+        "task_type": rec.task,
+        "source": rec.source,
+        "active_version": rec.active_version,
+        "versions": versions,
+        "settings": dict(rec.settings),
+        "metadata": msgspec.to_builtins(rec.metadata),
+        "active_pinned": rec.active_pinned,
+        "created_at": rec.created_at,
+        "updated_at": rec.updated_at,
+    }
 
 
 def info(
     model_id: str,
     *,
     json_: Annotated[bool, cyclopts.Parameter(name="--json")] = False,
+    url: UrlOption = None,
     config: Path | None = None,
     home: Path | None = None,
 ) -> None:
@@ -237,41 +292,46 @@ def info(
     ----------
     json_
         Print JSON instead of tables.
+    url
+        Ask a running server instead of the local registry.
     """
-    from .registry import semver_key
-
-    settings = settings_for(config, home)
-    rec = open_registry(settings).get(model_id)
-    if rec is None:
-        raise ModelNotFound(f"model {model_id!r} is not installed")
+    if url is not None:
+        m = Remote(server_url(url, config, home)).call("GET", f"/api/v1/models/{model_id}")
+    else:
+        rec = open_registry(settings_for(config, home)).get(model_id)
+        if rec is None:
+            raise ModelNotFound(f"model {model_id!r} is not installed")
+        m = model_json(rec)
     if json_:
-        print_json(model_json(rec))
+        print_json(m)
         return
-    m = rec.metadata
-    pin = " (pinned)" if rec.active_pinned else ""
+    meta = m["metadata"]
+    pin = " (pinned)" if m["active_pinned"] else ""
     console.print(
-        f"[bold]{rec.id}[/]  task={rec.task}  active={rec.active_version}{pin}  source={rec.source}", highlight=False
+        f"[bold]{m['id']}[/]  task={m['task_type']}  active={m['active_version']}{pin}  source={m['source']}",
+        highlight=False,
     )
     about = Table("field", "value", title="metadata", show_header=False)
     rows = {
-        "name": m.display_name,
-        "description": m.description,
-        "source url": m.source_url or "",
-        "resources": ", ".join(f"{k}={v}" for k, v in msgspec.to_builtins(m.resources).items()),
-        "config": ", ".join(f"{k}={v}" for k, v in msgspec.to_builtins(m.config).items()),
-        "params": json.dumps(m.params) if m.params else "",
-        "settings": ", ".join(f"{k}={v}" for k, v in sorted(rec.settings.items())),
-        "created": _when(rec.created_at),
-        "updated": _when(rec.updated_at),
+        "name": meta.get("display_name", ""),
+        "description": meta.get("description", ""),
+        "source url": meta.get("source_url") or "",
+        "resources": ", ".join(f"{k}={v}" for k, v in meta.get("resources", {}).items()),
+        "config": ", ".join(f"{k}={v}" for k, v in meta.get("config", {}).items()),
+        "params": json.dumps(meta["params"]) if meta.get("params") else "",
+        "settings": ", ".join(f"{k}={v}" for k, v in sorted(m["settings"].items())),
+        "created": _when(m["created_at"]),
+        "updated": _when(m["updated_at"]),
     }
     for key, value in rows.items():
         if value:
             about.add_row(key, value)
     print_table(about)
-    for v in sorted(rec.versions, key=lambda v: semver_key(v.version)):
-        title = f"version {v.version} ({_when(v.created_at)}) at {v.path} {v.revision}".strip()
+    for v in m["versions"]:
+        where = f" at {v['path']}" if v.get("path") else ""
+        title = f"version {v['version']} ({_when(v['created_at'])}){where} {v['revision']}".strip()
         table = Table("file", "sha256", title=title)
-        for name, sha in sorted(v.files.items()):
+        for name, sha in v["checksums"].items():
             table.add_row(name, sha)
         print_table(table)
 
@@ -281,11 +341,13 @@ def activate(
     version: str,
     *,
     pin: bool | None = None,
+    url: UrlOption = None,
     config: Path | None = None,
     home: Path | None = None,
 ) -> None:
     """Make a version the active one (upgrade or downgrade): requests without a version go to it;
-    a running server's previous version finishes what it holds, then stops.
+    a running server's previous version finishes what it holds, then stops. Refused when a file of
+    the version changed since it was installed.
 
     Parameters
     ----------
@@ -295,16 +357,32 @@ def activate(
         An installed version.
     pin
         --pin: later installs with --activate leave it active; --no-pin: unpin.
+    url
+        Ask a running server (it switches at once) instead of changing the local registry.
     """
     from .registry import activate as do_activate
 
-    settings = settings_for(config, home)
-    rec, new = do_activate(open_registry(settings), model_id, version, pin=pin)
-    was = "" if rec.active_version == version else f" (was {rec.active_version})"
-    console.print(f"{model_id}: active version {version}{was}{' (pinned)' if new.active_pinned else ''}")
+    if url is not None:
+        remote = Remote(server_url(url, config, home))
+        before = remote.call("GET", f"/api/v1/models/{model_id}")["active_version"]
+        body = {} if pin is None else {"pin": pin}
+        after = remote.call("POST", f"/api/v1/models/{model_id}/versions/{version}", json=body)
+        old, pinned = before, after["active_pinned"]
+    else:
+        rec, new = do_activate(open_registry(settings_for(config, home)), model_id, version, pin=pin)
+        old, pinned = rec.active_version, new.active_pinned
+    was = "" if old == version else f" (was {old})"
+    console.print(f"{model_id}: active version {version}{was}{' (pinned)' if pinned else ''}")
 
 
-def uninstall(model_id: str, *, config: Path | None = None, home: Path | None = None) -> None:
+def uninstall(
+    model_id: str,
+    *,
+    force: bool = False,
+    url: UrlOption = None,
+    config: Path | None = None,
+    home: Path | None = None,
+) -> None:
     """Remove a model (ID) or one version (ID@VERSION, not the active one) with its copied files
     (never the original source).
 
@@ -312,45 +390,26 @@ def uninstall(model_id: str, *, config: Path | None = None, home: Path | None = 
     ----------
     model_id
         ID, or ID@VERSION for one version.
+    force
+        With --url: unload a loaded model first (else the server refuses).
+    url
+        Ask a running server instead of changing the local registry.
     """
     from .registry import split_ref
     from .registry import uninstall as do_uninstall
 
     mid, version = split_ref(model_id)
-    settings = settings_for(config, home)
-    rec = do_uninstall(open_registry(settings), settings.home_path, mid, version)
-    if version is None or rec.version_record(version) is not None:
-        console.print(f"uninstalled {rec.id} ({', '.join(v.version for v in rec.versions)})")
+    if url is not None:
+        path = f"/api/v1/models/{mid}" + (f"/versions/{version}" if version else "")
+        rec = Remote(server_url(url, config, home)).call("DELETE", path, params={"force": str(force).lower()})
+        left = [v["version"] for v in rec["versions"]]
+        gone = version is None or version in left
     else:
-        console.print(f"uninstalled {rec.id} {version} (left: {', '.join(v.version for v in rec.versions)})")
-
-
-def catalog(
-    *,
-    task: TaskChoice = None,
-    json_: Annotated[bool, cyclopts.Parameter(name="--json")] = False,
-    config: Path | None = None,
-    home: Path | None = None,
-) -> None:
-    """List the known models: `mm install SOURCE` (or its id) takes their task, metadata and
-    defaults, so it needs no flags. The `catalog_file` setting adds your own.
-
-    Parameters
-    ----------
-    task
-        Only models of this task type.
-    json_
-        Print JSON instead of a table.
-    """
-    from .registry import load_catalog
-
-    entries = load_catalog(settings_for(config, home).catalog_file).entries
-    entries = [e for e in entries if task is None or e.task == task]
-    if json_:
-        print_json([{"id": e.model_id, **msgspec.to_builtins(e)} for e in entries])
-        return
-    table = Table("id", "task", "dim", "source", "description")
-    for e in entries:
-        dim = e.metadata.config.vector_size
-        table.add_row(e.model_id, str(e.task), str(dim) if dim else "", e.source, e.metadata.description)
-    print_table(table)
+        settings = settings_for(config, home)
+        after = do_uninstall(open_registry(settings), settings.home_path, mid, version)
+        left = [v.version for v in after.versions]
+        gone = version is None or after.version_record(version) is not None
+    if gone:
+        console.print(f"uninstalled {mid} ({', '.join(left)})")
+    else:
+        console.print(f"uninstalled {mid} {version} (left: {', '.join(left)})")

@@ -45,7 +45,7 @@ def test_install_with_metadata_flags_and_file(
         "params": {"a": 1, "pooling": "mean", "dims": [1, 2]},
     }
     assert data["task_type"] == "txt2embed" and data["created_at"] == data["updated_at"] > 0
-    assert data["versions"][0]["files"]["model.safetensors"]
+    assert data["versions"][0]["checksums"]["model.safetensors"] and data["versions"][0]["files"] == 4
     code, out, _ = run_cli(capsys, monkeypatch, "info", "m")
     assert code == 0 and "My model" in out and "memory_mb=600.0" in out and "pooling" in out
 

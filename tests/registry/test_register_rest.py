@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
-from test_http_source import Files, files, model_files, targz
+from httpfiles import Files, files, model_files, targz
 
 from modelmora.registry import DownloadCache
 
