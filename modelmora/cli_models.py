@@ -369,7 +369,11 @@ def activate(
         after = remote.call("POST", f"/api/v1/models/{model_id}/versions/{version}", json=body)
         old, pinned = before, after["active_pinned"]
     else:
-        rec, new = do_activate(open_registry(settings_for(config, home)), model_id, version, pin=pin)
+        from .registry import FileVerifier
+
+        settings = settings_for(config, home)
+        verifier = FileVerifier.under(settings.home_path)
+        rec, new = do_activate(open_registry(settings), model_id, version, pin=pin, verifier=verifier)
         old, pinned = rec.active_version, new.active_pinned
     was = "" if old == version else f" (was {old})"
     console.print(f"{model_id}: active version {version}{was}{' (pinned)' if pinned else ''}")

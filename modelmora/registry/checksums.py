@@ -1,15 +1,18 @@
 """SHA-256 of a model's files: computed at install, checked before every load and activation.
 
 `FileVerifier` checks a version's files against the digests the registry recorded. A file is
-hashed once per change: the verifier remembers each file's digest under its identity (inode,
-size, modification and status-change times), and any write to a file changes its status-change
-time, which no user can set back. So a reload of an unchanged model costs a `stat` per file,
-and a file changed by one byte is hashed again and caught before the next load.
+hashed once per change: the verifier remembers each file's digest under its identity (device,
+inode, size, modification and status-change times), and any write to a file changes its
+status-change time, which no user can set back. So a reload of an unchanged model costs a `stat`
+per file, and a file changed by one byte is hashed again and caught before the next load. The
+server keeps what it verified in `$MODELMORA_HOME/cache/verified.json`, so a restart does not hash
+every model again (whoever can rewrite that file can rewrite the registry's checksums too).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -36,13 +39,42 @@ def hash_files(root: Path, names: list[str]) -> dict[str, str]:
 
 class FileVerifier:
     """Checks model files against their recorded SHA-256, hashing each file again only when it
-    changed. Thread-safe (checks run in worker threads)."""
+    changed. Thread-safe (checks run in worker threads).
 
-    def __init__(self) -> None:
-        self._known: dict[str, tuple[tuple[int, int, int, int, int], str]] = {}
+    Args:
+        store: a JSON file keeping what was verified across restarts (None: in memory only).
+    """
+
+    def __init__(self, store: Path | None = None) -> None:
+        self._known: dict[str, tuple[tuple[int, ...], str]] = {}
         self._lock = threading.Lock()
+        self.store = store
         self.hashed_bytes = 0
         """Bytes read to hash files (a check of unchanged files reads none)."""
+        if store is not None:
+            try:
+                raw = json.loads(store.read_text())
+                self._known = {k: (tuple(int(x) for x in v[:5]), str(v[5])) for k, v in raw.items()}
+            except (OSError, ValueError, TypeError, IndexError, AttributeError):
+                self._known = {}  # missing or unreadable: verify again
+
+    @classmethod
+    def under(cls, home: Path) -> FileVerifier:
+        """The verifier whose record lives in `home` (the server's and the CLI's)."""
+        return cls(home / "cache" / "verified.json")
+
+    def _save(self) -> None:
+        if self.store is None:
+            return
+        with self._lock:
+            data = {k: [*ident, digest] for k, (ident, digest) in self._known.items()}
+        try:
+            self.store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.store.with_name(f".{self.store.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.store)
+        except OSError:
+            pass  # a cache: the next start verifies again
 
     def digest(self, path: Path) -> str:
         st = os.stat(path)
@@ -69,6 +101,14 @@ class FileVerifier:
                 names the file.
         """
         base = Path(root)
+        before = self.hashed_bytes
+        try:
+            self._verify(base, files, what)
+        finally:
+            if self.hashed_bytes != before:
+                self._save()
+
+    def _verify(self, base: Path, files: dict[str, str], what: str) -> None:
         for name, expected in sorted(files.items()):
             path = base / name
             try:

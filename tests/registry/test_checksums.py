@@ -53,6 +53,25 @@ def test_the_verifier_hashes_a_file_again_only_when_it_changed(tmp_path: Path) -
     verifier.verify(tmp_path, files, what="m")
 
 
+def test_what_was_verified_survives_a_restart(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "w.bin").write_bytes(b"w" * 500)
+    files = hash_files(model, ["w.bin"])
+    FileVerifier.under(tmp_path / "home").verify(model, files, what="m")
+    again = FileVerifier.under(tmp_path / "home")  # a new process: the record on disk
+    again.verify(model, files, what="m")
+    assert again.hashed_bytes == 0
+    flip_one_byte(model / "w.bin")  # same size and mtime; the status-change time moves
+    with pytest.raises(ChecksumMismatch):
+        FileVerifier.under(tmp_path / "home").verify(model, files, what="m")
+    (tmp_path / "home" / "cache" / "verified.json").write_text("{not json")
+    broken = FileVerifier.under(tmp_path / "home")  # an unreadable record: everything is hashed again
+    with pytest.raises(ChecksumMismatch):
+        broken.verify(model, files, what="m")
+    assert broken.hashed_bytes == 500
+
+
 pytestmark = pytest.mark.anyio
 
 
