@@ -39,7 +39,7 @@ from .sources import (
     source_url,
 )
 from .store import ModelRecord, ModelStore, VersionRecord
-from .versions import check_version
+from .versions import SEMVER_RE, check_version
 
 __all__ = ("MODEL_ID_RE", "TASKS", "detect_task", "install", "uninstall")
 
@@ -172,9 +172,13 @@ def install(
     """
     entry = catalog.find(source) if catalog is not None else None
     if entry is not None:
-        if "/" not in source.partition("@")[0]:  # a catalog id: its repo, at its pinned revision if any
-            source = entry.source + (f"@{entry.revision}" if entry.revision else "")
-        elif "@" not in source and entry.revision:
+        name, _, after = source.partition("@")
+        if "/" not in name:  # a catalog id: ID@1.2.0 names the version, ID@other a revision of its repo
+            if after and SEMVER_RE.match(after) and version is None:
+                version, after = after, ""
+            pinned = after or entry.revision
+            source = entry.source + (f"@{pinned}" if pinned else "")
+        elif not after and entry.revision:
             source = f"{source}@{entry.revision}"
     plan = parse_source(source)
     if plan.kind == "hf" and revision:

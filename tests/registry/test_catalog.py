@@ -111,12 +111,15 @@ def test_installing_known_models_needs_no_flags(tmp_path: Path, minilm_path: Pat
         proc = mm("install", "all-MiniLM-L6-v2", home=home, env=env)
         assert "installed all-MiniLM-L6-v2 1.0.0 (txt2embed" in proc.stdout
         mm("install", "acme/tiny-model", "--name", "Tiny, renamed", home=home, env=env)
+        proc = mm("install", "tiny@2.0.0", home=home, env=env)  # a catalog id at a version
+        assert "installed tiny 2.0.0 (txt2embed" in proc.stdout and "active version stays 1.0.0" in proc.stdout
     store = SQLiteStore(home / "registry.sqlite3")
     minilm = store.get("all-MiniLM-L6-v2")
     assert minilm is not None and minilm.source == "sentence-transformers/all-MiniLM-L6-v2"
     assert minilm.metadata.config.vector_size == 384 and minilm.metadata.display_name == "all-MiniLM-L6-v2"
     assert minilm.metadata.source_url == "https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2"
     tiny_rec = store.get("tiny")  # the catalog's id, task, metadata (a flag over it) and settings
+    assert tiny_rec is not None and [v.version for v in tiny_rec.versions] == ["1.0.0", "2.0.0"]
     assert tiny_rec is not None and tiny_rec.task == "txt2embed" and tiny_rec.settings == {"max_batch_size": 2}
     assert tiny_rec.metadata.display_name == "Tiny, renamed" and tiny_rec.metadata.description == "from the catalog"
     assert tiny_rec.metadata.config.vector_size == 4
