@@ -43,6 +43,7 @@ bench-gpu *ARGS:
 proto:
     python schema/generate_proto.py modelmora/_proto
 
-# Regenerate schema/openapi.json from the msgspec types.
+# Regenerate schema/openapi.json and the registry's JSON Schemas from the msgspec types.
 schema:
     python -c "import json; from modelmora.api import openapi; open('schema/openapi.json', 'w').write(json.dumps(openapi.document(), indent=2, sort_keys=True) + '\n')"
+    python -m modelmora.registry.schemas schema

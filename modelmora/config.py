@@ -127,6 +127,15 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     closed at once, whatever this is)."""
     registry_url: str = ""
     """Empty: SQLite file `$MODELMORA_HOME/registry.sqlite3`."""
+    max_download_bytes: Count = 64 * 2**30
+    """Largest file a model source may download (an archive, a model file)."""
+    max_unpacked_bytes: Count = 256 * 2**30
+    """Largest total a model archive may unpack to (counted while unpacking, whatever it claims)."""
+    max_archive_members: Count = 100_000
+    """Most files and folders a model archive may hold."""
+    catalog_file: str = ""
+    """A model catalog (TOML, the format of the shipped one) whose entries add to and override the
+    shipped catalog's: `mm install` takes task, id, metadata and settings from it."""
     max_body_bytes: Count = 32 * 1024 * 1024
     body_read_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     """A request body must arrive whole within this many seconds of the request's start; else 408

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 
 __all__ = (
+    "ChecksumMismatch",
     "ClientGone",
     "DeadlineExceeded",
     "Forbidden",
@@ -22,6 +23,7 @@ __all__ = (
     "ModelMoraError",
     "ModelNotFound",
     "ModelUnavailable",
+    "OperationNotFound",
     "PayloadTooLarge",
     "QueueFull",
     "RegistryError",
@@ -99,6 +101,14 @@ class ModelNotFound(ModelMoraError):
     code = "model_not_found"
 
 
+class OperationNotFound(ModelMoraError):
+    """No background operation with that id (or it ended too long ago to be kept)."""
+
+    http_status = 404
+    grpc_status = GrpcStatus.NOT_FOUND
+    code = "operation_not_found"
+
+
 class InvalidInput(ModelMoraError):
     """Valid JSON but a field is wrong for the model's task; `field` names it."""
 
@@ -153,6 +163,20 @@ class ModelLoadFailed(ModelMoraError):
     http_status = 503
     grpc_status = GrpcStatus.UNAVAILABLE
     code = "model_load_failed"
+
+
+class ChecksumMismatch(ModelLoadFailed):
+    """A model file's SHA-256 differs from the one recorded at install, or the file is missing
+    (raised before a load, refusing it, and before an activation, refusing it: 409); `file` names
+    the file, relative to the version's folder."""
+
+    http_status = 409
+    grpc_status = GrpcStatus.FAILED_PRECONDITION
+    code = "checksum_mismatch"
+
+    def __init__(self, message: str, *, file: str, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.file = file
 
 
 class ModelUnavailable(ModelMoraError):

@@ -31,7 +31,7 @@ from .httpserver import HttpListener, current_backend
 from .ipc import segments
 from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
 from .observability import ExportUnavailable, Spans, open_otlp, worker_log_env
-from .registry import ModelStore, open_store
+from .registry import FileVerifier, ModelStore, open_store
 from .results import open_result_store
 from .scheduler import Scheduler
 from .service import InferenceService
@@ -235,7 +235,14 @@ async def _serve(
     home = settings.home_path
     instance_id = segments.new_instance_id()
     launcher = make_launcher(settings, worker_env, {rec.task for rec in await store.alist()})
-    scheduler = Scheduler(settings, instance_id, pipelines=pipelines, worker_env=worker_env, launcher=launcher)
+    scheduler = Scheduler(
+        settings,
+        instance_id,
+        pipelines=pipelines,
+        worker_env=worker_env,
+        launcher=launcher,
+        verifier=FileVerifier.under(home),  # what was verified survives restarts
+    )
     port = sock.getsockname()[1]
     config = HypercornConfig()
     config.accesslog = None

@@ -102,7 +102,7 @@ def test_versions_force_and_conflicts(
     ("args", "needle"),
     [
         (["install", "/definitely/not/here"], "does not exist"),
-        (["install", "s3://bucket/model"], "not supported"),
+        (["install", "s3://bucket"], "an s3:// source is s3://bucket/prefix"),
         (["install", "just-a-word"], "neither a local path"),
         (["install", "{src}", "--id", "bad id!"], "model id"),
         (["install", "{src}", "--version", "one"], "semantic version"),

@@ -33,10 +33,15 @@ REACHED_THROUGH_THEIR_MODULE: dict[str, frozenset[str]] = {
     "modelmora.images": frozenset({"data_uri_payload", "decode_base64"}),
     "modelmora.ipc": frozenset({"MAX_FRAME_BYTES", "Arrays", "Blobs", "split", "itemsize", "ALIGN", "HEADER_BYTES"}),
     "modelmora.lifecycle": frozenset({"SpawnedProcess", "DEFAULT_PRELOAD", "ForkedProcess", "ZygoteClient"}),
-    "modelmora.registry": frozenset({"MODEL_ID_RE", "InstallPlan", "Progress"}),
+    "modelmora.registry": frozenset(
+        {"MODEL_ID_RE", "MAX_PARAMS_BYTES", "SCHEMA_VERSION", "SEMVER_RE", "LOCK_FORMAT", "CATALOG_FORMAT"}
+        | {"HF_REPO_RE", "copy_tree", "download_hf", "fetch_http", "fetch_s3_source", "list_files"}
+    ),
     "modelmora.results": frozenset({"SWEEP_GRACE_S", "expiry_of", "new_name", "sweep_interval", "sweeping"}),
     "modelmora.scheduler": frozenset({"abandon_if_unwanted", "dispatch", "keep_alive_s", "model_status"}),
-    "modelmora.service": frozenset({"literal_choices", "registered_status", "supervisor_status", "Prepared", "Job"}),
+    "modelmora.service": frozenset(
+        {"literal_choices", "registered_status", "supervisor_status", "Prepared", "Job", "KEEP_S"}
+    ),
 }
 
 

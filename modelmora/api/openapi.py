@@ -14,9 +14,11 @@ import msgspec
 
 from .. import __version__
 from ..config import ModelSettings
-from ..service import ModelStatus, ServerStatus
+from ..service import ModelStatus, Operation, ServerStatus
 from .schemas import (
+    ActivateVersion,
     CaptionParameters,
+    DownloadVersion,
     EmbeddingParameters,
     EmbeddingResponse,
     ErrorBody,
@@ -28,6 +30,7 @@ from .schemas import (
     InferRequest,
     ModelInfo,
     ModelList,
+    RegisterModel,
     TextInput,
     TextResponse,
 )
@@ -68,6 +71,10 @@ def document() -> dict[str, Any]:
         ModelList,
         HealthModels,
         ModelSettings,
+        ActivateVersion,
+        RegisterModel,
+        DownloadVersion,
+        Operation,
         ServerStatus,
         ModelStatus,
         *inputs,
@@ -97,6 +104,14 @@ def document() -> dict[str, Any]:
         "oneOf": [{"$ref": _REF.format(name=t.__name__)} for t in responses],
     }
     model_id = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+    force = {
+        "name": "force",
+        "in": "query",
+        "required": False,
+        "description": "Unload a loaded model first (its queued requests are served), then remove it",
+        "schema": {"type": "boolean", "default": False},
+    }
     errors = {
         "400": _error("Malformed JSON, not UTF-8, or nested deeper than 64 levels"),
         "404": _error("Unknown model or version"),
@@ -155,12 +170,69 @@ def document() -> dict[str, Any]:
             },
             "/api/v1/models": {
                 "get": {
-                    "summary": "Installed models (the registry)",
+                    "summary": "Installed models (the registry), by id",
                     "operationId": "listModels",
                     "parameters": [
-                        {"name": "task_type", "in": "query", "required": False, "schema": {"type": "string"}}
+                        {"name": "task_type", "in": "query", "required": False, "schema": {"type": "string"}},
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 1000},
+                        },
+                        {
+                            "name": "offset",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 0, "default": 0},
+                        },
                     ],
-                    "responses": {"200": _ok("ModelList")},
+                    "responses": {"200": _ok("ModelList"), "422": _error("Unknown task type, bad limit or offset")},
+                },
+                "post": {
+                    "summary": "Register a model version from a source (http(s) archive or file, s3, Hugging Face,"
+                    " catalog id); checked at once, installed in the background",
+                    "operationId": "registerModel",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": _REF.format(name="RegisterModel")}}},
+                    },
+                    "responses": {
+                        "202": _ok("Operation", "Started: poll the operation (Location header)"),
+                        "409": _error("This version is already installed (force to reinstall)"),
+                        "422": _error("Invalid field, a local path, or a private address; error.field names it"),
+                        "503": _error("Background operations are not accepted now"),
+                    },
+                },
+            },
+            "/api/v1/models/{model_id}/download": {
+                "post": {
+                    "summary": "Fetch a version's files again from its source at its recorded revision; they must"
+                    " match the recorded checksums (background)",
+                    "operationId": "downloadModel",
+                    "parameters": [model_id],
+                    "requestBody": {
+                        "required": False,
+                        "content": {"application/json": {"schema": {"$ref": _REF.format(name="DownloadVersion")}}},
+                    },
+                    "responses": {
+                        "202": _ok("Operation", "Started: poll the operation (Location header)"),
+                        "404": _error("Unknown model or version"),
+                        "422": _error("A local source"),
+                    },
+                }
+            },
+            "/api/v1/operations/{operation_id}": {
+                "get": {
+                    "summary": "A background operation: status (pending, running, succeeded, failed), bytes, error",
+                    "operationId": "getOperation",
+                    "parameters": [
+                        {"name": "operation_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        "200": _ok("Operation"),
+                        "404": _error("Unknown operation, or ended over an hour ago"),
+                    },
                 }
             },
             "/api/v1/models/{model_id}": {
@@ -185,6 +257,55 @@ def document() -> dict[str, Any]:
                         "415": _error("Content-Type is not application/json"),
                         "422": _error("Invalid setting, or a key given twice"),
                         "503": _error("The registry cannot be written (storage_unavailable)"),
+                    },
+                },
+                "delete": {
+                    "summary": "Remove the model, all its versions and their files",
+                    "operationId": "deleteModel",
+                    "parameters": [model_id, force],
+                    "responses": {
+                        "200": _ok("ModelInfo", "The model as it was"),
+                        "404": _error("Unknown model"),
+                        "409": _error("Loaded, and force is not set"),
+                    },
+                },
+            },
+            "/api/v1/models/{model_id}/metadata": {
+                "put": {
+                    "summary": "Replace a model's metadata (validated for its task)",
+                    "operationId": "putModelMetadata",
+                    "parameters": [model_id],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": _REF.format(name="ModelMetadata")}}},
+                    },
+                    "responses": {
+                        "200": _ok("ModelInfo"),
+                        "404": _error("Unknown model"),
+                        "422": _error("Invalid field; error.field names it"),
+                    },
+                }
+            },
+            "/api/v1/models/{model_id}/versions/{version}": {
+                "post": {
+                    "summary": "Make the version the active one: new requests go to it, the previous version's"
+                    " worker finishes what it holds and stops",
+                    "operationId": "activateVersion",
+                    "parameters": [model_id, version],
+                    "requestBody": {
+                        "required": False,
+                        "content": {"application/json": {"schema": {"$ref": _REF.format(name="ActivateVersion")}}},
+                    },
+                    "responses": {"200": _ok("ModelInfo"), "404": _error("Unknown model or version")},
+                },
+                "delete": {
+                    "summary": "Remove one version (not the active one) and its files",
+                    "operationId": "deleteVersion",
+                    "parameters": [model_id, version, force],
+                    "responses": {
+                        "200": _ok("ModelInfo", "The model as it is now"),
+                        "404": _error("Unknown model or version"),
+                        "409": _error("The active version, or loaded (without force)"),
                     },
                 },
             },

@@ -8,6 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from ..config import ModelSettings
+from ..registry import ModelMetadata
 from ..service import (
     CaptionParameters,
     EmbeddingParameters,
@@ -18,8 +19,11 @@ from ..service import (
     ImageInput,
     TextInput,
 )
+from ..tasks import TaskType
 
 __all__ = (
+    "ActivateVersion",
+    "DownloadVersion",
     "CaptionParameters",
     "EmbeddingOutput",
     "EmbeddingParameters",
@@ -40,6 +44,7 @@ __all__ = (
     "ModelList",
     "ModelVersionInfo",
     "PriorityName",
+    "RegisterModel",
     "TextInput",
     "TextOutput",
     "TextResponse",
@@ -139,19 +144,67 @@ class ErrorBody(msgspec.Struct):
 class ModelVersionInfo(msgspec.Struct):
     version: str
     revision: str
+    """The resolved revision of the source (a Hugging Face commit...)."""
     size_bytes: int
     files: int
     created_at: float
+    checksums: dict[str, str] = {}
+    """Relative path of each file -> its SHA-256 (hex), as recorded at install."""
 
 
 class ModelInfo(msgspec.Struct):
+    """A registered model: versions in semantic-version order, its metadata, its settings."""
+
     id: str
     task_type: str
     source: str
     active_version: str
     versions: list[ModelVersionInfo]
     settings: ModelSettings
+    metadata: ModelMetadata = ModelMetadata()
+    active_pinned: bool = False
+    """The active version is pinned: an install does not move it, only an explicit activation."""
+    created_at: float = 0.0
+    updated_at: float = 0.0
 
 
 class ModelList(msgspec.Struct):
     models: list[ModelInfo]
+    total: int = 0
+    """Models matching the filter, of which `models` is the page asked for (`limit`, `offset`)."""
+
+
+class RegisterModel(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of `POST /api/v1/models`: register a model version from a source, in the background."""
+
+    source: Annotated[str, Meta(min_length=1, max_length=4096)]
+    """An http(s) URL of an archive or a file, s3://bucket/prefix, a Hugging Face repo org/name[@revision],
+    or a catalog id. Local paths are refused (use mm install on the server's machine)."""
+    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] | None = None
+    """Model id (default: the catalog's, or the repo's, archive's or prefix's name)."""
+    task_type: TaskType | None = None
+    """Required when neither the catalog nor the files tell."""
+    version: str | None = None
+    """Semantic version (default 1.0.0)."""
+    force: bool = False
+    """Reinstall a version already installed."""
+    activate: bool = False
+    """Make it the active version (a model's first version always is)."""
+    metadata: ModelMetadata | None = None
+    settings: ModelSettings | None = None
+    check: bool = True
+    """Check that the files are laid out as the task's loader expects."""
+
+
+class DownloadVersion(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of `POST /api/v1/models/{id}/download` (optional)."""
+
+    version: str | None = None
+    """Default: the active version."""
+
+
+class ActivateVersion(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of `POST /api/v1/models/{id}/versions/{version}` (optional)."""
+
+    pin: bool | None = None
+    """true: pin the version (later installs do not move it); false: unpin; absent: unchanged."""

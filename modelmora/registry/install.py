@@ -1,83 +1,51 @@
-"""Installing and uninstalling models: sources, task detection, file copies, checksums.
+"""Installing and uninstalling models: task detection, layout checks, checksums, the registry.
 
-A source is a local directory (`/...`, `./...`, `../...`, `~...`, `file://...`) or a
-Hugging Face repo `org/name[@revision]`. Files land in
-`$MODELMORA_HOME/models/<id>/<version>/` through a temporary directory and a rename, so a
-failed install leaves nothing half-written; the user's directory is never modified.
+Sources (`sources.py`): a local directory, an HTTP(S) archive or file, a Hugging Face repo, or a
+catalog id. Files land in `$MODELMORA_HOME/models/<id>/<version>/` through a temporary directory
+and a rename, so a failed install leaves nothing half-written; the user's directory is never
+modified.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..errors import InvalidInput, ModelNotFound, RegistryError, SourceError
+import msgspec
+
+from ..config import ModelSettings, S3Settings
+from ..errors import ChecksumMismatch, InvalidInput, ModelNotFound, RegistryError
 from ..tasks import TaskType
+from .cache import DownloadCache
+from .catalog import ModelCatalog, merge_metadata
+from .checksums import hash_files
 from .layout import architecture_task, check_layout, find_model_dir
-from .store import ModelRecord, ModelStore, VersionRecord
-
-__all__ = (
-    "MODEL_ID_RE",
-    "TASKS",
-    "InstallPlan",
-    "Progress",
-    "detect_task",
-    "install",
-    "parse_source",
-    "uninstall",
+from .metadata import ModelMetadata, check_metadata, parse_metadata
+from .sources import (
+    InstallPlan,
+    Progress,
+    SourceLimits,
+    copy_tree,
+    download_hf,
+    fetch_http,
+    fetch_s3_source,
+    list_files,
+    parse_source,
+    source_url,
 )
+from .store import ModelRecord, ModelStore, VersionRecord
+from .versions import SEMVER_RE, check_version
+
+__all__ = ("MODEL_ID_RE", "TASKS", "detect_task", "install", "uninstall")
 
 TASKS = tuple(str(t) for t in TaskType)
 """The task types a model can be installed for."""
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SEMVER_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
-HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-Progress = Callable[[int, int], None]
-"""Called with (bytes done, bytes total) while files are copied."""
-
-# Files a task's loader needs from a Hugging Face repo: configs, tokenizer, safetensors.
-_HF_ALLOW = ["*.json", "*.txt", "*.model", "*.safetensors", "*/*.json", "*/*.txt", "*/*.safetensors"]
-_HF_IGNORE = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite", "*.bin", "*.pt"]
-_HF_IGNORE_WITH_BIN = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite"]
-
-
-@dataclass(frozen=True, slots=True)
-class InstallPlan:
-    """A parsed source."""
-
-    kind: str  # "local" | "hf"
-    location: str  # resolved directory, or repo id
-    revision: str | None = None
-
-
-def parse_source(source: str) -> InstallPlan:
-    """Classify a source string.
-
-    Raises:
-        InvalidInput: neither a local path nor an `org/name` repo id (s3/http sources are
-            not supported yet).
-    """
-    if source.startswith(("/", "./", "../", "~", "file://")) or source in (".", ".."):
-        path = source.removeprefix("file://")
-        return InstallPlan("local", str(Path(path).expanduser().resolve()))
-    if source.startswith(("s3://", "http://", "https://")):
-        raise InvalidInput(f"source {source!r}: s3:// and http(s):// sources are not supported yet", field="source")
-    repo, _, revision = source.partition("@")
-    if not HF_REPO_RE.match(repo):
-        raise InvalidInput(
-            f"source {source!r} is neither a local path (start it with / ./ ../ ~ or file://)"
-            " nor a Hugging Face repo id 'org/name[@revision]'",
-            field="source",
-        )
-    return InstallPlan("hf", repo, revision or None)
 
 
 def detect_task(files: list[str], root: Path | None = None) -> str | None:
@@ -96,55 +64,6 @@ def detect_task(files: list[str], root: Path | None = None) -> str | None:
         found = architecture_task(config) if isinstance(config, dict) else None
         return found[1] if found else None
     return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _list_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and ".git" not in p.relative_to(root).parts)
-
-
-def _copy_tree(src: Path, dst: Path, progress: Progress | None) -> None:
-    files = _list_files(src)
-    total = sum(p.stat().st_size for p in files)
-    done = 0
-    if progress:
-        progress(0, total)
-    for p in files:
-        target = dst / p.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with p.open("rb") as fin, target.open("wb") as fout:
-            while chunk := fin.read(4 << 20):
-                fout.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
-
-
-def _download_hf(plan: InstallPlan, dest: Path, progress: bool) -> str:
-    from .hf import HubError, download_snapshot, list_repo_files  # huggingface_hub is slow to import
-
-    try:
-        remote = list_repo_files(plan.location, revision=plan.revision)
-        has_st = any(f.endswith(".safetensors") for f in remote)
-        return download_snapshot(
-            plan.location,
-            dest,
-            revision=plan.revision,
-            allow_patterns=_HF_ALLOW + ([] if has_st else ["*.bin", "*/*.bin"]),
-            ignore_patterns=_HF_IGNORE if has_st else _HF_IGNORE_WITH_BIN,
-            progress=progress,
-        )
-    except HubError as exc:
-        if exc.kind in ("not_found", "revision_not_found"):
-            raise ModelNotFound(str(exc), field="source") from exc
-        raise SourceError(str(exc), field="source") from exc
 
 
 def _subfolder_hint(root: Path, source: str, plan: InstallPlan, task: str | None) -> str:
@@ -166,7 +85,7 @@ def _task_and_layout(root: Path, source: str, plan: InstallPlan, task: str | Non
     Raises:
         InvalidInput: no files; the task cannot be detected; the layout does not fit the task.
     """
-    files = _list_files(root)
+    files = list_files(root)
     if not files:
         raise InvalidInput(f"source {source!r} holds no files", field="source")
     rel = [p.relative_to(root).as_posix() for p in files]
@@ -188,6 +107,20 @@ def _task_and_layout(root: Path, source: str, plan: InstallPlan, task: str | Non
     return resolved
 
 
+def _check_expected(found: dict[str, str], expected: dict[str, str], what: str) -> None:
+    for name in sorted(expected.keys() | found.keys()):
+        if name not in found:
+            raise ChecksumMismatch(f"{what}: the pinned file {name} is not in the source", file=name)
+        if name not in expected:
+            raise ChecksumMismatch(f"{what}: the source has {name}, which is not pinned", file=name)
+        if found[name] != expected[name]:
+            raise ChecksumMismatch(
+                f"{what}: checksum mismatch in {name}: SHA-256 {found[name][:12]}... differs from the pinned"
+                f" {expected[name][:12]}...",
+                file=name,
+            )
+
+
 def install(
     store: ModelStore,
     home: Path,
@@ -197,9 +130,16 @@ def install(
     task: str | None = None,
     version: str | None = None,
     force: bool = False,
+    activate: bool = False,
+    metadata: ModelMetadata | dict[str, Any] | None = None,
     progress: Progress | None = None,
     hf_progress: bool = True,
     check_files: bool = True,
+    expect_files: dict[str, str] | None = None,
+    catalog: ModelCatalog | None = None,
+    revision: str | None = None,
+    limits: SourceLimits | None = None,
+    s3: S3Settings | None = None,
 ) -> ModelRecord:
     """Register a model from `source`, copying its files under `home/models`.
 
@@ -208,31 +148,53 @@ def install(
     repo after the download and before it is registered. Tests whose workers run stand-in
     pipelines turn it off.
 
+    Args:
+        activate: the new version becomes the active one (refused when the active one is pinned);
+            a model's first version is always active.
+        metadata: the model's metadata (`ModelMetadata`, or decoded JSON validated here); None: a
+            new model gets none beyond its source URL, an existing one keeps its own.
+        expect_files: the files the version must have and their SHA-256 (a lock file's pins):
+            any difference refuses the install before anything is registered.
+        catalog: known models: `source` may be a catalog id (`all-MiniLM-L6-v2`); a new model of
+            the catalog takes its task, id, revision, metadata (`metadata` over it) and settings.
+        revision: the revision wanted (a lock file's pin): a Hugging Face commit, or the SHA-256 of
+            an HTTP source's file (served from the download cache when it holds it).
+        limits: download and archive limits (default: `SourceLimits()`).
+        s3: endpoint, region and credentials of `s3://` sources (the `[s3]` settings).
+
     Raises:
-        InvalidInput: bad id, version, task or source; the task cannot be detected; the files
-            are not laid out as the task expects (the message names what is missing, and a
+        InvalidInput: bad id, version, task, metadata or source; the task cannot be detected; the
+            files are not laid out as the task expects (the message names what is missing, and a
             subfolder that holds the model when there is one).
-        RegistryError: the id is taken by another source, or this version exists (no `force`).
+        RegistryError: the id is taken by another source, this version exists (no `force`), or
+            `activate` on a model whose active version is pinned.
+        ChecksumMismatch: with `expect_files`, a file differs, is missing or is not expected.
     """
+    entry = catalog.find(source) if catalog is not None else None
+    if entry is not None:
+        name, _, after = source.partition("@")
+        if "/" not in name:  # a catalog id: ID@1.2.0 names the version, ID@other a revision of its repo
+            if after and SEMVER_RE.match(after) and version is None:
+                version, after = after, ""
+            pinned = after or entry.revision
+            source = entry.source + (f"@{pinned}" if pinned else "")
+        elif not after and entry.revision:
+            source = f"{source}@{entry.revision}"
     plan = parse_source(source)
-    if plan.kind == "local":
-        src = Path(plan.location)
-        if not src.is_dir():
-            raise InvalidInput(f"source directory {src} does not exist or is not a directory", field="source")
-        default_id = src.name
-    else:
-        default_id = plan.location.rsplit("/", 1)[-1]
-    mid = model_id or default_id
+    if plan.kind == "hf" and revision:
+        plan = InstallPlan("hf", plan.location, revision)
+    if plan.kind == "local" and not Path(plan.location).is_dir():
+        raise InvalidInput(f"source directory {plan.location} does not exist or is not a directory", field="source")
+    mid = model_id or (entry.model_id if entry is not None and plan.kind == "hf" else plan.default_id)
     if not MODEL_ID_RE.match(mid):
         raise InvalidInput(f"model id {mid!r} must match {MODEL_ID_RE.pattern}", field="id")
-    ver = version or "1.0.0"
-    if not SEMVER_RE.match(ver):
-        raise InvalidInput(f"version {ver!r} is not a semantic version (e.g. 1.0.0)", field="version")
+    ver = check_version(version or "1.0.0")
     if task is not None and task not in TASKS:
         raise InvalidInput(f"task {task!r} is not one of {', '.join(TASKS)}", field="task")
-    canonical = plan.location if plan.kind == "hf" else f"file://{plan.location}"
+    canonical = plan.canonical
 
     existing = store.get(mid)
+    meta: ModelMetadata | None = None
     if existing is not None:
         if existing.source != canonical:
             raise RegistryError(
@@ -243,24 +205,56 @@ def install(
             raise RegistryError(f"model {mid!r} version {ver} is already installed (use --force to reinstall)")
         if task is not None and task != existing.task:
             raise RegistryError(f"model {mid!r} is registered with task {existing.task}, not {task}")
+        if activate and existing.active_pinned and existing.active_version != ver:
+            raise RegistryError(
+                f"model {mid!r} is pinned to version {existing.active_version}: activate {ver} explicitly"
+                f" (mm activate {mid} {ver}) or install it without activating"
+            )
+        if metadata is not None:
+            meta = parse_metadata(metadata, task or existing.task)
+    else:
+        if entry is not None:
+            task = task or str(entry.task)
+            meta = parse_metadata(merge_metadata(entry.metadata, metadata), task)
+        else:
+            meta = parse_metadata(metadata, task)
+        if meta.source_url is None:
+            meta = msgspec.structs.replace(meta, source_url=source_url(plan))
 
     known_task = task or (existing.task if existing else None)
     resolved_task = ""
     if plan.kind == "local":  # checked before anything is copied
         resolved_task = _task_and_layout(Path(plan.location), source, plan, known_task, check_files)
+        if meta is not None:
+            check_metadata(meta, resolved_task)
     models_dir = home / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=models_dir))
     try:
-        revision = ""
+        fetched = ""
         if plan.kind == "local":
-            _copy_tree(Path(plan.location), staging, progress)
+            copy_tree(Path(plan.location), staging, progress)
         else:
-            revision = _download_hf(plan, staging, hf_progress)
+            cache, limits = DownloadCache.under(home), limits or SourceLimits()
+            if plan.kind == "hf":
+                fetched = download_hf(plan, staging, hf_progress)
+            elif plan.kind == "s3":
+                fetched = fetch_s3_source(plan, staging, cache, limits, s3 or S3Settings(), progress=progress)
+                if revision and fetched != revision:
+                    raise ChecksumMismatch(
+                        f"{plan.location} now holds content {fetched[:12]}..., not the pinned {revision[:12]}...",
+                        file=plan.location.rsplit("/", 1)[-1],
+                    )
+            else:
+                fetched = fetch_http(plan, staging, cache, limits, expect_sha256=revision, progress=progress)
             resolved_task = _task_and_layout(staging, source, plan, known_task, check_files)
-        files = _list_files(staging)
+            if meta is not None:
+                check_metadata(meta, resolved_task)
+        files = list_files(staging)
         rel = [p.relative_to(staging).as_posix() for p in files]
-        checksums = {r: _sha256(p) for r, p in zip(rel, files, strict=True)}
+        checksums = hash_files(staging, rel)
+        if expect_files is not None:
+            _check_expected(checksums, expect_files, f"model {mid!r} version {ver} from {source}")
         size = sum(p.stat().st_size for p in files)
         final = models_dir / mid / ver
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -270,25 +264,53 @@ def install(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    record = VersionRecord(ver, str(final), revision, checksums, size, time.time())
+    record = VersionRecord(ver, str(final), fetched, checksums, size, time.time())
     try:
-        return store.add_version(mid, resolved_task, canonical, record, replace=force)
+        rec = store.add_version(mid, resolved_task, canonical, record, replace=force, metadata=meta, activate=activate)
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise
+    if existing is None and entry is not None and entry.settings != ModelSettings():
+        rec = store.update_settings(mid, msgspec.to_builtins(entry.settings)) or rec
+    return rec
 
 
-def uninstall(store: ModelStore, home: Path, model_id: str) -> ModelRecord:
-    """Remove a model's registry row and its copied files (never the original source).
+def uninstall(store: ModelStore, home: Path, model_id: str, version: str | None = None) -> ModelRecord:
+    """Remove a model (or one of its versions) from the registry, and its copied files (never the
+    original source).
+
+    Returns:
+        The model as it was before (all versions removed), or as it is now (one version removed).
 
     Raises:
-        ModelNotFound: no such model.
+        ModelNotFound: no such model or version.
+        RegistryError: `version` is the active one while others remain (activate another first).
     """
-    rec = store.remove(model_id)
-    if rec is None:
-        raise ModelNotFound(f"model {model_id!r} is not installed")
     models_dir = (home / "models").resolve()
-    for v in rec.versions:
+    if version is None:
+        rec = store.remove(model_id)
+        if rec is None:
+            raise ModelNotFound(f"model {model_id!r} is not installed")
+        gone = rec.versions
+    else:
+        current = store.get(model_id)
+        if current is None:
+            raise ModelNotFound(f"model {model_id!r} is not installed")
+        vrec = current.version_record(version)
+        if vrec is None:
+            raise ModelNotFound(f"model {model_id!r} has no version {version!r}", field="version")
+        if len(current.versions) == 1:
+            return uninstall(store, home, model_id)
+        if version == current.active_version:
+            others = ", ".join(v.version for v in current.versions if v.version != version)
+            raise RegistryError(
+                f"version {version} of model {model_id!r} is the active one: activate another ({others}) first"
+            )
+        after = store.remove_version(model_id, version)
+        if after is None:  # activated or removed meanwhile by another process
+            raise RegistryError(f"version {version} of model {model_id!r} changed while it was being removed")
+        rec, gone = after, [vrec]
+    for v in gone:
         p = Path(v.path).resolve()
         if models_dir in p.parents:  # only our own copies
             shutil.rmtree(p, ignore_errors=True)

@@ -1,26 +1,23 @@
-"""The model registry: what is installed, in which versions, from where.
+"""The model registry's records and its one interface, `ModelStore`: what is installed, in which
+versions, from where, with which metadata and settings.
 
-One interface (`ModelStore`), backed here by SQLite (the embedded default, a file under
-`$MODELMORA_HOME`). Calls are synchronous (the CLI uses them directly); the server calls
-the `a*` variants, which run the same code in a worker thread through anyio so that the
-event loop never blocks (works on asyncio and trio). Several processes (a running server
-and the `mm` CLI) share the file safely: WAL mode and a busy timeout.
+Backends (SQLite here, `sqlite.py`; PostgreSQL next) implement the synchronous methods; the
+CLI calls them directly, the server calls the `a*` variants, which run the same code in a worker
+thread through anyio, so that the event loop never blocks (works on asyncio and trio). A backend
+may override the `a*` variants with native async calls.
 """
 
 from __future__ import annotations
 
 import builtins
-import json
-import sqlite3
-import threading
-import time
-from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
 import msgspec
 
-__all__ = ("ModelRecord", "ModelStore", "SQLiteStore", "VersionRecord")
+from .metadata import ModelMetadata
+
+__all__ = ("ModelRecord", "ModelStore", "VersionRecord")
 
 
 class VersionRecord(msgspec.Struct, frozen=True):
@@ -29,6 +26,7 @@ class VersionRecord(msgspec.Struct, frozen=True):
     version: str
     path: str
     revision: str = ""
+    """The resolved revision of the source (a Hugging Face commit, an archive's SHA-256...)."""
     files: dict[str, str] = {}
     """Relative path -> SHA-256 hex."""
     size_bytes: int = 0
@@ -45,6 +43,11 @@ class ModelRecord(msgspec.Struct, frozen=True):
     versions: list[VersionRecord]
     settings: dict[str, Any] = {}
     created_at: float = 0.0
+    metadata: ModelMetadata = ModelMetadata()
+    updated_at: float = 0.0
+    active_pinned: bool = False
+    """The active version is pinned: installing a version with `activate` does not move it (an
+    explicit activation does)."""
 
     def version_record(self, version: str | None = None) -> VersionRecord | None:
         wanted = version or self.active_version
@@ -52,27 +55,59 @@ class ModelRecord(msgspec.Struct, frozen=True):
 
 
 class ModelStore:
-    """Interface of a registry backend."""
+    """Interface of a registry backend. Every method that changes a model sets its `updated_at`."""
 
     def get(self, model_id: str) -> ModelRecord | None:
         raise NotImplementedError
 
     def list(self, task: str | None = None) -> builtins.list[ModelRecord]:
+        """Every model (of one task type), by id."""
         raise NotImplementedError
 
     def add_version(
-        self, model_id: str, task: str, source: str, record: VersionRecord, *, replace: bool = False
+        self,
+        model_id: str,
+        task: str,
+        source: str,
+        record: VersionRecord,
+        *,
+        replace: bool = False,
+        metadata: ModelMetadata | None = None,
+        activate: bool = False,
     ) -> ModelRecord:
+        """Insert a model (its first version becomes the active one) or add a version to it.
+
+        Args:
+            replace: overwrite that version if it exists (else it is an error of the backend).
+            metadata: the model's metadata (None: an existing model keeps its own).
+            activate: the new version becomes the active one.
+        """
         raise NotImplementedError
 
     def remove(self, model_id: str) -> ModelRecord | None:
+        """Remove a model and all its versions; the record as it was, None when there was none."""
+        raise NotImplementedError
+
+    def remove_version(self, model_id: str, version: str) -> ModelRecord | None:
+        """Remove one version (never the active one: callers activate another first); the model
+        as it is now, None when the model or version does not exist."""
+        raise NotImplementedError
+
+    def set_active(self, model_id: str, version: str, *, pinned: bool | None = None) -> ModelRecord | None:
+        """Make `version` the active one (and pin or unpin it; None: unchanged); None when the
+        model or version does not exist."""
         raise NotImplementedError
 
     def update_settings(self, model_id: str, settings: dict[str, Any]) -> ModelRecord | None:
         """Replace a model's per-model settings; None when the model does not exist."""
         raise NotImplementedError
 
+    def update_metadata(self, model_id: str, metadata: ModelMetadata) -> ModelRecord | None:
+        """Replace a model's metadata; None when the model does not exist."""
+        raise NotImplementedError
+
     def ping(self) -> None:
+        """Raise unless the registry can be read and written."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -84,140 +119,17 @@ class ModelStore:
     async def alist(self, task: str | None = None) -> builtins.list[ModelRecord]:
         return await anyio.to_thread.run_sync(self.list, task)
 
+    async def aremove(self, model_id: str) -> ModelRecord | None:
+        return await anyio.to_thread.run_sync(self.remove, model_id)
+
+    async def aset_active(self, model_id: str, version: str, *, pinned: bool | None = None) -> ModelRecord | None:
+        return await anyio.to_thread.run_sync(lambda: self.set_active(model_id, version, pinned=pinned))
+
     async def aupdate_settings(self, model_id: str, settings: dict[str, Any]) -> ModelRecord | None:
         return await anyio.to_thread.run_sync(self.update_settings, model_id, settings)
 
+    async def aupdate_metadata(self, model_id: str, metadata: ModelMetadata) -> ModelRecord | None:
+        return await anyio.to_thread.run_sync(self.update_metadata, model_id, metadata)
+
     async def aping(self) -> None:
         await anyio.to_thread.run_sync(self.ping)
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS models (
-    id TEXT PRIMARY KEY,
-    task TEXT NOT NULL,
-    source TEXT NOT NULL,
-    active_version TEXT NOT NULL,
-    settings TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS versions (
-    model_id TEXT NOT NULL REFERENCES models(id) ON DELETE CASCADE,
-    version TEXT NOT NULL,
-    path TEXT NOT NULL,
-    revision TEXT NOT NULL DEFAULT '',
-    files TEXT NOT NULL DEFAULT '{}',
-    size_bytes INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (model_id, version)
-);
-"""
-
-
-class SQLiteStore(ModelStore):
-    """Registry in one SQLite file; safe to share between the server and the CLI."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, timeout=30.0, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-
-    def _records(self, rows: builtins.list[tuple[Any, ...]]) -> builtins.list[ModelRecord]:
-        out = []
-        for mid, task, source, active, settings, created in rows:
-            vrows = self._db.execute(
-                "SELECT version, path, revision, files, size_bytes, created_at FROM versions"
-                " WHERE model_id = ? ORDER BY created_at",
-                (mid,),
-            ).fetchall()
-            versions = [VersionRecord(v, p, r, json.loads(f), s, c) for v, p, r, f, s, c in vrows]
-            out.append(ModelRecord(mid, task, source, active, versions, json.loads(settings), created))
-        return out
-
-    def get(self, model_id: str) -> ModelRecord | None:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchall()
-            recs = self._records(rows)
-        return recs[0] if recs else None
-
-    def list(self, task: str | None = None) -> builtins.list[ModelRecord]:
-        with self._lock:
-            if task is None:
-                rows = self._db.execute("SELECT * FROM models ORDER BY id").fetchall()
-            else:
-                rows = self._db.execute("SELECT * FROM models WHERE task = ? ORDER BY id", (task,)).fetchall()
-            return self._records(rows)
-
-    def add_version(
-        self, model_id: str, task: str, source: str, record: VersionRecord, *, replace: bool = False
-    ) -> ModelRecord:
-        """Insert a model (first version) or add a version; `replace` overwrites that version.
-
-        The first version becomes the active one; later versions do not change it.
-        """
-        now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "INSERT INTO models (id, task, source, active_version, created_at) VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT(id) DO NOTHING",
-                    (model_id, task, source, record.version, now),
-                )
-                verb = "INSERT OR REPLACE" if replace else "INSERT"
-                self._db.execute(
-                    f"{verb} INTO versions (model_id, version, path, revision, files, size_bytes, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        model_id,
-                        record.version,
-                        record.path,
-                        record.revision,
-                        json.dumps(record.files),
-                        record.size_bytes,
-                        record.created_at or now,
-                    ),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        got = self.get(model_id)
-        assert got is not None
-        return got
-
-    def remove(self, model_id: str) -> ModelRecord | None:
-        rec = self.get(model_id)
-        if rec is None:
-            return None
-        with self._lock:
-            self._db.execute("DELETE FROM models WHERE id = ?", (model_id,))
-        return rec
-
-    def update_settings(self, model_id: str, settings: dict[str, Any]) -> ModelRecord | None:
-        with self._lock:
-            cur = self._db.execute("UPDATE models SET settings = ? WHERE id = ?", (json.dumps(settings), model_id))
-        return self.get(model_id) if cur.rowcount else None
-
-    def ping(self) -> None:
-        """Raise unless the registry can be read and written: a write transaction is begun and
-        rolled back (nothing is written). A database busy with another writer counts as writable."""
-        with self._lock:
-            self._db.execute("SELECT 1").fetchone()
-            self._db.execute("PRAGMA busy_timeout = 100")
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
-                    raise
-            else:
-                self._db.execute("ROLLBACK")
-            finally:
-                self._db.execute("PRAGMA busy_timeout = 30000")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()

@@ -75,6 +75,8 @@ class Admission:
     def need_mb(self, rt: ModelRuntime) -> float:
         if rt.measured_mb is not None:  # measured on an earlier load of this version (+10% for load peaks)
             return rt.measured_mb * 1.1
+        if rt.hint_mb is not None:  # the registry's resource hint
+            return rt.hint_mb
         return self.budget.estimate_mb(rt.weights_bytes)
 
     def need_vram_mb(self, rt: ModelRuntime) -> float:
@@ -86,6 +88,8 @@ class Admission:
             return 0.0
         if rt.measured_vram_mb is not None:
             return rt.measured_vram_mb * 1.1
+        if rt.hint_vram_mb is not None:
+            return rt.hint_vram_mb
         return self.vram.estimate_mb(rt.weights_bytes)
 
     def no_memory_message(self, rt: ModelRuntime) -> str:

@@ -100,6 +100,9 @@ class ModelRuntime:
     last_error: str | None = None
     measured_mb: float | None = None
     measured_vram_mb: float | None = None
+    hint_mb: float | None = None
+    """The registry's resource hint for a worker's memory (MiB), used until one is measured."""
+    hint_vram_mb: float | None = None
     device: str | None = None
     """The device its worker ran on last ("cpu", "cuda", "cuda:1"...), once known."""
     loads: int = 0
@@ -146,6 +149,11 @@ class ModelRuntime:
     def busy(self) -> bool:
         """A batch is running in the worker (it pins the model)."""
         return bool(self.running)
+
+    @property
+    def in_use(self) -> bool:
+        """A worker runs or is starting, or requests wait for it."""
+        return self.loaded or self.state in (ModelState.LOADING, ModelState.WARMING) or bool(len(self.queue))
 
     @property
     def pinned(self) -> bool:

@@ -14,14 +14,13 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import msgspec
 import structlog
 
 from ..config import ModelSettings, Settings
 from ..errors import DeadlineExceeded, InsufficientMemory, ModelMoraError, ModelNotFound, ModelUnavailable
 from ..lifecycle import Launcher, ModelState, WorkerHandle, WorkerSpec
 from ..observability import Metrics, ModelSample, RuntimeSample, detach
-from ..registry import ModelRecord
+from ..registry import FileVerifier, ModelRecord, effective_settings
 from ..tasks import task_info
 from . import batching
 from .admission import Admission, BudgetStatus
@@ -49,6 +48,8 @@ class Scheduler:
         launcher: how workers start (default: spawned).
         open_worker: replaces starting real workers (policy tests use fakes).
         metrics: where its figures go (default: a registry of its own, `metrics`).
+        verifier: checks a version's files against their recorded SHA-256 before each worker
+            starts (default: one of its own).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class Scheduler:
         launcher: Launcher | None = None,
         open_worker: WorkerOpener | None = None,
         metrics: Metrics | None = None,
+        verifier: FileVerifier | None = None,
     ) -> None:
         self.settings = settings
         self.instance_id = instance_id
@@ -69,6 +71,7 @@ class Scheduler:
         self.worker_env = worker_env
         self.clock = clock
         self.launcher = launcher
+        self.verifier = verifier or FileVerifier()
         self.models: dict[ModelKey, ModelRuntime] = {}
         self.metrics = metrics or Metrics()
         self.metrics.observe_runtime(self.runtime_sample)
@@ -83,6 +86,11 @@ class Scheduler:
     @asynccontextmanager
     async def _open_worker(self, spec: WorkerSpec, on_phase: Callable[[str], None]) -> AsyncIterator[WorkerHandle]:
         s = self.settings
+        rt = self.models.get(ModelKey(spec.model_id, spec.version))
+        if rt is not None and rt.identity.path == spec.path:  # ChecksumMismatch: the load fails, naming the file
+            what = f"model {spec.model_id!r} version {spec.version}"
+            files = dict(rt.identity.files)
+            await anyio.to_thread.run_sync(lambda: self.verifier.verify(spec.path, files, what=what))
         extra: dict[str, Any] = {} if self.launcher is None else {"launcher": self.launcher}
         async with WorkerHandle.open(
             spec,
@@ -150,9 +158,9 @@ class Scheduler:
         rt = self.models.get(key)
         if rt is not None and not rt.removed:
             if rt.record is not rec:  # the catalog hands out the same record while it is unchanged
-                self._update(rt, rec, version, msgspec.convert(rec.settings, ModelSettings))
+                self._update(rt, rec, version, effective_settings(rec.settings, rec.metadata))
             return rt
-        settings = msgspec.convert(rec.settings, ModelSettings)
+        settings = effective_settings(rec.settings, rec.metadata)
         if self._tg is None or self._closing:
             raise ModelUnavailable("the server is not accepting requests")
         identity = self._identity(rec, version, settings)
@@ -171,6 +179,7 @@ class Scheduler:
             any_changed=self.admission.capacity,
             metrics=self.metrics.model(rec.id, rec.task),
         )
+        rt.hint_mb, rt.hint_vram_mb = rec.metadata.resources.memory_mb, rec.metadata.resources.gpu_vram_mb
         self.models[key] = rt
         self._tg.start_soon(self._serve, rt, name=f"model {key}")
         return rt
@@ -184,7 +193,11 @@ class Scheduler:
                 del self.models[rt.key]
 
     def _update(self, rt: ModelRuntime, rec: ModelRecord, version: str, settings: ModelSettings) -> None:
+        was_active = rt.record is not None and rt.record.active_version == version
         rt.record = rec
+        rt.hint_mb, rt.hint_vram_mb = rec.metadata.resources.memory_mb, rec.metadata.resources.gpu_vram_mb
+        if was_active and rec.active_version != version:
+            self.retire(rt)
         if settings != rt.model_settings:
             self.apply_settings(rt, settings)
         identity = self._identity(rec, version, settings)
@@ -216,14 +229,37 @@ class Scheduler:
         background retries end."""
         by_id = {rec.id: rec for rec in records}
         for rt in list(self.models.values()):
-            rec = by_id.get(rt.key.model_id)
-            if rec is None or rec.version_record(rt.key.version) is None:
-                self.remove(rt)
-            else:
-                try:
-                    self._update(rt, rec, rt.key.version, msgspec.convert(rec.settings, ModelSettings))
-                except ModelMoraError as exc:
-                    log.warning("model_sync_failed", model=str(rt.key), error=exc.message)
+            self._sync_runtime(rt, by_id.get(rt.key.model_id))
+
+    def sync_model(self, rec: ModelRecord | None, *, model_id: str = "") -> None:
+        """`sync` for one model (`rec` None: `model_id` was uninstalled)."""
+        wanted = rec.id if rec is not None else model_id
+        for rt in self.runtimes_of(wanted):
+            self._sync_runtime(rt, rec)
+
+    def _sync_runtime(self, rt: ModelRuntime, rec: ModelRecord | None) -> None:
+        if rec is None or rec.version_record(rt.key.version) is None:
+            self.remove(rt)
+            return
+        try:
+            self._update(rt, rec, rt.key.version, effective_settings(rec.settings, rec.metadata))
+        except ModelMoraError as exc:
+            log.warning("model_sync_failed", model=str(rt.key), error=exc.message)
+
+    def runtimes_of(self, model_id: str, version: str | None = None) -> list[ModelRuntime]:
+        """The runtimes of a model's versions (of one version) that exist now."""
+        return [
+            rt
+            for key, rt in list(self.models.items())
+            if key.model_id == model_id and (version is None or key.version == version) and not rt.removed
+        ]
+
+    def retire(self, rt: ModelRuntime) -> None:
+        """Another version became the active one: this version's worker serves what is queued and
+        running, then stops (requests that name this version explicitly start it again)."""
+        if rt.loaded or rt.state in (ModelState.LOADING, ModelState.WARMING):
+            log.info("model_retired", model=str(rt.key), reason="another version is active")
+            rt.stop(StopReason.UNLOAD)
 
     def remove(self, rt: ModelRuntime) -> None:
         """The model version was uninstalled: stop its worker and its task."""

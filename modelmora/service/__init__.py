@@ -1,6 +1,7 @@
 """The protocol-neutral inference core that every front end calls."""
 
 from ..scheduler import ModelStatus, Priority
+from .admin import ModelAdmin, RegisterCall
 from .call import InferCall
 from .core import REGISTRY_SYNC_S, InferenceService
 from .inputs import (
@@ -14,6 +15,7 @@ from .inputs import (
     convert,
     split_validation,
 )
+from .operations import Operation, OperationError, Operations
 from .outputs import Embeddings, GeneratedImage, Images, InferResult, Output, StreamEvent, Texts, Timing
 from .status import (
     HealthModel,
@@ -40,6 +42,10 @@ __all__ = (
     "ImageGenerationParameters",
     "ImageInput",
     "Images",
+    "ModelAdmin",
+    "Operation",
+    "OperationError",
+    "Operations",
     "ModelStatus",
     "InferCall",
     "InferResult",
@@ -47,6 +53,7 @@ __all__ = (
     "InferenceService",
     "Output",
     "Priority",
+    "RegisterCall",
     "ReturnMode",
     "ServerStatus",
     "SharedMemoryStatus",

@@ -29,6 +29,7 @@ from ..registry import ModelRecord, ModelStore, uninstall
 from ..results import ResultStore
 from ..scheduler import ModelRuntime, ModelStatus, Request, Scheduler
 from ..tasks import TaskType
+from .admin import ModelAdmin
 from .call import InferCall, Job
 from .catalog import Catalog
 from .outputs import InferResult, Timing
@@ -77,6 +78,8 @@ class InferenceService:
         self.pixels = PixelBudget.from_settings(settings)
         """Decoded pixels of all requests in flight (held from decoding until the answer)."""
         self.catalog = Catalog(store)
+        self.admin = ModelAdmin(settings, store, scheduler, self.catalog)
+        """Registry changes while the server runs: metadata, the active version, deleting."""
         self.started = time.time()
         self.sync_errors = 0
         self._now: Callable[[], float] | None = None
@@ -85,11 +88,14 @@ class InferenceService:
         self.record = RequestRecorder(self.metrics, settings.slow_request_fraction)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Compare the registry with the running models every `REGISTRY_SYNC_S` (errors are logged)."""
-        task_status.started()
-        while True:
-            await anyio.sleep(REGISTRY_SYNC_S)
-            await self.sync_registry()
+        """Compare the registry with the running models every `REGISTRY_SYNC_S` (errors are logged),
+        and run the background operations (`admin.operations`)."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.admin.operations.run)
+            task_status.started()
+            while True:
+                await anyio.sleep(REGISTRY_SYNC_S)
+                await self.sync_registry()
 
     async def sync_registry(self) -> None:
         """Replace workers whose registry entry changed; stop those of uninstalled models.

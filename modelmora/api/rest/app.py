@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
@@ -17,13 +18,21 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ...config import ModelSettings
-from ...errors import ClientGone, ModelMoraError
+from ...errors import ClientGone, InvalidInput, ModelMoraError
 from ...observability import TraceContext, incoming, reset_current, set_current
-from ...registry import ModelRecord
+from ...registry import ModelRecord, semver_key
 from ...results import FilesystemResultStore, result_route
-from ...service import InferCall, InferenceService, InferResult, Priority
+from ...service import InferCall, InferenceService, InferResult, Operation, Priority, RegisterCall
 from .. import openapi
-from ..schemas import InferRequest, ModelInfo, ModelList, ModelVersionInfo
+from ..schemas import (
+    ActivateVersion,
+    DownloadVersion,
+    InferRequest,
+    ModelInfo,
+    ModelList,
+    ModelVersionInfo,
+    RegisterModel,
+)
 from .body import decode, read_body
 from .cors import Cors
 from .encode import response_body, sse
@@ -39,18 +48,51 @@ class _Empty(msgspec.Struct, forbid_unknown_fields=True):
 _envelope_decoder = msgspec.json.Decoder(InferRequest)
 _settings_decoder = msgspec.json.Decoder(ModelSettings)
 _empty_decoder = msgspec.json.Decoder(_Empty)
+_activate_decoder = msgspec.json.Decoder(ActivateVersion)
+_register_decoder = msgspec.json.Decoder(RegisterModel)
+_download_decoder = msgspec.json.Decoder(DownloadVersion)
+_metadata_decoder = msgspec.json.Decoder(dict[str, Any])
+MAX_PAGE = 1000
+"""`GET /api/v1/models?limit=` at most (and by default)."""
 _INFER_PREFIX = "/api/v1/infer/"
 
 
 def _model_info(rec: ModelRecord) -> ModelInfo:
+    versions = sorted(rec.versions, key=lambda v: semver_key(v.version))
     return ModelInfo(
         rec.id,
         rec.task,
         rec.source,
         rec.active_version,
-        [ModelVersionInfo(v.version, v.revision, v.size_bytes, len(v.files), v.created_at) for v in rec.versions],
+        [ModelVersionInfo(v.version, v.revision, v.size_bytes, len(v.files), v.created_at, v.files) for v in versions],
         msgspec.convert(rec.settings, ModelSettings),
+        rec.metadata,
+        rec.active_pinned,
+        rec.created_at,
+        rec.updated_at,
     )
+
+
+def _accepted(op: Operation) -> Response:
+    """202 with the operation, and where to poll it."""
+    return json_response(op, 202, {"Location": f"/api/v1/operations/{op.id}"})
+
+
+def _query_int(request: HTTPRequest, name: str, default: int, maximum: int) -> int:
+    """A non-negative integer query parameter (422 naming it otherwise)."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) > maximum:
+        raise InvalidInput(f"{name} must be an integer from 0 to {maximum} (got {raw!r})", field=name)
+    return int(raw)
+
+
+def _query_flag(request: HTTPRequest, name: str) -> bool:
+    raw = request.query_params.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise InvalidInput(f"{name} must be true or false (got {raw!r})", field=name)
+    return raw in ("true", "1")
 
 
 def create_app(service: InferenceService) -> ASGIApp:
@@ -111,16 +153,67 @@ def create_app(service: InferenceService) -> ASGIApp:
         return Response(body, headers={"Content-Type": media_type})
 
     async def list_models(request: HTTPRequest) -> Response:
+        """GET: the registry, by id: `?task_type=` filters, `?limit=&offset=` pages (`total` counts
+        all); POST: register a model version from a source, in the background (202 + the operation)."""
+        if request.method == "POST":
+            body = decode(_register_decoder, await read_body(request.scope, request.receive, limit, body_timeout_s))
+            call = RegisterCall(
+                body.source,
+                body.id,
+                None if body.task_type is None else str(body.task_type),
+                body.version,
+                body.force,
+                body.activate,
+                None if body.metadata is None else msgspec.to_builtins(body.metadata),
+                body.settings,
+                body.check,
+            )
+            return _accepted(await service.admin.register(call))
+        count = _query_int(request, "limit", MAX_PAGE, MAX_PAGE)
+        offset = _query_int(request, "offset", 0, 2**31)
         recs = await service.models(request.query_params.get("task_type"))
-        return json_response(ModelList([_model_info(r) for r in recs]))
+        page = recs[offset : offset + count]
+        return json_response(ModelList([_model_info(r) for r in page], len(recs)))
 
     async def model(request: HTTPRequest) -> Response:
-        """GET: one model; PUT: replace its settings (fields left out take the server's defaults)."""
+        """GET: one model; PUT: replace its settings (fields left out take the server's defaults);
+        DELETE: remove it and its files (`?force=true`: unload a loaded one first)."""
         model_id = request.path_params["model_id"]
         if request.method == "PUT":
             update = decode(_settings_decoder, await read_body(request.scope, request.receive, limit, body_timeout_s))
             return json_response(_model_info(await service.update_settings(model_id, update)))
+        if request.method == "DELETE":
+            await no_body(request)
+            rec = await service.admin.delete(model_id, force=_query_flag(request, "force"))
+            return json_response(_model_info(rec))
         return json_response(_model_info(await service.model(model_id)))
+
+    async def download_model(request: HTTPRequest) -> Response:
+        """Fetch a version's files again from its source at its recorded revision (background)."""
+        body = await read_body(request.scope, request.receive, limit, body_timeout_s, optional=True)
+        version = decode(_download_decoder, body).version if body else None
+        return _accepted(await service.admin.download(request.path_params["model_id"], version))
+
+    async def operation(request: HTTPRequest) -> Response:
+        return json_response(service.admin.operations.get(request.path_params["operation_id"]))
+
+    async def model_metadata(request: HTTPRequest) -> Response:
+        """Replace a model's metadata (validated for its task; 422 naming the field)."""
+        model_id = request.path_params["model_id"]
+        body = decode(_metadata_decoder, await read_body(request.scope, request.receive, limit, body_timeout_s))
+        return json_response(_model_info(await service.admin.update_metadata(model_id, body)))
+
+    async def model_version(request: HTTPRequest) -> Response:
+        """POST: make the version the active one (`{"pin": true|false}` optional); DELETE: remove that
+        version (not the active one) and its files."""
+        model_id, version = request.path_params["model_id"], request.path_params["version"]
+        if request.method == "DELETE":
+            await no_body(request)
+            rec = await service.admin.delete(model_id, version, force=_query_flag(request, "force"))
+            return json_response(_model_info(rec))
+        body = await read_body(request.scope, request.receive, limit, body_timeout_s, optional=True)
+        pin = decode(_activate_decoder, body).pin if body else None
+        return json_response(_model_info(await service.admin.activate(model_id, version, pin=pin)))
 
     async def no_body(request: HTTPRequest) -> None:
         """Load and unload take no body: none (then no Content-Type is needed), or a JSON `{}`."""
@@ -168,8 +261,12 @@ def create_app(service: InferenceService) -> ASGIApp:
     routes = [
         # POSTs are served by `_Api` before routing; the route gives other methods their 405
         Route("/api/v1/infer/{model_id}", infer_via_router, methods=["POST"]),
-        Route("/api/v1/models", list_models, methods=["GET"]),
-        Route("/api/v1/models/{model_id}", model, methods=["GET", "PUT"]),  # one route: 405 lists both
+        Route("/api/v1/models", list_models, methods=["GET", "POST"]),
+        Route("/api/v1/models/{model_id}/download", download_model, methods=["POST"]),
+        Route("/api/v1/operations/{operation_id}", operation, methods=["GET"]),
+        Route("/api/v1/models/{model_id}", model, methods=["GET", "PUT", "DELETE"]),  # one route: 405 lists all
+        Route("/api/v1/models/{model_id}/metadata", model_metadata, methods=["PUT"]),
+        Route("/api/v1/models/{model_id}/versions/{version}", model_version, methods=["POST", "DELETE"]),
         Route("/api/v1/models/{model_id}/load", load_model, methods=["POST"]),
         Route("/api/v1/models/{model_id}/unload", unload_model, methods=["POST"]),
         Route("/api/v1/status", status, methods=["GET"]),
