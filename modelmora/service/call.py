@@ -7,6 +7,7 @@ from typing import Any
 
 from ..registry import ModelRecord
 from ..scheduler import ModelRuntime, Priority, Request
+from ..security import ANONYMOUS, Identity
 from .tasks import Prepared, ReturnMode, TaskAdapter
 
 __all__ = ("InferCall", "Job")
@@ -27,6 +28,8 @@ class InferCall:
     """None: the task type's default (`[timeout_s]` settings)."""
     stream: bool = False
     return_mode: ReturnMode = "auto"
+    identity: Identity = ANONYMOUS
+    """Who asked (the edge's gate says; anonymous while authentication is off)."""
 
 
 @dataclass(eq=False, slots=True)

@@ -15,6 +15,7 @@ from grpclib.metadata import Deadline
 from ..._proto.modelmora import v1
 from ...errors import DeadlineExceeded, InvalidInput
 from ...images import ImageRef, Pixels
+from ...security import ANONYMOUS, Identity
 from ...service import (
     CaptionParameters,
     EmbeddingParameters,
@@ -47,8 +48,10 @@ def parameters_name(req: v1.InferRequest) -> str | None:
     return name or None
 
 
-def decode_call(req: v1.InferRequest, deadline: Deadline | None, *, stream: bool = False) -> InferCall:
-    """The core's call for one request message; `deadline` is the gRPC call's.
+def decode_call(
+    req: v1.InferRequest, deadline: Deadline | None, *, stream: bool = False, identity: Identity = ANONYMOUS
+) -> InferCall:
+    """The core's call for one request message; `deadline` is the gRPC call's, `identity` its caller's.
 
     Raises:
         InvalidInput: a field is wrong (named as the core names it).
@@ -70,6 +73,7 @@ def decode_call(req: v1.InferRequest, deadline: Deadline | None, *, stream: bool
         timeout_s=_timeout_s(req.timeout_seconds, deadline),
         stream=stream,
         return_mode=_return_mode(req.return_mode),
+        identity=identity,
     )
 
 

@@ -19,8 +19,11 @@ from ...config import ModelSettings
 from ...errors import ClientGone, ModelMoraError
 from ...registry import ModelRecord
 from ...results import FilesystemResultStore, result_route
+from ...security import ANONYMOUS, Gate, Identity, Permit
+from ...security import Scope as AuthScope
 from ...service import InferCall, InferenceService, InferResult, Priority
 from .. import openapi
+from ..access import RestAccess
 from ..schemas import InferRequest, ModelInfo, ModelList, ModelVersionInfo
 from .body import decode, read_body
 from .cors import Cors
@@ -28,6 +31,15 @@ from .encode import response_body, sse
 from .errors import error_body, error_response, exception_handlers, json_response, unexpected
 
 __all__ = ("create_app",)
+
+_IDENTITY_KEY = "modelmora.identity"
+"""Where the gate leaves the caller's `Identity` in the ASGI scope for the routed endpoints."""
+
+
+def _identity_of(request: HTTPRequest) -> Identity:
+    """The caller of a routed request, as the gate admitted it."""
+    identity: Identity = request.scope.get(_IDENTITY_KEY, ANONYMOUS)
+    return identity
 
 
 class _Empty(msgspec.Struct, forbid_unknown_fields=True):
@@ -51,14 +63,18 @@ def _model_info(rec: ModelRecord) -> ModelInfo:
     )
 
 
-def create_app(service: InferenceService) -> ASGIApp:
+def create_app(service: InferenceService, gate: Gate | None = None) -> ASGIApp:
     """The ASGI application over the inference core (a filesystem result store also serves its
-    signed URLs here)."""
+    signed URLs here), behind `gate` (default: one from the `[auth]` settings).
+
+    Raises:
+        TokenError: no `gate` given, and the `[auth]` tokens are malformed or unreadable.
+    """
     settings = service.settings
     public_url = settings.public_url.rstrip("/") + "/" if settings.public_url else ""
     limit, body_timeout_s = settings.max_body_bytes, settings.body_read_timeout_s
 
-    async def infer(scope: Scope, receive: Receive, model_id: str) -> Response:
+    async def infer(scope: Scope, receive: Receive, model_id: str, identity: Identity) -> Response:
         env = decode(_envelope_decoder, await read_body(scope, receive, limit, body_timeout_s))
         call = InferCall(
             model_id,
@@ -69,6 +85,7 @@ def create_app(service: InferenceService) -> ASGIApp:
             timeout_s=env.timeout_seconds,
             stream=env.stream,
             return_mode=env.return_,
+            identity=identity,
         )
         encoding = str(env.parameters.get("encoding", "float"))
         base_url = public_url or _base_url(scope)
@@ -80,9 +97,9 @@ def create_app(service: InferenceService) -> ASGIApp:
             return Response(status_code=499)  # nobody is listening; for the access log only
         return json_response(response_body(result, encoding, base_url))
 
-    async def handle_infer(scope: Scope, receive: Receive, send: Send, model_id: str) -> None:
+    async def handle_infer(scope: Scope, receive: Receive, send: Send, model_id: str, identity: Identity) -> None:
         try:
-            response = await infer(scope, receive, model_id)
+            response = await infer(scope, receive, model_id, identity)
         except ModelMoraError as exc:
             response = error_response(exc)
         except Exception as exc:
@@ -98,7 +115,8 @@ def create_app(service: InferenceService) -> ASGIApp:
         model_id = request.path_params["model_id"]
         if request.method == "PUT":
             update = decode(_settings_decoder, await read_body(request.scope, request.receive, limit, body_timeout_s))
-            return json_response(_model_info(await service.update_settings(model_id, update)))
+            rec = await service.update_settings(model_id, update, identity=_identity_of(request))
+            return json_response(_model_info(rec))
         return json_response(_model_info(await service.model(model_id)))
 
     async def no_body(request: HTTPRequest) -> None:
@@ -111,13 +129,13 @@ def create_app(service: InferenceService) -> ASGIApp:
         """Load (and warm up) a model now; waits until it is ready."""
         await no_body(request)
         model_id, version = request.path_params["model_id"], request.query_params.get("version")
-        return json_response(await service.load(model_id, version))
+        return json_response(await service.load(model_id, version, identity=_identity_of(request)))
 
     async def unload_model(request: HTTPRequest) -> Response:
         """Drain the model's queue, stop its worker, give its memory back."""
         await no_body(request)
         model_id, version = request.path_params["model_id"], request.query_params.get("version")
-        return json_response(await service.unload(model_id, version))
+        return json_response(await service.unload(model_id, version, identity=_identity_of(request)))
 
     async def status(request: HTTPRequest) -> Response:
         return json_response(await service.status())
@@ -162,7 +180,9 @@ def create_app(service: InferenceService) -> ASGIApp:
     if isinstance(service.results, FilesystemResultStore):
         routes.append(result_route(service.results))
     app = Starlette(routes=routes, exception_handlers=exception_handlers)
-    return _Api(app, handle_infer, Cors.from_origins(settings.cors_origins))
+    gate = gate if gate is not None else Gate(settings.auth)
+    access = RestAccess(metrics_open=settings.auth.metrics_open)
+    return _Api(app, handle_infer, Cors.from_origins(settings.cors_origins), gate, access)
 
 
 async def _stream(service: InferenceService, call: InferCall, encoding: str, base_url: str) -> Response:
@@ -192,15 +212,23 @@ async def _until_disconnect(receive: Receive) -> None:
 
 
 class _Api:
-    """The ASGI entry point: CORS first (when configured), then `POST /api/v1/infer/{model_id}` is
-    served directly; everything else goes to Starlette."""
+    """The ASGI entry point: CORS first (when configured; a preflight carries no credentials), then
+    the gate (token, scope and limits, before any body is read), then `POST /api/v1/infer/{model_id}`
+    is served directly; everything else goes to Starlette."""
 
     def __init__(
-        self, app: Starlette, infer: Callable[[Scope, Receive, Send, str], Awaitable[None]], cors: Cors | None
+        self,
+        app: Starlette,
+        infer: Callable[[Scope, Receive, Send, str, Identity], Awaitable[None]],
+        cors: Cors | None,
+        gate: Gate,
+        access: RestAccess,
     ) -> None:
         self.app = app
         self.infer = infer
         self.cors = cors
+        self.gate = gate
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -213,12 +241,42 @@ class _Api:
                     await self.cors.preflight(origin, send)
                     return
                 send = self.cors.wrap(send, origin)
+        model_id = None
         if scope["method"] == "POST" and scope["path"].startswith(_INFER_PREFIX):
             model_id = scope["path"][len(_INFER_PREFIX) :]
-            if model_id and "/" not in model_id:
-                await self.infer(scope, receive, send, model_id)
-                return
-        await self.app(scope, receive, send)
+            if not model_id or "/" in model_id:
+                model_id = None
+        if not self.gate.enabled:  # every caller is anonymous: nothing to check or give back
+            if model_id is not None:
+                await self.infer(scope, receive, send, model_id, ANONYMOUS)
+            else:
+                await self.app(scope, receive, send)
+            return
+        permit = await self._admit(scope, receive, send, model_id)
+        if permit is None:
+            return
+        try:
+            if model_id is not None:
+                await self.infer(scope, receive, send, model_id, permit.identity)
+            else:
+                scope[_IDENTITY_KEY] = permit.identity
+                await self.app(scope, receive, send)
+        finally:
+            permit.release()
+
+    async def _admit(self, scope: Scope, receive: Receive, send: Send, model_id: str | None) -> Permit | None:
+        """The request's permit, or None once it has been refused (401, 403, 429)."""
+        access = AuthScope.INFER if model_id is not None else self.access(scope["method"], scope["path"])
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        try:
+            return self.gate.admit(access, authorization)
+        except ModelMoraError as exc:
+            await error_response(exc)(scope, receive, send)
+            return None
 
 
 def _base_url(scope: Scope) -> str:
