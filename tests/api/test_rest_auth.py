@@ -4,8 +4,16 @@ load/unload now needs a token; audit events name the token's name; no token in a
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx
 import pytest
 import structlog
+
+from modelmora.api import create_app
+from modelmora.security import Gate
 
 from conftest import AppUnderTest
 
@@ -154,3 +162,67 @@ async def test_with_auth_off_everyone_is_anonymous_and_audited_as_such(echo_app:
         r = await echo_app.client.put("/api/v1/models/echo", json={}, headers=bearer(UNKNOWN))  # ignored
         assert r.status_code == 200
     assert [(e["action"], e["by"]) for e in logs if e["event"] == "audit"] == [("update_settings", "anonymous")]
+
+
+# -- per-token limits ---------------------------------------------------------------------------
+
+
+class Clock:
+    """A hand-driven monotonic clock for the gate's rate limits."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@asynccontextmanager
+async def limited_client(app: AppUnderTest, clock: Clock) -> AsyncIterator[httpx.AsyncClient]:
+    asgi = create_app(app.service, Gate(app.settings.auth, clock=clock))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://test") as client:
+        yield client
+
+
+@pytest.mark.settings(auth={"tokens": TOKENS, "rate_limit_per_s": 1.0, "rate_limit_burst": 3})
+async def test_a_burst_over_the_rate_is_429_and_other_tokens_are_unaffected(echo_app: AppUnderTest) -> None:
+    clock = Clock()
+    async with limited_client(echo_app, clock) as client:
+        for _ in range(3):
+            assert (await client.get("/api/v1/models", headers=bearer(READ_TOKEN))).status_code == 200
+        r = await client.get("/api/v1/models", headers=bearer(READ_TOKEN))
+        assert_error(r, 429, "rate_limited")
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["message"] == "this token is over its rate limit of 1 requests/s; retry in 1.00 s"
+        assert (await client.get("/api/v1/models", headers=bearer(ADMIN_TOKEN))).status_code == 200
+        assert (await client.get("/health/live")).status_code == 200  # open endpoints are not limited
+        clock.now += 1.0
+        assert (await client.get("/api/v1/models", headers=bearer(READ_TOKEN))).status_code == 200
+
+
+@pytest.mark.settings(auth={"tokens": TOKENS, "max_concurrent_requests": 1})
+async def test_a_token_over_its_concurrent_requests_is_429_until_one_ends(echo_app: AppUnderTest) -> None:
+    gate = Gate(echo_app.settings.auth)
+    asgi = create_app(echo_app.service, gate)
+    short = {"input_data": {"text": "a"}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://test") as client:
+        async with anyio.create_task_group() as tg:
+            long = {"input_data": {"text": "__steps__300"}}  # a 30 s job, cancelled below
+            tg.start_soon(lambda: client.post("/api/v1/infer/echo", json=long, headers=bearer(INFER_TOKEN)))
+            await until_running(echo_app)
+            r = await client.post("/api/v1/infer/echo", json=short, headers=bearer(INFER_TOKEN))
+            assert_error(r, 429, "too_many_concurrent_requests")
+            assert r.headers["retry-after"] == "1"
+            assert (await client.get("/api/v1/status", headers=bearer(READ_TOKEN))).status_code == 200
+            tg.cancel_scope.cancel()  # the client goes away: its request ends and gives its place back
+        assert gate.limits is not None and gate.limits.running("app") == 0
+        assert (await client.post("/api/v1/infer/echo", json=short, headers=bearer(INFER_TOKEN))).status_code == 200
+
+
+async def until_running(app: AppUnderTest) -> None:
+    """Return once the echo model runs a batch (a safety net of 60 s, not a performance bound)."""
+    with anyio.fail_after(60):
+        while True:
+            if any(m.busy for m in app.scheduler.status()):
+                return
+            await anyio.sleep(0.02)

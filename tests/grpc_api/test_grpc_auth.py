@@ -34,10 +34,25 @@ ADMIN_TOKEN = "grpc-admin-token-cccccccc"
 TOKENS = [f"app infer {INFER_TOKEN}", f"dash read {READ_TOKEN}", f"ops admin {ADMIN_TOKEN}"]
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
-async def grpc_channel(echo_app: AppUnderTest) -> AsyncIterator[Channel]:
+def clock() -> Clock:
+    """The gate's clock, driven by hand."""
+    return Clock()
+
+
+@pytest.fixture
+async def grpc_channel(echo_app: AppUnderTest, clock: Clock) -> AsyncIterator[Channel]:
     sock = bind_socket("127.0.0.1", 0)
-    listener = GrpcListener(echo_app.service, sock, "http://127.0.0.1/", gate=Gate(echo_app.settings.auth))
+    gate = Gate(echo_app.settings.auth, clock=clock)
+    listener = GrpcListener(echo_app.service, sock, "http://127.0.0.1/", gate=gate)
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         await tg.start(listener.serve, stop.wait)
@@ -149,3 +164,33 @@ async def test_admin_calls_are_audited_by_name(grpc_channel: Channel) -> None:
     audit = [(e["action"], e["by"], e["outcome"]) for e in logs if e["event"] == "audit"]
     assert audit == [("load", "ops", "ok"), ("unload", "ops", "ok")]
     assert ADMIN_TOKEN not in repr(logs)
+
+
+@pytest.mark.settings(auth={"tokens": TOKENS, "rate_limit_per_s": 1.0, "rate_limit_burst": 3})
+async def test_a_token_over_its_rate_is_refused_per_call_and_per_stream_message(
+    grpc_channel: Channel, clock: Clock
+) -> None:
+    stub = v1.InferenceServiceStub(grpc_channel)
+    await stub.infer(v1.InferRequest(model_id="echo", texts=["a"]), metadata=md(INFER_TOKEN))
+    async with stub.channel.request(
+        "/modelmora.v1.InferenceService/InferStream",
+        Cardinality.STREAM_STREAM,
+        v1.InferRequest,
+        v1.InferStreamResponse,
+        metadata=md(INFER_TOKEN),
+    ) as stream:
+        for i in range(4):  # the call's admission counts the first; the bucket holds 2 after the unary call
+            await stream.send_message(v1.InferRequest(request_id=str(i), model_id="echo", texts=["a"]))
+        await stream.end()
+        answers = {}
+        async for answer in stream:
+            answers[answer.request_id] = answer
+    assert {r for r, a in answers.items() if a.response is not None} == {"0", "1"}
+    refused = [answers[r].error for r in ("2", "3")]
+    assert all(e is not None and (e.status, e.code) == (8, "rate_limited") for e in refused)
+    with pytest.raises(GRPCError) as err:
+        await stub.infer(v1.InferRequest(model_id="echo", texts=["a"]), metadata=md(INFER_TOKEN))
+    assert err.value.status == Status.RESOURCE_EXHAUSTED
+    await v1.ManagementServiceStub(grpc_channel).get_status(v1.GetStatusRequest(), metadata=md(READ_TOKEN))
+    clock.now += 1.0
+    await stub.infer(v1.InferRequest(model_id="echo", texts=["a"]), metadata=md(INFER_TOKEN))
