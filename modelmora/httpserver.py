@@ -376,4 +376,7 @@ async def _serve_trio(
     stream: Any = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
     if tls is not None:  # Hypercorn's connection runs the handshake (within ssl_handshake_timeout)
         stream = trio.SSLStream(stream, tls, server_side=True, https_compatible=True)
-    await _trio_connection()(app, config, context, {}, stream)
+    try:
+        await _trio_connection()(app, config, context, {}, stream)
+    finally:
+        conn.close()  # Hypercorn returns without closing when the handshake fails; else a no-op

@@ -32,7 +32,7 @@ from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
 from .registry import ModelStore, open_store
 from .results import open_result_store
 from .scheduler import Scheduler
-from .security import Gate, Reloadable, ServerTls, TlsError, TokenError, follow_files
+from .security import Gate, Reloadable, ServerTls, TlsError, TokenError, check_exposure, follow_files
 from .service import InferenceService
 from .tasks import task_info
 
@@ -43,7 +43,6 @@ __all__ = (
     "StartupError",
     "bind_socket",
     "check_backend",
-    "check_exposure",
     "connection_limit",
     "make_launcher",
     "preload_for",
@@ -141,9 +140,6 @@ def check_backend(settings: Settings, backend: str) -> None:
         )
 
 
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
-
-
 def _edge_security(settings: Settings) -> tuple[Gate, ServerTls | None]:
     """The gate (tokens) and the TLS contexts the settings ask for.
 
@@ -156,18 +152,6 @@ def _edge_security(settings: Settings) -> tuple[Gate, ServerTls | None]:
     except (TokenError, TlsError) as exc:
         raise StartupError(str(exc)) from None
     return gate, tls
-
-
-def check_exposure(settings: Settings, *, tls: bool, auth: bool) -> str | None:
-    """A warning for an address other clients can reach served in cleartext (None: nothing to say)."""
-    if tls or settings.host in LOOPBACK_HOSTS or settings.host.startswith("127."):
-        return None
-    if not auth:
-        return (
-            "insecure_bind: cleartext and no authentication on a non-loopback address: anyone who can reach it "
-            "may infer, load, unload and change settings; set [auth] tokens_file and [tls] cert_file/key_file"
-        )
-    return "cleartext_tokens: tokens travel in cleartext on a non-loopback address; set [tls] cert_file and key_file"
 
 
 def preload_for(settings: Settings, tasks: Iterable[str] = ()) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 TLS contexts that follow their files. The core sees only an `Identity`."""
 
 from .audit import audit, audited
+from .exposure import LOOPBACK_HOSTS, check_exposure
 from .gate import REALM, Gate, Permit, bearer_token
 from .identity import ANONYMOUS, OPEN, TOKEN, Access, Identity, Scope
 from .limits import TokenLimits
@@ -13,6 +14,7 @@ __all__ = (
     "ANONYMOUS",
     "GRPC_ALPN",
     "HTTP_ALPN",
+    "LOOPBACK_HOSTS",
     "MIN_TOKEN_CHARS",
     "OPEN",
     "POLL_S",
@@ -33,6 +35,7 @@ __all__ = (
     "audit",
     "audited",
     "bearer_token",
+    "check_exposure",
     "follow_files",
     "parse_tokens",
     "server_context",

@@ -85,6 +85,7 @@ class ServerTls:
         self.http.sni_callback = self._newest
         self.grpc.sni_callback = self._newest
         self.reloads = 0
+        self.failed_reloads = 0
         self.mutual = bool(settings.client_ca_file)
 
     def watched_paths(self) -> list[Path]:
@@ -102,6 +103,7 @@ class ServerTls:
         try:
             http, grpc = server_context(self.settings, HTTP_ALPN), server_context(self.settings, GRPC_ALPN)
         except TlsError as exc:
+            self.failed_reloads += 1
             log.error("tls_not_reloaded", reason=str(exc))
             return False
         self._current = {id(self.http): http, id(self.grpc): grpc}
