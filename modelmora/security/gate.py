@@ -66,6 +66,8 @@ class Permit:
 
 _FREE = Permit(ANONYMOUS, None)
 """The permit of every call while authentication is off (nothing to give back)."""
+_PUBLIC = Permit(Identity(ANONYMOUS.name, frozenset()), None)
+"""The permit of a call to an open endpoint while authentication is on: no scope at all."""
 
 
 class Gate:
@@ -136,8 +138,10 @@ class Gate:
             PermissionDenied: the token lacks the scope.
             RateLimited, ConcurrencyLimited: over the token's limits.
         """
-        if not self.enabled or access == OPEN:
+        if not self.enabled:
             return _FREE
+        if access == OPEN:
+            return _PUBLIC
         token = bearer_token(authorization)
         if token is None:
             self.refused += 1

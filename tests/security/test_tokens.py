@@ -125,7 +125,8 @@ def test_auth_is_off_without_tokens_and_on_with_a_tokens_file(tmp_path: Path) ->
     assert gate.enabled and len(gate.table) == 0
     with pytest.raises(Unauthenticated):
         gate.admit(Scope.INFER, f"Bearer {SECRET}")
-    assert gate.admit(OPEN, None).identity == ANONYMOUS
+    public = gate.admit(OPEN, None).identity  # an open endpoint: anonymous, with no scope
+    assert (public.name, public.scopes) == ("anonymous", frozenset())
 
 
 def _gate(*lines: str) -> Gate:
