@@ -34,6 +34,10 @@ bench-latency *ARGS:
 bench-ipc *ARGS:
     python bench/bench_ipc.py {{ARGS}}
 
+# TLS + tokens against cleartext without tokens at concurrency 64, REST (needs wrk) and gRPC.
+bench-security *ARGS:
+    python bench/bench_security.py {{ARGS}}
+
 # Needs a CUDA GPU: utilisation with and without batching, GPU memory around load and unload.
 bench-gpu *ARGS:
     python bench/bench_gpu.py {{ARGS}}

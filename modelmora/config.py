@@ -22,11 +22,13 @@ import msgspec
 
 __all__ = (
     "DEFAULT_GRPC_PORT",
+    "AuthSettings",
     "ConfigError",
     "ModelSettings",
     "S3Settings",
     "Settings",
     "TaskDefaults",
+    "TlsSettings",
     "default_home",
     "load_settings",
 )
@@ -82,6 +84,57 @@ class S3Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     delete_expired: bool = True
     """Delete expired results under the prefix (lists and deletes; needs s3:ListBucket and
     s3:DeleteObject). Turn off when a bucket lifecycle rule does it."""
+
+
+class AuthSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Token authentication (`modelmora.security`): on when `tokens_file` is set or `tokens` holds a
+    token. Each token is `NAME SCOPE[,SCOPE...] TOKEN` (scopes: infer, read, admin); the token may be
+    given as `sha256:<hex digest>` instead of in clear."""
+
+    tokens_file: str = ""
+    """A file of tokens, one a line, `#` comments; re-read when it changes (and on SIGHUP). Setting it
+    turns authentication on even while the file holds no token (then every protected call is refused)."""
+    tokens: tuple[str, ...] = ()
+    """Tokens given inline, in the file's line format. Env (MODELMORA_AUTH__TOKENS): separated by ';'."""
+    rate_limit_per_s: NonNegative = 0.0
+    """Requests per second each token may send (a token bucket per token); 0: no limit."""
+    rate_limit_burst: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Requests a token may send at once above its rate; 0: max(1, rate_limit_per_s)."""
+    max_concurrent_requests: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Requests of one token running at once (an open stream counts until it ends); 0: no limit."""
+    metrics_open: bool = False
+    """Serve `/metrics` without a token (else it needs the `read` scope)."""
+
+    def __repr__(self) -> str:
+        """The settings without the inline tokens (their count only)."""
+        fields = {f: getattr(self, f) for f in self.__struct_fields__}
+        fields["tokens"] = f"<{len(self.tokens)} hidden>"
+        return "AuthSettings(" + ", ".join(f"{k}={v if k == 'tokens' else repr(v)}" for k, v in fields.items()) + ")"
+
+    __str__ = __repr__
+
+    @property
+    def enabled(self) -> bool:
+        """Authentication is on."""
+        return bool(self.tokens_file or self.tokens)
+
+
+class TlsSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """TLS for REST (HTTPS, HTTP/2 by ALPN) and gRPC: on when `cert_file` and `key_file` are set. The
+    files are re-read when they change (and on SIGHUP): new connections get the new certificate."""
+
+    cert_file: str = ""
+    """PEM certificate chain (the server's certificate first)."""
+    key_file: str = ""
+    """PEM private key (unencrypted)."""
+    client_ca_file: str = ""
+    """PEM CA certificates: when set, clients must present a certificate signed by one (mutual TLS)."""
+    handshake_timeout_s: Positive = 10.0
+    """A TLS handshake must end within this time (the connection is closed otherwise)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file or self.key_file)
 
 
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
@@ -171,6 +224,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Base URL clients reach this server at, for result URLs; empty: the address the request's connection
     arrived at (scheme, IP and port of this server; never the client's Host header)."""
     s3: S3Settings = S3Settings()
+    auth: AuthSettings = AuthSettings()
+    tls: TlsSettings = TlsSettings()
     queue_limit: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
     max_batch_size: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
     max_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] = 0.0
@@ -266,7 +321,17 @@ def default_home() -> Path:
     return base / "modelmora"
 
 
-_SECTIONS: dict[str, object] = {"timeout_s": TaskDefaults, "pipelines": dict, "s3": S3Settings}
+_SECTIONS: dict[str, object] = {
+    "timeout_s": TaskDefaults,
+    "pipelines": dict,
+    "s3": S3Settings,
+    "auth": AuthSettings,
+    "tls": TlsSettings,
+}
+_SECTION_LIST_KEYS = {("auth", "tokens"): ";"}
+"""Section keys whose environment value is a list, with its separator (newlines separate too)."""
+_SECRET_KEYS = {"auth.tokens"}
+"""Keys whose values never appear in an error message."""
 _LIST_KEYS = {"zygote_preload", "cors_origins"}
 """Top-level keys whose environment value is a comma-separated list."""
 _SKIP_ENV = {"MODELMORA_CONFIG", "MODELMORA_TEST_PG_DSN", "MODELMORA_TEST_REDIS_URL", "MODELMORA_REQUIRE_SERVICES"}
@@ -283,7 +348,12 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             section, sub = name.split("__", 1)
             if section not in _SECTIONS:
                 raise ConfigError(f"unknown configuration section in environment variable {key}")
-            out.setdefault(section, {})[sub] = value
+            separator = _SECTION_LIST_KEYS.get((section, sub))
+            if separator is not None:
+                items = value.replace("\n", separator).split(separator)
+                out.setdefault(section, {})[sub] = [item.strip() for item in items if item.strip()]
+            else:
+                out.setdefault(section, {})[sub] = value
         elif name in _LIST_KEYS:
             out[name] = [item.strip() for item in value.split(",") if item.strip()]
         elif name in fields:
@@ -375,6 +445,9 @@ def _explain(
     else:
         expected = what[:1].lower() + what[1:]
     key = ".".join(parts) or "configuration"
+    if any(key == secret or key.startswith(secret + ".") for secret in _SECRET_KEYS):
+        value = None  # never echo a secret
+        key = key.split(".")[0] + "." + key.split(".")[1]
     origin = f", in {path}" if path is not None else ""
     section, _, sub = key.partition(".")
     if parts and parts[0] in overrides and overrides[parts[0]] is not None:

@@ -12,6 +12,7 @@ import enum
 __all__ = (
     "ChecksumMismatch",
     "ClientGone",
+    "ConcurrencyLimited",
     "DeadlineExceeded",
     "Forbidden",
     "GrpcStatus",
@@ -25,12 +26,15 @@ __all__ = (
     "ModelUnavailable",
     "OperationNotFound",
     "PayloadTooLarge",
+    "PermissionDenied",
     "QueueFull",
+    "RateLimited",
     "RegistryError",
     "RequestTimeout",
     "SharedMemoryFull",
     "SourceError",
     "StorageUnavailable",
+    "Unauthenticated",
     "UnsupportedMediaType",
     "WorkerCrashed",
     "WorkerError",
@@ -50,6 +54,7 @@ class GrpcStatus(enum.IntEnum):
     FAILED_PRECONDITION = 9
     INTERNAL = 13
     UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
 
 
 class ModelMoraError(Exception):
@@ -252,3 +257,46 @@ class StorageUnavailable(ModelMoraError):
     http_status = 503
     grpc_status = GrpcStatus.UNAVAILABLE
     code = "storage_unavailable"
+
+
+class Unauthenticated(ModelMoraError):
+    """No credentials, or credentials the server does not know (raised by the edge's gate,
+    `modelmora.security.Gate`, before any body is read). `challenge` is the `WWW-Authenticate`
+    value REST answers with."""
+
+    http_status = 401
+    grpc_status = GrpcStatus.UNAUTHENTICATED
+    code = "unauthenticated"
+
+    def __init__(self, message: str, *, challenge: str) -> None:
+        super().__init__(message)
+        self.challenge = challenge
+
+
+class PermissionDenied(ModelMoraError):
+    """A known token without the scope the endpoint or method needs (raised by the edge's gate)."""
+
+    http_status = 403
+    grpc_status = GrpcStatus.PERMISSION_DENIED
+    code = "permission_denied"
+
+    def __init__(self, message: str, *, challenge: str) -> None:
+        super().__init__(message)
+        self.challenge = challenge
+
+
+class RateLimited(ModelMoraError):
+    """The token sent requests faster than `[auth] rate_limit_per_s` allows (its burst is spent);
+    `retry_after_s` says when the next one would pass."""
+
+    http_status = 429
+    grpc_status = GrpcStatus.RESOURCE_EXHAUSTED
+    code = "rate_limited"
+
+
+class ConcurrencyLimited(ModelMoraError):
+    """The token already has `[auth] max_concurrent_requests` requests running."""
+
+    http_status = 429
+    grpc_status = GrpcStatus.RESOURCE_EXHAUSTED
+    code = "too_many_concurrent_requests"

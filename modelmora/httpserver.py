@@ -1,5 +1,5 @@
 """The HTTP listener: our own accept loop in front of Hypercorn's per-connection protocol code
-(HTTP/1.1 and HTTP/2 cleartext), on asyncio or trio.
+(HTTP/1.1 and HTTP/2 cleartext, or HTTPS with HTTP/2 or HTTP/1.1 chosen by ALPN), on asyncio or trio.
 
 Hypercorn's `serve` is not used because, under connection churn, it let the process run out of
 file descriptors: it has no connection cap, a connection whose client had closed its side
@@ -14,6 +14,9 @@ marks the listening socket inheritable (so the zygote and every worker held the 
 - an accept that fails for lack of descriptors or memory is logged (once per burst), and the
   loop waits a little and goes on, like trio's `serve_listeners`;
 - the listening socket stays close-on-exec;
+- with an `ssl` context each accepted socket is wrapped server-side (asyncio: the loop's
+  `connect_accepted_socket`, as `start_server` would; trio: an `SSLStream`, whose handshake Hypercorn's
+  connection runs), within `config.ssl_handshake_timeout`; the context is read at each accept;
 - on HTTP/2, request body data that arrives for a stream already answered (413 before the whole
   body was read) is acknowledged and the stream reset with NO_ERROR (RFC 9113 section 8.1), where
   Hypercorn raised KeyError and dropped the connection with every other stream on it.
@@ -27,6 +30,7 @@ import math
 import socket
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from ssl import SSLContext
 from typing import Any
 
 import anyio
@@ -75,13 +79,17 @@ def _refuse(conn: socket.socket) -> None:
 
 
 class HttpListener:
-    """Serves `app` on the listening socket `sock` with at most `limit` open connections."""
+    """Serves `app` on the listening socket `sock` with at most `limit` open connections, over TLS
+    when `ssl` is given (a server context; its ALPN protocols choose HTTP/2 or HTTP/1.1)."""
 
-    def __init__(self, app: Any, config: Config, sock: socket.socket, *, limit: int) -> None:
+    def __init__(
+        self, app: Any, config: Config, sock: socket.socket, *, limit: int, ssl: SSLContext | None = None
+    ) -> None:
         self.app: AppWrapper = wrap_app(app, config.wsgi_max_body_size, "asgi")
         self.config = config
         self.sock = sock
         self.limit = limit
+        self.ssl = ssl
         self.open = 0
         self.accepted = 0
         self.refused = 0
@@ -148,9 +156,9 @@ class HttpListener:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if _asyncio_running():
-                await _serve_asyncio(self.app, self.config, self._context, conn)
+                await _serve_asyncio(self.app, self.config, self._context, conn, self.ssl)
             else:
-                await _serve_trio(self.app, self.config, self._context, conn)
+                await _serve_trio(self.app, self.config, self._context, conn, self.ssl)
         except OSError:
             conn.close()
         finally:
@@ -216,6 +224,8 @@ class _Protocol:
         self.wrapped = wrapped
 
     async def initiate(self) -> None:
+        if type(self.wrapped.protocol) is H2Protocol:  # HTTP/2 chosen by ALPN: ours from the start
+            self.wrapped.protocol.__class__ = _H2Protocol
         await self.wrapped.initiate()
 
     async def handle(self, event: Any) -> None:
@@ -336,15 +346,37 @@ def _trio_connection() -> type[Any]:
     return Connection
 
 
-async def _serve_asyncio(app: AppWrapper, config: Config, context: Any, conn: socket.socket) -> None:
+async def _serve_asyncio(
+    app: AppWrapper, config: Config, context: Any, conn: socket.socket, tls: SSLContext | None
+) -> None:
     import asyncio
 
-    reader, writer = await asyncio.open_connection(sock=conn)
-    await _asyncio_connection()(app, asyncio.get_running_loop(), config, context, {}, reader, writer)
+    loop = asyncio.get_running_loop()
+    if tls is None:
+        reader, writer = await asyncio.open_connection(sock=conn)
+    else:  # what `asyncio.start_server` does with an accepted socket; the handshake happens here
+        reader = asyncio.StreamReader(limit=_STREAM_LIMIT, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, sock=conn, ssl=tls, ssl_handshake_timeout=config.ssl_handshake_timeout
+        )
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    await _asyncio_connection()(app, loop, config, context, {}, reader, writer)
 
 
-async def _serve_trio(app: AppWrapper, config: Config, context: Any, conn: socket.socket) -> None:
+_STREAM_LIMIT = 2**16
+"""asyncio's default buffer limit of a stream reader."""
+
+
+async def _serve_trio(
+    app: AppWrapper, config: Config, context: Any, conn: socket.socket, tls: SSLContext | None
+) -> None:
     import trio
 
-    stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-    await _trio_connection()(app, config, context, {}, stream)
+    stream: Any = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+    if tls is not None:  # Hypercorn's connection runs the handshake (within ssl_handshake_timeout)
+        stream = trio.SSLStream(stream, tls, server_side=True, https_compatible=True)
+    try:
+        await _trio_connection()(app, config, context, {}, stream)
+    finally:
+        conn.close()  # Hypercorn returns without closing when the handshake fails; else a no-op

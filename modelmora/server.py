@@ -34,6 +34,7 @@ from .observability import ExportUnavailable, Spans, open_otlp, worker_log_env
 from .registry import FileVerifier, ModelStore, open_store
 from .results import open_result_store
 from .scheduler import Scheduler
+from .security import Gate, Reloadable, ServerTls, TlsError, TokenError, check_exposure, follow_files
 from .service import InferenceService
 from .tasks import task_info
 
@@ -139,6 +140,20 @@ def check_backend(settings: Settings, backend: str) -> None:
         )
 
 
+def _edge_security(settings: Settings) -> tuple[Gate, ServerTls | None]:
+    """The gate (tokens) and the TLS contexts the settings ask for.
+
+    Raises:
+        StartupError: a tokens entry or file, or a TLS file, cannot be loaded (one line naming it).
+    """
+    try:
+        gate = Gate(settings.auth)
+        tls = ServerTls(settings.tls) if settings.tls.enabled else None
+    except (TokenError, TlsError) as exc:
+        raise StartupError(str(exc)) from None
+    return gate, tls
+
+
 def preload_for(settings: Settings, tasks: Iterable[str] = ()) -> tuple[str, ...]:
     """`zygote_preload`, then the libraries of the registered models' task types (`TaskInfo.preload`:
     too heavy to import for every server, e.g. diffusers costs ~2.5 s and ~27 MB)."""
@@ -189,6 +204,7 @@ async def serve(
     if removed:
         log.info("removed_stale_segments", count=len(removed))
     check_backend(settings, current_backend())
+    gate, tls = _edge_security(settings)
     try:
         segments.ensure_ring_room(settings.request_ring_mb, settings.response_ring_mb)
     except segments.SharedMemoryExhausted as exc:
@@ -213,7 +229,8 @@ async def serve(
     if not grpc_port:
         grpc_sock = None
     try:
-        await _serve(settings, store, sock, grpc_sock, stop, _worker_env(settings, worker_env), pipelines, task_status)
+        env = _worker_env(settings, worker_env)
+        await _serve(settings, store, sock, grpc_sock, stop, env, pipelines, task_status, gate=gate, tls=tls)
     finally:
         store.close()
         for listening in (sock, grpc_sock):
@@ -231,6 +248,9 @@ async def _serve(
     worker_env: dict[str, str] | None,
     pipelines: dict[str, str] | None,
     task_status: anyio.abc.TaskStatus[int],
+    *,
+    gate: Gate,
+    tls: ServerTls | None,
 ) -> None:
     home = settings.home_path
     instance_id = segments.new_instance_id()
@@ -249,6 +269,7 @@ async def _serve(
     config.errorlog = None
     config.graceful_timeout = settings.shutdown_grace_s
     config.keep_alive_timeout = settings.keep_alive_timeout_s
+    config.ssl_handshake_timeout = settings.tls.handshake_timeout_s
     limit = connection_limit(settings)
     stop = stop or anyio.Event()
     async with contextlib.AsyncExitStack() as stack:
@@ -261,20 +282,28 @@ async def _serve(
         tg = await stack.enter_async_context(anyio.create_task_group())
         service = InferenceService(settings, store, scheduler, results)
         service.record.spans = spans
-        listener = HttpListener(create_app(service), config, sock, limit=limit)
-        grpc = _grpc_listener(service, grpc_sock, port) if grpc_sock is not None else None
+        app = create_app(service, gate)
+        listener = HttpListener(app, config, sock, limit=limit, ssl=tls.http if tls is not None else None)
+        grpc = _grpc_listener(service, grpc_sock, port, gate, tls) if grpc_sock is not None else None
         await tg.start(scheduler.run)
         await service.preload()  # starts the loads; requests are accepted meanwhile
         background = anyio.CancelScope()  # tasks that end with the HTTP server
-        tg.start_soon(_background, background, functools.partial(_signals, stop), service.run)
+        reloadable: list[Reloadable] = [r for r in (gate, tls) if r is not None and r.watched_paths()]
+        tg.start_soon(_background, background, functools.partial(_signals, stop), service.run, _follow(reloadable))
+        warning = check_exposure(settings, tls=tls is not None, auth=gate.enabled)
+        if warning is not None:
+            event, _, advice = warning.partition(": ")
+            log.warning(event, host=settings.host, advice=advice)
         log.info(
             "listening",
-            url=f"http://{settings.host}:{port}",
+            url=f"{'https' if tls is not None else 'http'}://{settings.host}:{port}",
             home=str(home),
             instance=instance_id,
             backend=current_backend(),
             max_connections=listener.limit,
             grpc=f"{settings.host}:{grpc.port}" if grpc is not None else None,
+            tls=("mutual" if tls.mutual else "on") if tls is not None else "off",
+            auth=f"{len(gate.table)} tokens" if gate.enabled else "off",
         )
         task_status.started(port)
         # In a task group of its own: the connections' tasks end before the scheduler stops.
@@ -287,7 +316,9 @@ async def _serve(
         scheduler.close()
 
 
-def _grpc_listener(service: InferenceService, sock: socket.socket, http_port: int) -> GrpcListener:
+def _grpc_listener(
+    service: InferenceService, sock: socket.socket, http_port: int, gate: Gate, tls: ServerTls | None
+) -> GrpcListener:
     """The gRPC listener (imported here: grpclib loads only where gRPC is served). Stored result URLs
     in its answers point at the HTTP port (or `public_url`)."""
     from .api.grpc import GrpcListener
@@ -295,8 +326,18 @@ def _grpc_listener(service: InferenceService, sock: socket.socket, http_port: in
     settings = service.settings
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.gethostname()
     host = f"[{host}]" if ":" in host else host
-    base_url = settings.public_url.rstrip("/") + "/" if settings.public_url else f"http://{host}:{http_port}/"
-    return GrpcListener(service, sock, base_url)
+    scheme = "https" if tls is not None else "http"
+    base_url = settings.public_url.rstrip("/") + "/" if settings.public_url else f"{scheme}://{host}:{http_port}/"
+    return GrpcListener(service, sock, base_url, gate=gate, ssl=tls.grpc if tls is not None else None)
+
+
+def _follow(targets: list[Reloadable]) -> Callable[[], Coroutine[Any, Any, None]]:
+    """The task reloading the tokens file and TLS files when they change, and on SIGHUP."""
+
+    async def follow() -> None:
+        await follow_files(targets)
+
+    return follow
 
 
 GC_YOUNG_THRESHOLD = 10_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ class ServerProcess:
         args: Sequence[str] = (),
         preexec_fn: Callable[[], object] | None = None,
         command: Sequence[str] | None = None,
+        verify: ssl.SSLContext | None = None,
     ) -> None:
         self.command = list(command) if command is not None else _mm_command()
         """The `mm` to run (another build's, for benchmarks against it: it runs from its home, so
@@ -58,7 +60,9 @@ class ServerProcess:
         self.preexec_fn = preexec_fn
         self.home = home
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.verify = verify
+        """With TLS on: the client context the start-up probe uses (the URL is then https)."""
+        self.url = f"{'https' if verify is not None else 'http'}://127.0.0.1:{self.port}"
         self.env = {**os.environ, **(env or {}), "MODELMORA_HOME": str(home)}
         trio = self.env.get("MODELMORA_BACKEND") == "trio" or "trio" in self.args
         self.grpc_port = free_port() if command is None and not trio and "--grpc-port" not in self.args else 0
@@ -85,7 +89,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited early:\n{self.log.read_text()}")
             try:
-                if httpx.get(f"{self.url}/health/live", timeout=1).status_code == 200:
+                probe = httpx.get(f"{self.url}/health/live", timeout=1, verify=self.verify or True)
+                if probe.status_code == 200:
                     return self
             except httpx.TransportError:
                 time.sleep(0.1)

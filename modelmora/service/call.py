@@ -8,6 +8,7 @@ from typing import Any
 from ..observability import TraceContext
 from ..registry import ModelRecord
 from ..scheduler import ModelRuntime, Priority, Request
+from ..security import ANONYMOUS, Identity
 from .tasks import Prepared, ReturnMode, TaskAdapter
 
 __all__ = ("InferCall", "Job")
@@ -32,6 +33,8 @@ class InferCall:
     """The front end's name ("rest", "grpc", ...): the `protocol` label of the request's metrics."""
     trace: TraceContext | None = None
     """The caller's trace context (`observability.incoming`); None: the request starts a new trace."""
+    identity: Identity = ANONYMOUS
+    """Who asked (the edge's gate says; anonymous while authentication is off)."""
 
 
 @dataclass(eq=False, slots=True)

@@ -28,6 +28,7 @@ from ..observability import TraceContext, new_trace, reset_current, set_current
 from ..registry import ModelRecord, ModelStore, uninstall
 from ..results import ResultStore
 from ..scheduler import ModelRuntime, ModelStatus, Request, Scheduler
+from ..security import ANONYMOUS, Identity, audited
 from ..tasks import TaskType
 from .admin import ModelAdmin
 from .call import InferCall, Job
@@ -287,9 +288,17 @@ class InferenceService:
             raise ModelNotFound(f"model {model_id!r} is not installed")
         return rec
 
-    async def update_settings(self, model_id: str, settings: ModelSettings) -> ModelRecord:
+    async def update_settings(
+        self, model_id: str, settings: ModelSettings, *, identity: Identity = ANONYMOUS
+    ) -> ModelRecord:
         """Replace a model's settings (fields left out take the server's defaults); running
-        versions take them at once (device and dtype: their worker is replaced when idle)."""
+        versions take them at once (device and dtype: their worker is replaced when idle).
+        Audited (`identity` names who asked)."""
+        changed = msgspec.to_builtins(settings)
+        with audited("update_settings", identity, model=model_id, settings=changed):
+            return await self._update_settings(model_id, settings)
+
+    async def _update_settings(self, model_id: str, settings: ModelSettings) -> ModelRecord:
         rec = await self._registry(self.store.aupdate_settings(model_id, msgspec.to_builtins(settings)))
         if rec is None:
             raise ModelNotFound(f"model {model_id!r} is not installed")
@@ -299,13 +308,17 @@ class InferenceService:
                 self.scheduler.runtime_for(rec, key.version)
         return rec
 
-    async def delete(self, model_id: str) -> ModelRecord:
+    async def delete(self, model_id: str, *, identity: Identity = ANONYMOUS) -> ModelRecord:
         """Unload every version of a model (queued requests drain first, as with `unload`), then remove
-        it from the registry and delete its copied files; returns the removed record.
+        it from the registry and delete its copied files; returns the removed record. Audited.
 
         Raises:
             ModelNotFound: it is not installed.
         """
+        with audited("delete", identity, model=model_id):
+            return await self._delete(model_id)
+
+    async def _delete(self, model_id: str) -> ModelRecord:
         await self.model(model_id)
         for key, rt in list(self.scheduler.models.items()):
             if key.model_id == model_id:
@@ -325,17 +338,19 @@ class InferenceService:
             raise ModelNotFound(f"model {model_id!r} has no version {version!r}", field="version")
         return self.scheduler.runtime_for(rec, version)
 
-    async def load(self, model_id: str, version: str | None = None) -> ModelStatus:
-        """Load (and warm up) a model version now; returns once it is ready."""
-        rt = await self._runtime(model_id, version)
-        await self.scheduler.load(rt, self.settings.worker_start_timeout_s)
-        return self._status_of(rt)
+    async def load(self, model_id: str, version: str | None = None, *, identity: Identity = ANONYMOUS) -> ModelStatus:
+        """Load (and warm up) a model version now; returns once it is ready. Audited."""
+        with audited("load", identity, model=model_id, version=version):
+            rt = await self._runtime(model_id, version)
+            await self.scheduler.load(rt, self.settings.worker_start_timeout_s)
+            return self._status_of(rt)
 
-    async def unload(self, model_id: str, version: str | None = None) -> ModelStatus:
-        """Drain the model's queue, stop its worker, give its memory back."""
-        rt = await self._runtime(model_id, version)
-        await self.scheduler.unload(rt, self.settings.unload_grace_s)
-        return self._status_of(rt)
+    async def unload(self, model_id: str, version: str | None = None, *, identity: Identity = ANONYMOUS) -> ModelStatus:
+        """Drain the model's queue, stop its worker, give its memory back. Audited."""
+        with audited("unload", identity, model=model_id, version=version):
+            rt = await self._runtime(model_id, version)
+            await self.scheduler.unload(rt, self.settings.unload_grace_s)
+            return self._status_of(rt)
 
     def _status_of(self, rt: ModelRuntime) -> ModelStatus:
         return next(s for s in self.scheduler.status() if s.model_id == rt.key.model_id and s.version == rt.key.version)

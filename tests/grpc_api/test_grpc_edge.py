@@ -77,6 +77,8 @@ def test_core_fields_become_message_paths(field: str | None, parameters: str | N
 
 _BY_HTTP = {
     400: Status.INVALID_ARGUMENT,
+    401: Status.UNAUTHENTICATED,
+    403: Status.PERMISSION_DENIED,
     404: Status.NOT_FOUND,
     413: Status.INVALID_ARGUMENT,
     415: Status.INVALID_ARGUMENT,

@@ -5,6 +5,7 @@ from .calls import CallContext, Calls, single
 from .decode import PARAMETERS, decode_call, parameters_name
 from .encode import event_message, infer_response, model_message, model_status, server_status, task_type
 from .errors import error_message, internal_error, proto_field, send_error
+from .gate import current_permit, guarded
 from .health import MODEL_PREFIX, WATCH_INTERVAL_S, HealthServicer
 from .inference import InferenceServicer
 from .models import ManagementServicer, RegistryServicer
@@ -22,6 +23,7 @@ __all__ = (
     "LimitedCodec",
     "ManagementServicer",
     "RegistryServicer",
+    "current_permit",
     "decode_call",
     "descriptors",
     "error_message",
@@ -32,6 +34,7 @@ __all__ = (
     "model_status",
     "parameters_name",
     "proto_field",
+    "guarded",
     "send_error",
     "single",
     "server_status",

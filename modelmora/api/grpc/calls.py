@@ -13,16 +13,24 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
 
 from ...errors import ModelMoraError
+from ...security import ANONYMOUS, Identity, Permit
 from .errors import internal_error, send_error
+from .gate import current_permit
 
 __all__ = ("CallContext", "Calls", "single")
 
 
 @dataclass(slots=True)
 class CallContext:
-    """What a handler learns while it runs that its error needs: the request's parameters oneof."""
+    """What a handler learns while it runs that its error needs (the request's parameters oneof), and
+    who called (the gate's permit: None while authentication is off)."""
 
     parameters: str | None = None
+    permit: Permit | None = None
+
+    @property
+    def identity(self) -> Identity:
+        return self.permit.identity if self.permit is not None else ANONYMOUS
 
 
 def single(exc: BaseException) -> BaseException:
@@ -55,7 +63,7 @@ class Calls:
         self.running += 1
         if self.running == 1:
             self._idle = anyio.Event()
-        context = CallContext()
+        context = CallContext(permit=current_permit())
         try:
             yield context
         except Exception as exc:

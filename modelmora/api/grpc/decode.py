@@ -16,6 +16,7 @@ from ..._proto.modelmora import v1
 from ...errors import DeadlineExceeded, InvalidInput
 from ...images import ImageRef, Pixels
 from ...observability import TraceContext, incoming
+from ...security import ANONYMOUS, Identity
 from ...service import (
     CaptionParameters,
     EmbeddingParameters,
@@ -49,9 +50,14 @@ def parameters_name(req: v1.InferRequest) -> str | None:
 
 
 def decode_call(
-    req: v1.InferRequest, deadline: Deadline | None, *, stream: bool = False, metadata: Any = None
+    req: v1.InferRequest,
+    deadline: Deadline | None,
+    *,
+    stream: bool = False,
+    metadata: Any = None,
+    identity: Identity = ANONYMOUS,
 ) -> InferCall:
-    """The core's call for one request message; `deadline` is the gRPC call's.
+    """The core's call for one request message; `deadline` is the gRPC call's, `identity` its caller's.
 
     Raises:
         InvalidInput: a field is wrong (named as the core names it).
@@ -75,6 +81,7 @@ def decode_call(
         return_mode=_return_mode(req.return_mode),
         protocol="grpc",
         trace=_trace(metadata),
+        identity=identity,
     )
 
 

@@ -16,7 +16,8 @@ from grpclib.const import Cardinality, Handler
 from grpclib.server import Stream
 
 from ..._proto.modelmora import v1
-from ...errors import InvalidInput, ModelMoraError
+from ...errors import InvalidInput, ModelMoraError, RateLimited
+from ...security import Identity, Permit
 from ...service import InferenceService, InferResult
 from .calls import Calls
 from .decode import decode_call, parameters_name
@@ -52,7 +53,9 @@ class InferenceServicer:
             req = await stream.recv_message()
             assert req is not None  # grpclib: a unary call has its message
             context.parameters = parameters_name(req)
-            result = await self.service.infer(decode_call(req, stream.deadline, metadata=stream.metadata))
+            result = await self.service.infer(
+                decode_call(req, stream.deadline, metadata=stream.metadata, identity=context.identity)
+            )
             await stream.send_message(infer_response(result, req.request_id, self.base_url))
 
     async def generate(self, stream: Stream[v1.InferRequest, v1.GenerateEvent]) -> None:
@@ -60,9 +63,8 @@ class InferenceServicer:
             req = await stream.recv_message()
             assert req is not None
             context.parameters = parameters_name(req)
-            events = await self.service.open_stream(
-                decode_call(req, stream.deadline, stream=True, metadata=stream.metadata)
-            )
+            call = decode_call(req, stream.deadline, stream=True, metadata=stream.metadata, identity=context.identity)
+            events = await self.service.open_stream(call)
             try:
                 async for item in events:
                     if isinstance(item, InferResult):
@@ -76,7 +78,7 @@ class InferenceServicer:
     async def infer_stream(self, stream: Stream[v1.InferRequest, v1.InferStreamResponse]) -> None:
         """Requests run concurrently as they arrive; each answer goes out when ready (one writer at
         a time). A request id still in flight on this stream is refused, so each is answered once."""
-        async with self.calls.guard(stream, "InferStream"):  # type: ignore[arg-type]
+        async with self.calls.guard(stream, "InferStream") as context:  # type: ignore[arg-type]
             sending = anyio.Lock()
             in_flight: set[str] = set()
 
@@ -90,11 +92,12 @@ class InferenceServicer:
             async def run(req: v1.InferRequest) -> None:
                 rid = req.request_id
                 try:
-                    response = await self._one(req, stream)
+                    response = await self._one(req, stream, context.identity)
                     await answer(response)
                 finally:
                     in_flight.discard(rid)
 
+            charged = True  # admitting the call counted its first message
             async with anyio.create_task_group() as tg:
                 async for req in stream:
                     if not req.request_id:
@@ -102,19 +105,24 @@ class InferenceServicer:
                     elif req.request_id in in_flight:
                         error = InvalidInput(f"request_id {req.request_id!r} is in flight already", field="request_id")
                         tg.start_soon(refuse, req, error)
+                    elif not charged and (limited := _over_rate(context.permit)) is not None:
+                        tg.start_soon(refuse, req, limited)  # each message is a request for the rate limit
                     else:
+                        charged = False
                         in_flight.add(req.request_id)
                         tg.start_soon(run, req)
 
     async def _one(
-        self, req: v1.InferRequest, stream: Stream[v1.InferRequest, v1.InferStreamResponse]
+        self, req: v1.InferRequest, stream: Stream[v1.InferRequest, v1.InferStreamResponse], identity: Identity
     ) -> v1.InferStreamResponse:
         """One request of an InferStream: its answer, or its error (the stream goes on)."""
         rid = req.request_id
         parameters = None
         try:
             parameters = parameters_name(req)
-            result = await self.service.infer(decode_call(req, stream.deadline, metadata=stream.metadata))
+            result = await self.service.infer(
+                decode_call(req, stream.deadline, metadata=stream.metadata, identity=identity)
+            )
             return v1.InferStreamResponse(request_id=rid, response=infer_response(result, rid, self.base_url))
         except ModelMoraError as exc:
             return v1.InferStreamResponse(request_id=rid, error=error_message(exc, parameters))
@@ -123,3 +131,14 @@ class InferenceServicer:
             log.error("unhandled_error", trace_id=trace_id, method="InferStream", exc_info=exc)
             error = v1.Error(status=13, code="internal_error", message=f"internal error (trace id {trace_id})")
             return v1.InferStreamResponse(request_id=rid, error=error)
+
+
+def _over_rate(permit: Permit | None) -> RateLimited | None:
+    """Charge one InferStream message to its token's rate: the refusal, or None when it may run."""
+    if permit is None:
+        return None
+    try:
+        permit.charge()
+    except RateLimited as exc:
+        return exc
+    return None

@@ -76,17 +76,18 @@ class RegistryServicer:
             await stream.send_message(model_message(await self.service.model(_model_id(req.model_id))))
 
     async def update_model_settings(self, stream: Stream[v1.UpdateModelSettingsRequest, v1.Model]) -> None:
-        async with self.calls.guard(stream, "UpdateModelSettings"):  # type: ignore[arg-type]
+        async with self.calls.guard(stream, "UpdateModelSettings") as context:  # type: ignore[arg-type]
             req = await stream.recv_message()
             assert req is not None
-            rec = await self.service.update_settings(_model_id(req.model_id), _settings(req.settings))
+            settings = _settings(req.settings)
+            rec = await self.service.update_settings(_model_id(req.model_id), settings, identity=context.identity)
             await stream.send_message(model_message(rec))
 
     async def delete_model(self, stream: Stream[v1.DeleteModelRequest, v1.DeleteModelResponse]) -> None:
-        async with self.calls.guard(stream, "DeleteModel"):  # type: ignore[arg-type]
+        async with self.calls.guard(stream, "DeleteModel") as context:  # type: ignore[arg-type]
             req = await stream.recv_message()
             assert req is not None
-            rec = await self.service.delete(_model_id(req.model_id))
+            rec = await self.service.delete(_model_id(req.model_id), identity=context.identity)
             await stream.send_message(
                 v1.DeleteModelResponse(model_id=rec.id, versions=[v.version for v in rec.versions])
             )
@@ -108,17 +109,19 @@ class ManagementServicer:
         }
 
     async def load_model(self, stream: Stream[v1.LoadModelRequest, v1.ModelStatus]) -> None:
-        async with self.calls.guard(stream, "LoadModel"):  # type: ignore[arg-type]
+        async with self.calls.guard(stream, "LoadModel") as context:  # type: ignore[arg-type]
             req = await stream.recv_message()
             assert req is not None
-            status = await self.service.load(_model_id(req.model_id), req.version or None)
+            model_id, version = _model_id(req.model_id), req.version or None
+            status = await self.service.load(model_id, version, identity=context.identity)
             await stream.send_message(model_status(status))
 
     async def unload_model(self, stream: Stream[v1.UnloadModelRequest, v1.ModelStatus]) -> None:
-        async with self.calls.guard(stream, "UnloadModel"):  # type: ignore[arg-type]
+        async with self.calls.guard(stream, "UnloadModel") as context:  # type: ignore[arg-type]
             req = await stream.recv_message()
             assert req is not None
-            status = await self.service.unload(_model_id(req.model_id), req.version or None)
+            model_id, version = _model_id(req.model_id), req.version or None
+            status = await self.service.unload(model_id, version, identity=context.identity)
             await stream.send_message(model_status(status))
 
     async def get_status(self, stream: Stream[v1.GetStatusRequest, v1.ServerStatus]) -> None:

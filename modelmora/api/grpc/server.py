@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from ssl import SSLContext
 from typing import Any
 
 import anyio
@@ -28,8 +29,10 @@ from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from grpclib.server import Server
 from grpclib.utils import _service_name
 
+from ...security import Gate
 from ...service import InferenceService
 from .calls import Calls
+from .gate import guarded
 from .health import HealthServicer
 from .inference import InferenceServicer
 from .models import ManagementServicer, RegistryServicer
@@ -58,6 +61,17 @@ class LimitedCodec(ProtoCodec):
             raise GRPCError(Status.INVALID_ARGUMENT, f"the message is not a valid {name}") from None
 
 
+class _Guarded:
+    """A servicer's handlers behind the gate (grpclib asks each servicer for its `__mapping__`)."""
+
+    def __init__(self, servicer: Any, gate: Gate) -> None:
+        self.servicer = servicer
+        self.mapping = guarded(servicer.__mapping__(), gate)
+
+    def __mapping__(self) -> dict[str, Any]:
+        return self.mapping
+
+
 def descriptors() -> descriptor_pool.DescriptorPool:
     """The file descriptors reflection answers from: ours (`descriptors.binpb`, written by `just proto`),
     health and reflection."""
@@ -73,11 +87,26 @@ def descriptors() -> descriptor_pool.DescriptorPool:
 
 
 class GrpcListener:
-    """Serves the gRPC services over `service` on the listening socket `sock`."""
+    """Serves the gRPC services over `service` on the listening socket `sock`, behind `gate` (default:
+    one from the `[auth]` settings), over TLS when `ssl` is given (its ALPN must offer "h2").
 
-    def __init__(self, service: InferenceService, sock: socket.socket, base_url: str) -> None:
+    Raises:
+        KeyError: a served method is missing from the access table (`api.access.GRPC_ACCESS`).
+    """
+
+    def __init__(
+        self,
+        service: InferenceService,
+        sock: socket.socket,
+        base_url: str,
+        *,
+        gate: Gate | None = None,
+        ssl: SSLContext | None = None,
+    ) -> None:
         self.service = service
         self.sock = sock
+        self.ssl = ssl
+        self.gate = gate if gate is not None else Gate(service.settings.auth)
         self.calls = Calls()
         ours: list[Any] = [
             InferenceServicer(service, self.calls, base_url),
@@ -85,7 +114,7 @@ class GrpcListener:
             ManagementServicer(service, self.calls),
         ]
         health = HealthServicer(service, self.calls, [_service_name(s) for s in ours])
-        self.handlers = ServerReflection.extend([*ours, health], pool=descriptors())
+        self.handlers = [_Guarded(h, self.gate) for h in ServerReflection.extend([*ours, health], pool=descriptors())]
 
     @property
     def port(self) -> int:
@@ -99,7 +128,7 @@ class GrpcListener:
     ) -> None:
         """Serve until `until()` returns (or this task is cancelled), then stop gracefully."""
         server = Server(self.handlers, codec=LimitedCodec(self.service.settings.grpc_max_message_bytes))
-        await server.start(sock=self.sock)
+        await server.start(sock=self.sock, ssl=self.ssl)
         task_status.started()
         try:
             await until()

@@ -22,8 +22,11 @@ from ...errors import ClientGone, InvalidInput, ModelMoraError
 from ...observability import TraceContext, incoming, reset_current, set_current
 from ...registry import ModelRecord, semver_key
 from ...results import FilesystemResultStore, result_route
+from ...security import ANONYMOUS, Gate, Identity, Permit
+from ...security import Scope as AuthScope
 from ...service import InferCall, InferenceService, InferResult, Operation, Priority, RegisterCall
 from .. import openapi
+from ..access import RestAccess
 from ..schemas import (
     ActivateVersion,
     DownloadVersion,
@@ -39,6 +42,15 @@ from .encode import response_body, sse
 from .errors import error_body, error_response, exception_handlers, json_response, unexpected
 
 __all__ = ("create_app",)
+
+_IDENTITY_KEY = "modelmora.identity"
+"""Where the gate leaves the caller's `Identity` in the ASGI scope for the routed endpoints."""
+
+
+def _identity_of(request: HTTPRequest) -> Identity:
+    """The caller of a routed request, as the gate admitted it."""
+    identity: Identity = request.scope.get(_IDENTITY_KEY, ANONYMOUS)
+    return identity
 
 
 class _Empty(msgspec.Struct, forbid_unknown_fields=True):
@@ -95,16 +107,20 @@ def _query_flag(request: HTTPRequest, name: str) -> bool:
     return raw in ("true", "1")
 
 
-def create_app(service: InferenceService) -> ASGIApp:
+def create_app(service: InferenceService, gate: Gate | None = None) -> ASGIApp:
     """The ASGI application over the inference core (a filesystem result store also serves its
-    signed URLs here)."""
+    signed URLs here), behind `gate` (default: one from the `[auth]` settings).
+
+    Raises:
+        TokenError: no `gate` given, and the `[auth]` tokens are malformed or unreadable.
+    """
     settings = service.settings
     public_url = settings.public_url.rstrip("/") + "/" if settings.public_url else ""
     limit, body_timeout_s = settings.max_body_bytes, settings.body_read_timeout_s
 
     metrics = service.metrics
 
-    async def infer(scope: Scope, receive: Receive, model_id: str, trace: TraceContext) -> Response:
+    async def infer(scope: Scope, receive: Receive, model_id: str, trace: TraceContext, identity: Identity) -> Response:
         t0 = time.perf_counter()
         try:
             env = decode(_envelope_decoder, await read_body(scope, receive, limit, body_timeout_s))
@@ -122,6 +138,7 @@ def create_app(service: InferenceService) -> ASGIApp:
             return_mode=env.return_,
             protocol="rest",
             trace=trace,
+            identity=identity,
         )
         encoding = str(env.parameters.get("encoding", "float"))
         base_url = public_url or _base_url(scope)
@@ -133,11 +150,11 @@ def create_app(service: InferenceService) -> ASGIApp:
             return Response(status_code=499)  # nobody is listening; for the access log only
         return json_response(response_body(result, encoding, base_url))
 
-    async def handle_infer(scope: Scope, receive: Receive, send: Send, model_id: str) -> None:
+    async def handle_infer(scope: Scope, receive: Receive, send: Send, model_id: str, identity: Identity) -> None:
         trace = incoming(*_trace_headers(scope))
         token = set_current(trace)
         try:
-            response = await infer(scope, receive, model_id, trace)
+            response = await infer(scope, receive, model_id, trace, identity)
         except ModelMoraError as exc:
             response = error_response(exc)
         except Exception as exc:
@@ -181,7 +198,8 @@ def create_app(service: InferenceService) -> ASGIApp:
         model_id = request.path_params["model_id"]
         if request.method == "PUT":
             update = decode(_settings_decoder, await read_body(request.scope, request.receive, limit, body_timeout_s))
-            return json_response(_model_info(await service.update_settings(model_id, update)))
+            rec = await service.update_settings(model_id, update, identity=_identity_of(request))
+            return json_response(_model_info(rec))
         if request.method == "DELETE":
             await no_body(request)
             rec = await service.admin.delete(model_id, force=_query_flag(request, "force"))
@@ -225,13 +243,13 @@ def create_app(service: InferenceService) -> ASGIApp:
         """Load (and warm up) a model now; waits until it is ready."""
         await no_body(request)
         model_id, version = request.path_params["model_id"], request.query_params.get("version")
-        return json_response(await service.load(model_id, version))
+        return json_response(await service.load(model_id, version, identity=_identity_of(request)))
 
     async def unload_model(request: HTTPRequest) -> Response:
         """Drain the model's queue, stop its worker, give its memory back."""
         await no_body(request)
         model_id, version = request.path_params["model_id"], request.query_params.get("version")
-        return json_response(await service.unload(model_id, version))
+        return json_response(await service.unload(model_id, version, identity=_identity_of(request)))
 
     async def status(request: HTTPRequest) -> Response:
         return json_response(await service.status())
@@ -282,7 +300,9 @@ def create_app(service: InferenceService) -> ASGIApp:
     if isinstance(service.results, FilesystemResultStore):
         routes.append(result_route(service.results))
     app = Starlette(routes=routes, exception_handlers=exception_handlers)
-    return _Api(app, handle_infer, Cors.from_origins(settings.cors_origins))
+    gate = gate if gate is not None else Gate(settings.auth)
+    access = RestAccess(metrics_open=settings.auth.metrics_open)
+    return _Api(app, handle_infer, Cors.from_origins(settings.cors_origins), gate, access)
 
 
 async def _stream(service: InferenceService, call: InferCall, encoding: str, base_url: str) -> Response:
@@ -312,15 +332,23 @@ async def _until_disconnect(receive: Receive) -> None:
 
 
 class _Api:
-    """The ASGI entry point: CORS first (when configured), then `POST /api/v1/infer/{model_id}` is
-    served directly; everything else goes to Starlette."""
+    """The ASGI entry point: CORS first (when configured; a preflight carries no credentials), then
+    the gate (token, scope and limits, before any body is read), then `POST /api/v1/infer/{model_id}`
+    is served directly; everything else goes to Starlette."""
 
     def __init__(
-        self, app: Starlette, infer: Callable[[Scope, Receive, Send, str], Awaitable[None]], cors: Cors | None
+        self,
+        app: Starlette,
+        infer: Callable[[Scope, Receive, Send, str, Identity], Awaitable[None]],
+        cors: Cors | None,
+        gate: Gate,
+        access: RestAccess,
     ) -> None:
         self.app = app
         self.infer = infer
         self.cors = cors
+        self.gate = gate
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -333,12 +361,42 @@ class _Api:
                     await self.cors.preflight(origin, send)
                     return
                 send = self.cors.wrap(send, origin)
+        model_id = None
         if scope["method"] == "POST" and scope["path"].startswith(_INFER_PREFIX):
             model_id = scope["path"][len(_INFER_PREFIX) :]
-            if model_id and "/" not in model_id:
-                await self.infer(scope, receive, send, model_id)
-                return
-        await self.app(scope, receive, send)
+            if not model_id or "/" in model_id:
+                model_id = None
+        if not self.gate.enabled:  # every caller is anonymous: nothing to check or give back
+            if model_id is not None:
+                await self.infer(scope, receive, send, model_id, ANONYMOUS)
+            else:
+                await self.app(scope, receive, send)
+            return
+        permit = await self._admit(scope, receive, send, model_id)
+        if permit is None:
+            return
+        try:
+            if model_id is not None:
+                await self.infer(scope, receive, send, model_id, permit.identity)
+            else:
+                scope[_IDENTITY_KEY] = permit.identity
+                await self.app(scope, receive, send)
+        finally:
+            permit.release()
+
+    async def _admit(self, scope: Scope, receive: Receive, send: Send, model_id: str | None) -> Permit | None:
+        """The request's permit, or None once it has been refused (401, 403, 429)."""
+        access = AuthScope.INFER if model_id is not None else self.access(scope["method"], scope["path"])
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        try:
+            return self.gate.admit(access, authorization)
+        except ModelMoraError as exc:
+            await error_response(exc)(scope, receive, send)
+            return None
 
 
 def _trace_headers(scope: Scope) -> tuple[str | None, str | None]:

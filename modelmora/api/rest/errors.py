@@ -32,6 +32,9 @@ def error_response(exc: ModelMoraError) -> Response:
     headers = {}
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    challenge = getattr(exc, "challenge", None)
+    if challenge:  # 401 and 403 from the gate
+        headers["WWW-Authenticate"] = challenge
     return json_response(error_body(exc), exc.http_status, headers)
 
 
