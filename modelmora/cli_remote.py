@@ -3,6 +3,8 @@ with `--url` (list, info, activate, uninstall, install). One HTTP client, errors
 
 from __future__ import annotations
 
+import os
+import ssl
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,15 +31,36 @@ def server_url(url: str | None, config: Path | None, home: Path | None) -> str:
 
 
 class Remote:
-    """A running server's REST API; every failure is `CommandFailed` with one line."""
+    """A running server's REST API; every failure is `CommandFailed` with one line.
+
+    The environment gives the credentials: `MODELMORA_TOKEN` (sent as a bearer token, never
+    printed), `MODELMORA_CA_FILE` (the CA that signed an https server's certificate; else the
+    system's), `MODELMORA_CLIENT_CERT` + `MODELMORA_CLIENT_KEY` (mutual TLS).
+    """
 
     def __init__(self, url: str, timeout_s: float = 600.0) -> None:
         self.url = url
         self.timeout = httpx.Timeout(timeout_s, connect=10.0)
+        token = os.environ.get("MODELMORA_TOKEN")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._verify: ssl.SSLContext | bool = True
+        ca, cert = os.environ.get("MODELMORA_CA_FILE"), os.environ.get("MODELMORA_CLIENT_CERT")
+        if ca or cert:
+            try:
+                context = ssl.create_default_context(cafile=ca or None)
+                if cert:
+                    context.load_cert_chain(cert, os.environ.get("MODELMORA_CLIENT_KEY") or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise CommandFailed(
+                    f"cannot read the TLS files (MODELMORA_CA_FILE / MODELMORA_CLIENT_CERT): {exc}"
+                ) from None
+            self._verify = context
 
     def call(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 202), **kwargs: Any) -> Any:
         try:
-            with httpx.Client(base_url=self.url, timeout=self.timeout) as client:
+            with httpx.Client(
+                base_url=self.url, timeout=self.timeout, headers=self._headers, verify=self._verify
+            ) as client:
                 r = client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise CommandFailed(f"cannot reach the server at {self.url}: {type(exc).__name__}: {exc}") from None

@@ -31,6 +31,7 @@ from .._proto.modelmora import v1
 from . import _requests as req
 from ._convert import error_for, from_exception, image_result, model_info, model_state, server_status, text_result
 from ._requests import ImageInput, PriorityName, ReturnMode
+from .credentials import auth_metadata, tls_context
 from .results import ImageResult, ModelInfo, ModelState, Progress, ServerStatus, TextResult, Token
 from .retry import RetryPolicy
 
@@ -100,8 +101,12 @@ class AsyncClient:
         target: the server's gRPC address, host:port.
         timeout: the default deadline of each call, in seconds (None: the server's per-task default).
         retry: how UNAVAILABLE is retried (`RetryPolicy(max_attempts=1)`: never).
-        metadata: sent with every call (e.g. {"authorization": "Bearer ..."}).
+        metadata: sent with every call.
         ssl: True (the system's trust store) or an `ssl.SSLContext` for TLS.
+        token: the bearer token (None: `MODELMORA_TOKEN`; "": none); never shown or logged.
+        ca_file, cert_file, key_file: TLS with this CA and, for mutual TLS, this client certificate
+            (None: `MODELMORA_CA_FILE`, `MODELMORA_CLIENT_CERT`, `MODELMORA_CLIENT_KEY`); any given
+            turns TLS on.
     """
 
     def __init__(
@@ -112,13 +117,18 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
         metadata: Mapping[str, str] | None = None,
         ssl: bool | SSLContext = False,
+        token: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
         self.host, self.port = _split_target(target)
         self.target = target
         self.timeout = timeout
         self.retry = retry if retry is not None else RetryPolicy()
         self.metadata = dict(metadata or {})
-        self._ssl = ssl
+        self._auth = auth_metadata(token)
+        self._ssl = tls_context(ssl, ca_file, cert_file, key_file)
         self._channel: Channel | None = None
         self._closed = False
 
@@ -134,7 +144,7 @@ class AsyncClient:
                 raise RuntimeError(
                     "AsyncClient needs a running asyncio event loop (grpclib); elsewhere use modelmora.client.Client"
                 ) from None
-            self._channel = Channel(self.host, self.port, ssl=self._ssl or None)
+            self._channel = Channel(self.host, self.port, ssl=self._ssl)
         return self._channel
 
     async def close(self) -> None:
@@ -159,7 +169,7 @@ class AsyncClient:
     ) -> tuple[Deadline | None, dict[str, str] | None]:
         seconds = self.timeout if timeout is None else timeout
         deadline = Deadline.from_timeout(seconds) if seconds is not None else None
-        merged = {**self.metadata, **(metadata or {})}
+        merged = {**self._auth, **self.metadata, **(metadata or {})}
         return deadline, merged or None
 
     def _next_delay(self, exc: Exception, attempt: _Attempt, number: int, name: str, **how: Any) -> float:

@@ -93,8 +93,22 @@ class Client:
         retry: RetryPolicy | None = None,
         metadata: Mapping[str, str] | None = None,
         ssl: bool | SSLContext = False,
+        token: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
-        self._async = AsyncClient(target, timeout=timeout, retry=retry, metadata=metadata, ssl=ssl)
+        self._async = AsyncClient(
+            target,
+            timeout=timeout,
+            retry=retry,
+            metadata=metadata,
+            ssl=ssl,
+            token=token,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=_serve, args=(self._loop,), name="modelmora-client", daemon=True)
         self._thread.start()

@@ -194,3 +194,39 @@ async def test_a_token_over_its_rate_is_refused_per_call_and_per_stream_message(
     await v1.ManagementServiceStub(grpc_channel).get_status(v1.GetStatusRequest(), metadata=md(READ_TOKEN))
     clock.now += 1.0
     await stub.infer(v1.InferRequest(model_id="echo", texts=["a"]), metadata=md(INFER_TOKEN))
+
+
+@pytest.fixture
+async def grpc_port(echo_app: AppUnderTest, clock: Clock) -> AsyncIterator[int]:
+    """The gRPC listener with tokens, for the SDK."""
+    sock = bind_socket("127.0.0.1", 0)
+    listener = GrpcListener(echo_app.service, sock, "http://127.0.0.1/", gate=Gate(echo_app.settings.auth, clock=clock))
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        await tg.start(listener.serve, stop.wait)
+        try:
+            yield sock.getsockname()[1]
+        finally:
+            stop.set()
+    sock.close()
+
+
+@pytest.mark.settings(auth={"tokens": TOKENS})
+async def test_the_sdk_sends_its_token_from_the_argument_or_the_environment(
+    grpc_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelmora.client import AsyncClient, PermissionDeniedError, RetryPolicy, UnauthenticatedError
+
+    target, once = f"127.0.0.1:{grpc_port}", RetryPolicy(max_attempts=1)
+    monkeypatch.delenv("MODELMORA_TOKEN", raising=False)
+    async with AsyncClient(target, retry=once) as anonymous:
+        with pytest.raises(UnauthenticatedError):
+            await anonymous.models()
+    async with AsyncClient(target, retry=once, token=READ_TOKEN) as reader:
+        assert [m.id for m in await reader.models()] == ["echo"]
+        assert READ_TOKEN not in repr(reader) and READ_TOKEN not in str(reader.metadata)
+        with pytest.raises(PermissionDeniedError):
+            await reader.embed("echo", ["a"])
+    monkeypatch.setenv("MODELMORA_TOKEN", INFER_TOKEN)
+    async with AsyncClient(target, retry=once) as app:
+        assert (await app.embed("echo", ["abc"])).shape == (1, 4)

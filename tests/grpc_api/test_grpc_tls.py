@@ -99,3 +99,24 @@ async def test_grpc_rotation_serves_new_connections_with_the_new_certificate(
             assert tuple((await infer(port, files.client_context(alpn=("h2",)))).embeddings.shape) == (1, 4)
         finally:
             kept.close()
+
+
+async def test_the_sdk_verifies_the_server_with_its_ca_file_and_shows_its_client_certificate(
+    echo_app: AppUnderTest, files: TlsFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelmora.client import AsyncClient, RetryPolicy, UnavailableError
+
+    for name in ("MODELMORA_CA_FILE", "MODELMORA_CLIENT_CERT", "MODELMORA_CLIENT_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    cert, key = files.client_cert()
+    once = RetryPolicy(max_attempts=1)
+    async with grpc_tls(echo_app, server_tls(files, mutual=True)) as port:
+        target = f"127.0.0.1:{port}"
+        async with AsyncClient(
+            target, retry=once, ca_file=str(files.ca_file), cert_file=str(cert), key_file=str(key)
+        ) as mm:
+            assert (await mm.embed("echo", ["abc"])).shape == (1, 4)
+        monkeypatch.setenv("MODELMORA_CA_FILE", str(files.ca_file))  # the environment, no client certificate
+        async with AsyncClient(target, retry=once) as mm:
+            with pytest.raises(UnavailableError):
+                await mm.embed("echo", ["abc"])
