@@ -157,6 +157,18 @@ async def test_admin_actions_are_audited_by_name_and_no_token_is_logged(echo_app
         assert token not in text
 
 
+@AUTH
+async def test_registry_changes_over_rest_are_audited_by_name(echo_app: AppUnderTest) -> None:
+    client = echo_app.client
+    with structlog.testing.capture_logs() as logs:
+        assert (await client.delete("/api/v1/models/nope", headers=bearer(ADMIN_TOKEN))).status_code == 404
+        r = await client.post("/api/v1/models/echo/versions/9.9.9", headers=bearer(ADMIN_TOKEN))
+        assert r.status_code == 404
+    audit = [(e["action"], e["by"], e["model"]) for e in logs if e["event"] == "audit"]
+    assert audit == [("delete", "ops", "nope"), ("activate", "ops", "echo")]
+    assert all(e["outcome"] != "ok" for e in logs if e["event"] == "audit")
+
+
 async def test_with_auth_off_everyone_is_anonymous_and_audited_as_such(echo_app: AppUnderTest) -> None:
     with structlog.testing.capture_logs() as logs:
         r = await echo_app.client.put("/api/v1/models/echo", json={}, headers=bearer(UNKNOWN))  # ignored

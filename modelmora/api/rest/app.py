@@ -22,7 +22,7 @@ from ...errors import ClientGone, InvalidInput, ModelMoraError
 from ...observability import TraceContext, incoming, reset_current, set_current
 from ...registry import ModelRecord, semver_key
 from ...results import FilesystemResultStore, result_route
-from ...security import ANONYMOUS, Gate, Identity, Permit
+from ...security import ANONYMOUS, Gate, Identity, Permit, audited
 from ...security import Scope as AuthScope
 from ...service import InferCall, InferenceService, InferResult, Operation, Priority, RegisterCall
 from .. import openapi
@@ -185,7 +185,8 @@ def create_app(service: InferenceService, gate: Gate | None = None) -> ASGIApp:
                 body.settings,
                 body.check,
             )
-            return _accepted(await service.admin.register(call))
+            with audited("register", _identity_of(request), model=body.id, source=body.source, version=body.version):
+                return _accepted(await service.admin.register(call))
         count = _query_int(request, "limit", MAX_PAGE, MAX_PAGE)
         offset = _query_int(request, "offset", 0, 2**31)
         recs = await service.models(request.query_params.get("task_type"))
@@ -202,7 +203,8 @@ def create_app(service: InferenceService, gate: Gate | None = None) -> ASGIApp:
             return json_response(_model_info(rec))
         if request.method == "DELETE":
             await no_body(request)
-            rec = await service.admin.delete(model_id, force=_query_flag(request, "force"))
+            with audited("delete", _identity_of(request), model=model_id):
+                rec = await service.admin.delete(model_id, force=_query_flag(request, "force"))
             return json_response(_model_info(rec))
         return json_response(_model_info(await service.model(model_id)))
 
@@ -210,7 +212,9 @@ def create_app(service: InferenceService, gate: Gate | None = None) -> ASGIApp:
         """Fetch a version's files again from its source at its recorded revision (background)."""
         body = await read_body(request.scope, request.receive, limit, body_timeout_s, optional=True)
         version = decode(_download_decoder, body).version if body else None
-        return _accepted(await service.admin.download(request.path_params["model_id"], version))
+        model_id = request.path_params["model_id"]
+        with audited("download", _identity_of(request), model=model_id, version=version):
+            return _accepted(await service.admin.download(model_id, version))
 
     async def operation(request: HTTPRequest) -> Response:
         return json_response(service.admin.operations.get(request.path_params["operation_id"]))
@@ -219,7 +223,8 @@ def create_app(service: InferenceService, gate: Gate | None = None) -> ASGIApp:
         """Replace a model's metadata (validated for its task; 422 naming the field)."""
         model_id = request.path_params["model_id"]
         body = decode(_metadata_decoder, await read_body(request.scope, request.receive, limit, body_timeout_s))
-        return json_response(_model_info(await service.admin.update_metadata(model_id, body)))
+        with audited("update_metadata", _identity_of(request), model=model_id):
+            return json_response(_model_info(await service.admin.update_metadata(model_id, body)))
 
     async def model_version(request: HTTPRequest) -> Response:
         """POST: make the version the active one (`{"pin": true|false}` optional); DELETE: remove that
@@ -227,11 +232,13 @@ def create_app(service: InferenceService, gate: Gate | None = None) -> ASGIApp:
         model_id, version = request.path_params["model_id"], request.path_params["version"]
         if request.method == "DELETE":
             await no_body(request)
-            rec = await service.admin.delete(model_id, version, force=_query_flag(request, "force"))
+            with audited("delete", _identity_of(request), model=model_id, version=version):
+                rec = await service.admin.delete(model_id, version, force=_query_flag(request, "force"))
             return json_response(_model_info(rec))
         body = await read_body(request.scope, request.receive, limit, body_timeout_s, optional=True)
         pin = decode(_activate_decoder, body).pin if body else None
-        return json_response(_model_info(await service.admin.activate(model_id, version, pin=pin)))
+        with audited("activate", _identity_of(request), model=model_id, version=version, pin=pin):
+            return json_response(_model_info(await service.admin.activate(model_id, version, pin=pin)))
 
     async def no_body(request: HTTPRequest) -> None:
         """Load and unload take no body: none (then no Content-Type is needed), or a JSON `{}`."""
