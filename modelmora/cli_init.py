@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from .cli_base import CommandFailed, console, settings_for
-from .config import S3Settings, Settings, TaskDefaults
+from .config import Settings
 
 __all__ = ("config_template", "init")
 
@@ -78,8 +78,10 @@ def config_template() -> str:
     defaults = Settings()
     lines = [_HEADER.rstrip("\n"), ""]
     lines += _section(Settings, defaults, None)
-    lines += _section(TaskDefaults, defaults.timeout_s, "timeout_s")
-    lines += _section(S3Settings, defaults.s3, "s3")
+    for field in Settings.__struct_fields__:  # every [section]: timeout_s, s3, auth, tls, ...
+        value = getattr(defaults, field)
+        if isinstance(value, msgspec.Struct):
+            lines += _section(type(value), value, field)
     lines += ["", "[pipelines]", "# Task type -> \"module:Class\" of a custom worker pipeline, for example:",
               '#   txt2embed = "mypackage.pipelines:MyEmbedding"']  # fmt: skip
     return "\n".join(lines) + "\n"
