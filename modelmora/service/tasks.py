@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -137,7 +137,8 @@ def _counts(value: Any) -> list[int] | None:
     """A worker's per-item counts (a 1-D int64 array), if it sent them."""
     if not isinstance(value, TensorData):
         return None
-    return cast("list[int]", memoryview(value.data).cast("q").tolist())
+    counts: list[int] = memoryview(value.data).cast("q").tolist()
+    return counts
 
 
 def _texts(inputs: Any, settings: Settings) -> list[str]:
