@@ -20,7 +20,7 @@ from ...errors import ClientGone, ModelMoraError
 from ...registry import ModelRecord
 from ...results import FilesystemResultStore, result_route
 from ...service import InferCall, InferenceService, InferResult, Priority
-from .. import openapi
+from .. import openai, openapi
 from ..schemas import InferRequest, ModelInfo, ModelList, ModelVersionInfo
 from .body import decode, read_body
 from .cors import Cors
@@ -162,7 +162,8 @@ def create_app(service: InferenceService) -> ASGIApp:
     if isinstance(service.results, FilesystemResultStore):
         routes.append(result_route(service.results))
     app = Starlette(routes=routes, exception_handlers=exception_handlers)
-    return _Api(app, handle_infer, Cors.from_origins(settings.cors_origins))
+    protocols = {openai.PREFIX: openai.create_openai_app(service)}
+    return _Api(app, handle_infer, Cors.from_origins(settings.cors_origins), protocols)
 
 
 async def _stream(service: InferenceService, call: InferCall, encoding: str, base_url: str) -> Response:
@@ -193,14 +194,21 @@ async def _until_disconnect(receive: Receive) -> None:
 
 class _Api:
     """The ASGI entry point: CORS first (when configured), then `POST /api/v1/infer/{model_id}` is
-    served directly; everything else goes to Starlette."""
+    served directly, and so is every path of a drop-in protocol (`/v1/`, `/v2`); everything else
+    goes to Starlette."""
 
     def __init__(
-        self, app: Starlette, infer: Callable[[Scope, Receive, Send, str], Awaitable[None]], cors: Cors | None
+        self,
+        app: Starlette,
+        infer: Callable[[Scope, Receive, Send, str], Awaitable[None]],
+        cors: Cors | None,
+        protocols: dict[str, ASGIApp] | None = None,
     ) -> None:
         self.app = app
         self.infer = infer
         self.cors = cors
+        self.protocols = protocols or {}
+        """Path prefix -> the drop-in protocol's front end serving every path under it."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -217,6 +225,10 @@ class _Api:
             model_id = scope["path"][len(_INFER_PREFIX) :]
             if model_id and "/" not in model_id:
                 await self.infer(scope, receive, send, model_id)
+                return
+        for prefix, protocol in self.protocols.items():
+            if scope["path"].startswith(prefix):
+                await protocol(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
