@@ -29,6 +29,7 @@ from grpclib.server import Server
 from grpclib.utils import _service_name
 
 from ...service import InferenceService
+from ..oip.grpc import OipServicer
 from .calls import Calls
 from .health import HealthServicer
 from .inference import InferenceServicer
@@ -83,6 +84,7 @@ class GrpcListener:
             InferenceServicer(service, self.calls, base_url),
             RegistryServicer(service, self.calls),
             ManagementServicer(service, self.calls),
+            OipServicer(service, self.calls),  # the Open Inference Protocol's
         ]
         health = HealthServicer(service, self.calls, [_service_name(s) for s in ours])
         self.handlers = ServerReflection.extend([*ours, health], pool=descriptors())

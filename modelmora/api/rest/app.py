@@ -20,7 +20,7 @@ from ...errors import ClientGone, ModelMoraError
 from ...registry import ModelRecord
 from ...results import FilesystemResultStore, result_route
 from ...service import InferCall, InferenceService, InferResult, Priority
-from .. import openai, openapi
+from .. import oip, openai, openapi
 from ..schemas import InferRequest, ModelInfo, ModelList, ModelVersionInfo
 from .body import decode, read_body
 from .cors import Cors
@@ -162,7 +162,7 @@ def create_app(service: InferenceService) -> ASGIApp:
     if isinstance(service.results, FilesystemResultStore):
         routes.append(result_route(service.results))
     app = Starlette(routes=routes, exception_handlers=exception_handlers)
-    protocols = {openai.PREFIX: openai.create_openai_app(service)}
+    protocols = {openai.PREFIX: openai.create_openai_app(service), oip.PREFIX: oip.create_oip_app(service)}
     return _Api(app, handle_infer, Cors.from_origins(settings.cors_origins), protocols)
 
 
