@@ -12,10 +12,13 @@ native API's with its default parameters, so both kinds of requests share batche
 
 from __future__ import annotations
 
+import array
 import base64
+import math
+import sys
+from typing import cast
 
 import msgspec
-import numpy as np
 from starlette.responses import Response
 from starlette.types import Receive, Scope
 
@@ -51,24 +54,36 @@ def _inputs(value: str | list[object]) -> list[str]:
     raise InvalidInput("expected a string", field=f"$.input[{bad}]")
 
 
-def _truncated(vectors: TensorData, dimensions: int | None) -> np.ndarray | None:
-    """The vectors cut to `dimensions` and scaled back to unit length; None to keep them as they are."""
-    dim = vectors.shape[1]
+def _truncated(vectors: TensorData, dimensions: int | None) -> list[list[float]] | None:
+    """The vectors cut to `dimensions` and scaled back to unit length; None to keep them as they are.
+    (Plain Python: the supervisor does not import numpy for this.)"""
+    n, dim = vectors.shape
     if dimensions is None or dimensions == dim:
         return None
     if dimensions > dim:
         raise InvalidInput(f"dimensions {dimensions} exceeds the model's {dim}", field="dimensions")
-    rows = np.frombuffer(vectors.data, "<f4").reshape(vectors.shape)[:, :dimensions]
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return np.ascontiguousarray(rows / np.where(norms > 0, norms, 1), dtype="<f4")
+    flat = memoryview(vectors.data).cast("f")
+    rows = []
+    for i in range(n):
+        row = cast("list[float]", flat[i * dim : i * dim + dimensions].tolist())
+        norm = math.sqrt(math.fsum(v * v for v in row)) or 1.0
+        rows.append([v / norm for v in row])
+    return rows
+
+
+def _float32_bytes(row: list[float]) -> bytes:
+    packed = array.array("f", row)
+    if sys.byteorder == "big":  # pragma: no cover - little-endian machines
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def _data(vectors: TensorData, dimensions: int | None, encoding: str) -> list[EmbeddingObject]:
     cut = _truncated(vectors, dimensions)
     if encoding == "base64":
-        raw = vectors.row_bytes() if cut is None else [row.tobytes() for row in cut]
+        raw = vectors.row_bytes() if cut is None else [_float32_bytes(row) for row in cut]
         return [EmbeddingObject(i, base64.b64encode(b).decode("ascii")) for i, b in enumerate(raw)]
-    floats = vectors.rows() if cut is None else cut.tolist()
+    floats = vectors.rows() if cut is None else cut
     return [EmbeddingObject(i, row) for i, row in enumerate(floats)]
 
 
