@@ -1,4 +1,4 @@
-"""One `mm serve` for every protocol test (asyncio: grpclib, and the official clients' own traps):
+"""One `mm serve` for the protocol tests of this package (stopped after its last test) (asyncio: grpclib, and the official clients' own traps):
 the real all-MiniLM-L6-v2, and tiny local models for the other task types (a GPT-2 with and one
 without a chat template, a CLIP, a Stable Diffusion)."""
 
@@ -35,7 +35,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Iterator[ServerProcess]:
     src = tmp_path_factory.mktemp("protocol-models")
     home = tmp_path_factory.mktemp("protocols-home")
