@@ -1,6 +1,6 @@
-"""One `mm serve` for the protocol tests of this package (stopped after its last test) (asyncio: grpclib, and the official clients' own traps):
-the real all-MiniLM-L6-v2, and tiny local models for the other task types (a GPT-2 with and one
-without a chat template, a CLIP, a Stable Diffusion)."""
+"""One `mm serve` for the protocol tests of this package, stopped after its last test (asyncio:
+grpclib, and the official clients' own traps): the real all-MiniLM-L6-v2, and tiny local models for
+the other task types (a GPT-2 with and one without a chat template, a CLIP, a Stable Diffusion)."""
 
 from __future__ import annotations
 
