@@ -38,11 +38,16 @@ bench-ipc *ARGS:
 bench-security *ARGS:
     python bench/bench_security.py {{ARGS}}
 
+# Embeddings through native, OpenAI and Open Inference Protocol (REST, gRPC) endpoints in one run.
+bench-protocols *ARGS:
+    python bench/bench_protocols.py {{ARGS}}
+
 # Needs a CUDA GPU: utilisation with and without batching, GPU memory around load and unload.
 bench-gpu *ARGS:
     python bench/bench_gpu.py {{ARGS}}
 
-# Regenerate the gRPC messages and stubs in modelmora/_proto/ from schema/modelmora/v1/*.proto
+# Regenerate the gRPC messages and stubs in modelmora/_proto/ from schema/modelmora/v1/*.proto and
+# schema/inference/*.proto (the Open Inference Protocol's)
 # (betterproto2, pinned in uv.lock; commit the result: a test fails when it is stale).
 proto:
     python schema/generate_proto.py modelmora/_proto

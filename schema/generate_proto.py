@@ -1,4 +1,5 @@
-"""Generate the gRPC messages and stubs of `schema/modelmora/v1/*.proto` into a package folder.
+"""Generate the gRPC messages and stubs of `schema/modelmora/v1/*.proto` (ours) and
+`schema/inference/*.proto` (the Open Inference Protocol's) into a package folder.
 
 `just proto` runs it into `modelmora/_proto/` (committed); a test runs it into a temporary folder
 and fails when the result differs from the committed code. Uses the pinned betterproto2 compiler
@@ -18,7 +19,11 @@ import sys
 from pathlib import Path
 
 SCHEMA = Path(__file__).resolve().parent
-PROTOS = sorted(str(p.relative_to(SCHEMA)) for p in (SCHEMA / "modelmora" / "v1").glob("*.proto"))
+PROTOS = sorted(
+    str(p.relative_to(SCHEMA))
+    for folder in ("modelmora/v1", "inference")  # ours, and the Open Inference Protocol's
+    for p in (SCHEMA / folder).glob("*.proto")
+)
 OPTIONS = "client_generation=async,server_generation=async"
 
 

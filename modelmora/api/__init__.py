@@ -1,4 +1,5 @@
-"""Front ends, each a thin adapter over the inference core: REST now, gRPC next."""
+"""Front ends, each a thin adapter over the inference core: native REST, gRPC, and the drop-in
+protocols (OpenAI, Open Inference Protocol)."""
 
 from .rest import create_app
 

@@ -42,12 +42,33 @@ REST_ACCESS: Mapping[tuple[str, str], Access] = {
     ("GET", "/openapi.json"): OPEN,
     ("GET", "/docs"): OPEN,
     ("GET", "/docs/assets/{path:path}"): OPEN,
+    # OpenAI-compatible (api/openai)
+    ("POST", "/v1/embeddings"): INFER,
+    ("POST", "/v1/completions"): INFER,
+    ("POST", "/v1/chat/completions"): INFER,
+    ("POST", "/v1/images/generations"): INFER,
+    ("GET", "/v1/models"): READ,
+    ("GET", "/v1/models/{model_id}"): READ,
+    # Open Inference Protocol v2 (api/oip)
+    ("GET", "/v2"): READ,
+    ("GET", "/v2/health/live"): OPEN,
+    ("GET", "/v2/health/ready"): OPEN,
+    ("GET", "/v2/models/{name}"): READ,
+    ("GET", "/v2/models/{name}/ready"): READ,
+    ("POST", "/v2/models/{name}/infer"): INFER,
+    ("GET", "/v2/models/{name}/versions/{version}"): READ,
+    ("GET", "/v2/models/{name}/versions/{version}/ready"): READ,
+    ("POST", "/v2/models/{name}/versions/{version}/infer"): INFER,
+    ("POST", "/v2/repository/index"): READ,
+    ("POST", "/v2/repository/models/{name}/load"): ADMIN,
+    ("POST", "/v2/repository/models/{name}/unload"): ADMIN,
 }
 """(method, path template) -> access. HEAD follows GET."""
 
 _INFERENCE = "/modelmora.v1.InferenceService/"
 _REGISTRY = "/modelmora.v1.RegistryService/"
 _MANAGEMENT = "/modelmora.v1.ManagementService/"
+_OIP = "/inference.GRPCInferenceService/"
 
 GRPC_ACCESS: Mapping[str, Access] = {
     _INFERENCE + "Infer": INFER,
@@ -60,6 +81,16 @@ GRPC_ACCESS: Mapping[str, Access] = {
     _MANAGEMENT + "LoadModel": ADMIN,
     _MANAGEMENT + "UnloadModel": ADMIN,
     _MANAGEMENT + "GetStatus": READ,
+    _OIP + "ServerLive": OPEN,
+    _OIP + "ServerReady": OPEN,
+    _OIP + "ModelReady": READ,
+    _OIP + "ServerMetadata": READ,
+    _OIP + "ModelMetadata": READ,
+    _OIP + "ModelInfer": INFER,
+    _OIP + "ModelStreamInfer": INFER,
+    _OIP + "RepositoryIndex": READ,
+    _OIP + "RepositoryModelLoad": ADMIN,
+    _OIP + "RepositoryModelUnload": ADMIN,
     "/grpc.health.v1.Health/Check": OPEN,
     "/grpc.health.v1.Health/Watch": OPEN,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": OPEN,

@@ -42,7 +42,7 @@ Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total) while files are copied or downloaded."""
 
 # Files a task's loader needs from a Hugging Face repo: configs, tokenizer, safetensors.
-_HF_ALLOW = ["*.json", "*.txt", "*.model", "*.safetensors", "*/*.json", "*/*.txt", "*/*.safetensors"]
+_HF_ALLOW = ["*.json", "*.jinja", "*.txt", "*.model", "*.safetensors", "*/*.json", "*/*.txt", "*/*.safetensors"]
 _HF_IGNORE = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite", "*.bin", "*.pt"]
 _HF_IGNORE_WITH_BIN = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite"]
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar", ".zip")

@@ -282,6 +282,15 @@ class InferenceService:
                 ) from None
         return await self._registry(self.store.alist(task_type))
 
+    async def cached_model(self, model_id: str) -> ModelRecord:
+        """The model's registry record from the request path's short cache (what a front end reads
+        to choose a protocol's names for the model's task, or to refuse a task it does not serve).
+
+        Raises:
+            ModelNotFound: it is not installed.
+        """
+        return await self._registry(self.catalog.get(model_id))
+
     async def model(self, model_id: str) -> ModelRecord:
         rec = await self._registry(self.store.aget(model_id))
         if rec is None:

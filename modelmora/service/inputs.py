@@ -86,6 +86,9 @@ class GenerationParameters(msgspec.Struct, forbid_unknown_fields=True):
     """Generation ends before the first of these strings (which is not returned)."""
     seed: Seed | None = None
     """The same seed gives the same text, whatever else runs in the same batch."""
+    add_special_tokens: bool = True
+    """Let the tokenizer add its special tokens (e.g. a BOS) to each prompt; false for a prompt that
+    already holds them, such as one rendered with the model's chat template."""
 
 
 Dimension = Annotated[int, Meta(ge=8, le=4096, multiple_of=8)]

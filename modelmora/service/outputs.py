@@ -24,10 +24,13 @@ class Embeddings:
 
 @dataclass(frozen=True, slots=True)
 class Texts:
-    """One text per input, and why its generation ended: "stop" or "length"."""
+    """One text per input, and why its generation ended: "stop" or "length"; for generated texts
+    (txt2txt) also the tokens of each prompt and of each completion."""
 
     texts: list[str]
     finish_reasons: list[str]
+    prompt_tokens: list[int] | None = None
+    completion_tokens: list[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

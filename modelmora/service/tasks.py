@@ -124,8 +124,21 @@ class TaskAdapter:
             vectors: TensorData = result["embeddings"]
             return Embeddings(vectors)
         if kind == "texts":
-            return Texts(list(result["texts"]), list(result["finish_reasons"]))
+            return Texts(
+                list(result["texts"]),
+                list(result["finish_reasons"]),
+                _counts(result.get("prompt_tokens")),
+                _counts(result.get("completion_tokens")),
+            )
         return await _store_images(result["images"], prepared.return_mode, results)
+
+
+def _counts(value: Any) -> list[int] | None:
+    """A worker's per-item counts (a 1-D int64 array), if it sent them."""
+    if not isinstance(value, TensorData):
+        return None
+    counts: list[int] = memoryview(value.data).cast("q").tolist()
+    return counts
 
 
 def _texts(inputs: Any, settings: Settings) -> list[str]:

@@ -158,6 +158,19 @@ async def test_admin_actions_are_audited_by_name_and_no_token_is_logged(echo_app
 
 
 @AUTH
+async def test_the_drop_in_protocols_need_their_scopes_too(echo_app: AppUnderTest) -> None:
+    client, body = echo_app.client, {"model": "echo", "input": "abc", "encoding_format": "float"}
+    assert_error(await client.post("/v1/embeddings", json=body), 401, "unauthenticated")
+    assert_error(await client.post("/v1/embeddings", json=body, headers=bearer(READ_TOKEN)), 403, "permission_denied")
+    r = await client.post("/v1/embeddings", json=body, headers=bearer(INFER_TOKEN))
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 4
+    assert (await client.get("/v2/health/live")).status_code == 200  # probes stay open
+    assert_error(await client.get("/v2/models/echo"), 401, "unauthenticated")
+    r = await client.post("/v2/repository/models/echo/load", headers=bearer(INFER_TOKEN))
+    assert_error(r, 403, "permission_denied")
+
+
+@AUTH
 async def test_registry_changes_over_rest_are_audited_by_name(echo_app: AppUnderTest) -> None:
     client = echo_app.client
     with structlog.testing.capture_logs() as logs:

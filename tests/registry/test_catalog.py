@@ -97,6 +97,7 @@ def test_installing_known_models_needs_no_flags(tmp_path: Path, minilm_path: Pat
     (tiny / "config.json").write_text('{"architectures": ["BertModel"]}')
     (tiny / "model.safetensors").write_bytes(b"\0" * 64)
     (tiny / "vocab.txt").write_text("[PAD]\n")
+    (tiny / "chat_template.jinja").write_text("{{ messages }}")  # newer repos keep the template only here
     catalog = tmp_path / "catalog.toml"
     catalog.write_text(
         '[[models]]\nsource = "acme/tiny-model"\ntask = "txt2embed"\nid = "tiny"\n'
@@ -123,3 +124,4 @@ def test_installing_known_models_needs_no_flags(tmp_path: Path, minilm_path: Pat
     assert tiny_rec is not None and tiny_rec.task == "txt2embed" and tiny_rec.settings == {"max_batch_size": 2}
     assert tiny_rec.metadata.display_name == "Tiny, renamed" and tiny_rec.metadata.description == "from the catalog"
     assert tiny_rec.metadata.config.vector_size == 4
+    assert "chat_template.jinja" in tiny_rec.versions[0].files

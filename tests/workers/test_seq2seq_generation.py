@@ -14,7 +14,7 @@ from modelmora_workers import cancel, events
 from modelmora_workers.pipelines.base import InputError
 from modelmora_workers.pipelines.text_generation import TextGeneration
 
-from .test_text_generation import PROMPTS, forward_calls, params
+from .test_text_generation import PROMPTS, forward_calls, params, plain
 from tiny_models import build_bart, build_t5
 
 
@@ -65,7 +65,7 @@ def test_right_padded_batch_equals_each_alone(seq2seq: TextGeneration) -> None:
 def test_seeded_sampling_is_reproducible(seq2seq: TextGeneration) -> None:
     p = params(max_tokens=6, temperature=1.0, seed=11)
     first = seq2seq.run({"text": PROMPTS[:2]}, p)
-    assert seq2seq.run({"text": PROMPTS[:2]}, p) == first
+    assert plain(seq2seq.run({"text": PROMPTS[:2]}, p)) == plain(first)
     assert seq2seq.run({"text": [PROMPTS[1]]}, p)["texts"] == first["texts"][1:]
 
 
@@ -104,3 +104,16 @@ def test_bart_context_caps_both_sides(tmp_path: Path) -> None:
         pipe.run({"text": ["ok", "word " * 100]}, params())
     assert info.value.field == "$.input_data.text[1]"
     assert "context is 64 tokens" in str(info.value)
+
+
+def test_prompt_tokens_with_and_without_special_tokens(seq2seq: TextGeneration) -> None:
+    """`add_special_tokens=False` (a prompt rendered by a chat template already holds them): the
+    tokenizer's end-of-sequence token is not added, and the counts say so."""
+    with_special = seq2seq.run({"text": PROMPTS[:2]}, params(max_tokens=3))
+    without = seq2seq.run({"text": PROMPTS[:2]}, params(max_tokens=3, add_special_tokens=False))
+    tokenizer = seq2seq.tokenizer
+    plain_ids = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS[:2]]
+    added = len(tokenizer("", add_special_tokens=True)["input_ids"])  # T5: </s>; BART: <s> and </s>
+    assert added > 0
+    assert without["prompt_tokens"].tolist() == plain_ids
+    assert with_special["prompt_tokens"].tolist() == [n + added for n in plain_ids]

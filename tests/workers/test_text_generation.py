@@ -21,6 +21,11 @@ def params(**overrides: Any) -> dict[str, Any]:
     return worker_params("txt2txt", **{"max_tokens": 12, "temperature": 0.0, **overrides})
 
 
+def plain(out: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline's outputs with the token-count arrays as lists (comparable with ==)."""
+    return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in out.items()}
+
+
 @contextmanager
 def forward_calls(pipe: TextGeneration) -> Iterator[list[int]]:
     """Counts the model's forward passes (one per generated token) while the block runs."""
@@ -45,8 +50,11 @@ def byte_level_ids(pipe: TextGeneration, data: bytes) -> list[int]:
 def test_one_text_and_reason_per_prompt(txt2txt: TextGeneration) -> None:
     with forward_calls(txt2txt) as calls:
         out = txt2txt.run({"text": PROMPTS[:3]}, params(max_tokens=7))
-    assert set(out) == {"texts", "finish_reasons"}
+    assert set(out) == {"texts", "finish_reasons", "prompt_tokens", "completion_tokens"}
     assert len(out["texts"]) == len(out["finish_reasons"]) == 3
+    assert out["completion_tokens"].tolist() == [7, 7, 7]
+    prompts = [len(txt2txt.tokenizer(p)["input_ids"]) for p in PROMPTS[:3]]
+    assert out["prompt_tokens"].tolist() == prompts
     assert all(isinstance(t, str) for t in out["texts"])
     assert out["finish_reasons"] == ["length"] * 3  # a random model does not pick <|endoftext|> greedily here
     assert len(calls) == 7  # one batched forward pass per new token: 7 tokens, prompt not counted
@@ -65,7 +73,7 @@ def test_small_batch_size_keeps_all_items_in_order(txt2txt: TextGeneration) -> N
     full = txt2txt.run({"text": PROMPTS}, params(batch_size=8))
     with forward_calls(txt2txt) as calls:
         split = txt2txt.run({"text": PROMPTS}, params(batch_size=2))
-    assert split == full
+    assert plain(split) == plain(full)
     assert len(calls) == 3 * 12  # three passes of at most two prompts
 
 
@@ -86,7 +94,12 @@ def test_eos_finishes_with_stop_and_is_not_in_the_text(
 ) -> None:
     monkeypatch.setattr(txt2txt, "eos_ids", frozenset(range(len(txt2txt.tokenizer))))  # every token ends
     out = txt2txt.run({"text": PROMPTS[:2]}, params())
-    assert out == {"texts": ["", ""], "finish_reasons": ["stop", "stop"]}
+    assert plain(out) == {
+        "texts": ["", ""],
+        "finish_reasons": ["stop", "stop"],
+        "prompt_tokens": [len(txt2txt.tokenizer(p)["input_ids"]) for p in PROMPTS[:2]],
+        "completion_tokens": [0, 0],
+    }
 
 
 def _stop_string(text: str) -> str:
@@ -130,7 +143,7 @@ def test_streaming_deltas_concatenate_to_each_text_and_arrive_early(txt2txt: Tex
         assert all(deltas)
         assert "".join(deltas) == text
     assert received[0][3] < total / 2  # the first delta came while generating, not at the end
-    assert out == txt2txt.run({"text": PROMPTS[:3]}, {**p, "stream": False})
+    assert plain(out) == plain(txt2txt.run({"text": PROMPTS[:3]}, {**p, "stream": False}))
 
 
 def test_streaming_holds_back_split_multibyte_characters(txt2txt: TextGeneration) -> None:

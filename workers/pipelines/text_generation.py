@@ -51,6 +51,7 @@ _WARMUP_PARAMS: dict[str, Any] = {
     "top_p": 1.0,
     "stop": [],
     "seed": None,
+    "add_special_tokens": True,
     "stream": False,
     "batch_size": 2,
 }
@@ -119,10 +120,10 @@ class TextGeneration:
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def _encode(self, texts: list[str], max_tokens: int) -> list[_Row]:
+    def _encode(self, texts: list[str], max_tokens: int, special: bool = True) -> list[_Row]:
         rows = []
         for i, text in enumerate(texts):
-            ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+            ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
             if not ids:
                 if self.start_id is None:
                     raise InputError("the prompt is empty and the model has no start token", f"$.input_data.text[{i}]")
@@ -280,11 +281,14 @@ class TextGeneration:
         if len(out["texts"]) != 2 or any(r not in ("stop", "length") for r in out["finish_reasons"]):
             raise RuntimeError("test inference produced no texts")
 
-    def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, list[str]]:
+    def run(self, inputs: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """Texts and finish reasons, and the tokens of each prompt and completion (int64 arrays)."""
+        import numpy as np
+
         texts = texts_input(inputs)
         max_tokens = int(param(params, "max_tokens"))
         seed = param(params, "seed")
-        rows = self._encode(texts, max_tokens)
+        rows = self._encode(texts, max_tokens, bool(param(params, "add_special_tokens")))
         size = 1 if seed is not None else max(1, int(param(params, "batch_size")))
         for start in range(0, len(rows), size):
             generator = None
@@ -293,4 +297,9 @@ class TextGeneration:
 
                 generator = torch.Generator(device=self.device).manual_seed(int(seed))
             self._generate(rows[start : start + size], params, generator)
-        return {"texts": [row.text for row in rows], "finish_reasons": [row.reason or "length" for row in rows]}
+        return {
+            "texts": [row.text for row in rows],
+            "finish_reasons": [row.reason or "length" for row in rows],
+            "prompt_tokens": np.array([len(row.prompt) for row in rows], dtype=np.int64),
+            "completion_tokens": np.array([row.generated for row in rows], dtype=np.int64),
+        }

@@ -31,6 +31,7 @@ from grpclib.utils import _service_name
 
 from ...security import Gate
 from ...service import InferenceService
+from ..oip.grpc import OipServicer
 from .calls import Calls
 from .gate import guarded
 from .health import HealthServicer
@@ -112,6 +113,7 @@ class GrpcListener:
             InferenceServicer(service, self.calls, base_url),
             RegistryServicer(service, self.calls),
             ManagementServicer(service, self.calls),
+            OipServicer(service, self.calls),  # the Open Inference Protocol's
         ]
         health = HealthServicer(service, self.calls, [_service_name(s) for s in ours])
         self.handlers = [_Guarded(h, self.gate) for h in ServerReflection.extend([*ours, health], pool=descriptors())]

@@ -25,7 +25,7 @@ from ...results import FilesystemResultStore, result_route
 from ...security import ANONYMOUS, Gate, Identity, Permit, audited
 from ...security import Scope as AuthScope
 from ...service import InferCall, InferenceService, InferResult, Operation, Priority, RegisterCall
-from .. import openapi
+from .. import oip, openai, openapi
 from ..access import RestAccess
 from ..schemas import (
     ActivateVersion,
@@ -309,7 +309,8 @@ def create_app(service: InferenceService, gate: Gate | None = None) -> ASGIApp:
     app = Starlette(routes=routes, exception_handlers=exception_handlers)
     gate = gate if gate is not None else Gate(settings.auth)
     access = RestAccess(metrics_open=settings.auth.metrics_open)
-    return _Api(app, handle_infer, Cors.from_origins(settings.cors_origins), gate, access)
+    protocols = {openai.PREFIX: openai.create_openai_app(service), oip.PREFIX: oip.create_oip_app(service)}
+    return _Api(app, handle_infer, Cors.from_origins(settings.cors_origins), gate, access, protocols)
 
 
 async def _stream(service: InferenceService, call: InferCall, encoding: str, base_url: str) -> Response:
@@ -341,7 +342,8 @@ async def _until_disconnect(receive: Receive) -> None:
 class _Api:
     """The ASGI entry point: CORS first (when configured; a preflight carries no credentials), then
     the gate (token, scope and limits, before any body is read), then `POST /api/v1/infer/{model_id}`
-    is served directly; everything else goes to Starlette."""
+    is served directly, and so is every path of a drop-in protocol (`/v1/`, `/v2`); everything
+    else goes to Starlette."""
 
     def __init__(
         self,
@@ -350,12 +352,15 @@ class _Api:
         cors: Cors | None,
         gate: Gate,
         access: RestAccess,
+        protocols: dict[str, ASGIApp] | None = None,
     ) -> None:
         self.app = app
         self.infer = infer
         self.cors = cors
         self.gate = gate
         self.access = access
+        self.protocols = protocols or {}
+        """Path prefix -> the drop-in protocol's front end serving every path under it."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -377,7 +382,7 @@ class _Api:
             if model_id is not None:
                 await self.infer(scope, receive, send, model_id, ANONYMOUS)
             else:
-                await self.app(scope, receive, send)
+                await self._route(scope, receive, send)
             return
         permit = await self._admit(scope, receive, send, model_id)
         if permit is None:
@@ -387,9 +392,17 @@ class _Api:
                 await self.infer(scope, receive, send, model_id, permit.identity)
             else:
                 scope[_IDENTITY_KEY] = permit.identity
-                await self.app(scope, receive, send)
+                await self._route(scope, receive, send)
         finally:
             permit.release()
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A drop-in protocol's path to its front end; anything else to Starlette."""
+        for prefix, protocol in self.protocols.items():
+            if scope["path"].startswith(prefix):
+                await protocol(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send, model_id: str | None) -> Permit | None:
         """The request's permit, or None once it has been refused (401, 403, 429)."""
