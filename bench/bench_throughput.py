@@ -282,8 +282,13 @@ def _cpu_split(pid: int, before: tuple[float, Any, dict[int, float], float], aft
     }
 
 
-def wait_idle(limit_s: float = 600, below: float = 10.0) -> None:
+IDLE_BELOW = 10.0
+"""Busy percentage below which the machine counts as idle (`--idle-below`)."""
+
+
+def wait_idle(limit_s: float = 600, below: float | None = None) -> None:
     """Wait until the machine is quiet: a server finishing abandoned work, or anything else running here."""
+    below = IDLE_BELOW if below is None else below
     deadline = time.monotonic() + limit_s
     said = False
     while time.monotonic() < deadline and (busy := psutil.cpu_percent(interval=1.0)) > below:
@@ -875,7 +880,15 @@ def main() -> None:
         help="where Infinity's own virtual environment lives (created if missing; never inside the repository)",
     )
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument(
+        "--idle-below",
+        type=float,
+        default=10.0,
+        help="busy %% below which the machine counts as idle (100: never wait)",
+    )
     args = ap.parse_args()
+    global IDLE_BELOW
+    IDLE_BELOW = args.idle_below
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     servers = set(args.servers.split(","))
