@@ -165,6 +165,19 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Where large results (images) go: files under home served at signed URLs, S3, or inline base64."""
     result_ttl_s: Positive = 3600.0
     """How long a result URL stays valid; stored files are swept after it expires."""
+    job_ttl_s: Positive = 86400.0
+    """Async jobs and their results are kept this long after they finish (a job still queued this
+    long after it was submitted becomes `expired`); then swept."""
+    job_max_attempts: Count = 3
+    """Runs of an async job at most: a transient failure (worker crash, load failure, memory or queue
+    short) is retried with capped exponential backoff until this many runs were started."""
+    job_retry_base_s: Positive = 1.0
+    """Backoff before an async job's second run; doubled for each later one, up to `job_retry_max_s`."""
+    job_retry_max_s: Positive = 60.0
+    job_concurrency: Count = 64
+    """Async jobs in flight at once (each is one request in its model's queue)."""
+    job_sweep_interval_s: Positive = 60.0
+    """How often jobs past `job_ttl_s` are expired or deleted."""
     result_secret: str = ""
     """HMAC key for signed result URLs; empty: generated once and kept in home (replicas: set it)."""
     public_url: str = ""

@@ -167,6 +167,16 @@ class InferenceService:
         )
         return InferResult(job.record.id, job.version, job.adapter.info.type, output, timing)
 
+    async def check(self, call: InferCall) -> None:
+        """Validate `call` as `infer` would before queuing it (model, version, inputs, parameters),
+        and queue nothing: async jobs refuse bad input at submit.
+
+        Raises:
+            ModelMoraError: what `infer` would raise before queuing the request.
+        """
+        job = await self._start(call)
+        job.prepared.release()
+
     async def infer(self, call: InferCall, *, gone: Callable[[], Awaitable[Any]] | None = None) -> InferResult:
         """Run one request to its result.
 

@@ -1,0 +1,23 @@
+"""Durable async jobs: the store interface and its SQLite backend, and the runner that takes
+queued jobs through the inference core."""
+
+from .record import TERMINAL, JobError, JobPage, JobRecord, JobRequest, JobStatus
+from .runner import JobRunner, backoff_s, stored
+from .sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteJobStore
+from .store import JobStore
+
+__all__ = (
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "TERMINAL",
+    "JobError",
+    "JobPage",
+    "JobRecord",
+    "JobRequest",
+    "JobRunner",
+    "JobStatus",
+    "JobStore",
+    "SQLiteJobStore",
+    "backoff_s",
+    "stored",
+)

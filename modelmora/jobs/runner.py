@@ -1,0 +1,230 @@
+"""The job runner: a task in the server's root task group that takes queued jobs from the store,
+runs each through the inference core (`InferenceService.infer`, at the job's priority), and
+records its outcome.
+
+- Transient failures (the worker crashed, the model failed to load, memory or the queue was short,
+  the store was briefly unreachable) put the job back in the queue after a capped exponential
+  backoff, until `job_max_attempts` runs were started; any other error fails it at once.
+- A job cancelled while it runs has its request withdrawn from its queue or batch (the worker
+  stops it between steps), as when a REST client goes away; its outcome is never stored.
+- At start, jobs left `running` by a server that stopped (or was killed) run again; the store
+  keeps at most one result per job, whichever run finishes first being the one stored.
+- Every `job_sweep_interval_s`, jobs past `job_ttl_s` are expired or deleted with their results.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+import anyio.abc
+import structlog
+
+from ..config import Settings
+from ..errors import InvalidInput, ModelMoraError, StorageUnavailable
+from ..observability import TraceContext
+from ..service import InferCall, InferenceService, InferResult, Priority
+from .record import JobError, JobRecord, JobRequest
+from .store import JobStore
+
+__all__ = ("JobRunner", "backoff_s", "stored")
+
+T = TypeVar("T")
+
+log = structlog.get_logger("modelmora.jobs")
+
+TRANSIENT_HTTP = frozenset({429, 503})
+"""Errors (by HTTP status) worth another attempt: queue full, worker crashed, load failed, model
+unavailable, memory short, storage unavailable."""
+IDLE_POLL_S = 1.0
+"""The longest the runner sleeps before looking at the store again (retries fall due meanwhile)."""
+STORE_RETRY_S = 1.0
+
+Encode = Callable[[InferResult, JobRequest], bytes]
+"""Turns a finished job's result into the bytes stored as its result record."""
+
+
+def backoff_s(attempts: int, base_s: float, cap_s: float) -> float:
+    """The wait before run `attempts + 1`: `base_s` doubled per run so far, at most `cap_s`."""
+    return float(min(cap_s, base_s * 2 ** max(attempts - 1, 0)))
+
+
+class JobRunner:
+    """Submits, runs, cancels and sweeps async jobs over a job store and the inference core."""
+
+    def __init__(self, settings: Settings, store: JobStore, service: InferenceService, encode: Encode) -> None:
+        self.settings = settings
+        self.store = store
+        self.service = service
+        self.encode = encode
+        self.concurrency = settings.job_concurrency
+        self._running: dict[str, anyio.CancelScope] = {}
+        self._wake = anyio.Event()
+
+    def call(self, model_id: str, request: JobRequest, protocol: str, trace: TraceContext | None = None) -> InferCall:
+        """The inference call a job makes."""
+        return InferCall(
+            model_id,
+            request.input_data,
+            request.parameters,
+            version=request.version,
+            priority=Priority.parse(request.priority),
+            timeout_s=request.timeout_seconds,
+            return_mode=request.return_,  # type: ignore[arg-type]
+            protocol=protocol,
+            trace=trace,
+        )
+
+    async def submit(
+        self,
+        model_id: str,
+        request: JobRequest,
+        *,
+        protocol: str,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+        trace: TraceContext | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Validate the call as the sync call would, then store the job (committed before this
+        returns); returns the job and whether it is new (False: an `idempotency_key` named it).
+
+        Raises:
+            ModelMoraError: the call is refused (unknown model, invalid input...), or
+                IdempotencyConflict, or StorageUnavailable.
+        """
+        if callback_url is not None:
+            raise InvalidInput("callbacks are not supported yet: poll GET /api/v1/jobs/{id}", field="$.callback_url")
+        await self.service.check(self.call(model_id, request, protocol, trace))
+        rec, created = await stored(
+            self.store.create(
+                model_id,
+                request,
+                ttl_s=self.settings.job_ttl_s,
+                idempotency_key=idempotency_key,
+                callback_url=callback_url,
+            )
+        )
+        if created:
+            self._wake.set()
+        return rec, created
+
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        """Cancel a queued or running job (a running one's request is withdrawn); returns the job as
+        it now is, None when unknown."""
+        rec = await stored(self.store.cancel(job_id, time.time(), self.settings.job_ttl_s))
+        scope = self._running.get(job_id)
+        if scope is not None and rec is not None and rec.status == "cancelled":
+            scope.cancel()
+        return rec
+
+    def statistics(self) -> dict[str, int]:
+        return {"running": len(self._running), "concurrency": self.concurrency}
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Re-queue what a previous run left running, then run jobs until cancelled."""
+        requeued = await self.store.requeue_running()
+        if requeued:
+            log.info("jobs_requeued", count=requeued)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._sweeper)
+            task_status.started()
+            while True:
+                free = self.concurrency - len(self._running)
+                claimed: list[JobRecord] = []
+                if free > 0:
+                    try:
+                        claimed = await self.store.claim(time.time(), free)
+                    except Exception as exc:
+                        log.error("jobs_claim_failed", exc_info=exc)
+                        await anyio.sleep(STORE_RETRY_S)
+                        continue
+                    for job in claimed:
+                        scope = anyio.CancelScope()
+                        self._running[job.id] = scope
+                        tg.start_soon(self._run_job, job, scope)
+                    if len(claimed) == free:
+                        continue
+                await self._idle(free > 0)
+
+    async def _idle(self, room: bool) -> None:
+        """Sleep until a job is submitted or ends, or a retry falls due (at most `IDLE_POLL_S`)."""
+        delay = IDLE_POLL_S
+        if room:
+            try:
+                due = await self.store.next_due()
+            except Exception:
+                due = None
+            if due is not None:
+                delay = min(delay, max(due - time.time(), 0.0))
+        with anyio.move_on_after(delay):
+            await self._wake.wait()
+        self._wake = anyio.Event()
+
+    async def _run_job(self, job: JobRecord, scope: anyio.CancelScope) -> None:
+        try:
+            with scope:
+                await self._attempt(job)
+        finally:
+            self._running.pop(job.id, None)
+            self._wake.set()
+
+    async def _attempt(self, job: JobRecord) -> None:
+        ttl_s = self.settings.job_ttl_s
+        try:
+            result = await self.service.infer(self.call(job.model_id, job.request, "job"))
+            body = self.encode(result, job.request)
+        except ModelMoraError as exc:
+            error = JobError(exc.code, exc.message, exc.field)
+            if exc.http_status in TRANSIENT_HTTP and job.attempts < self.settings.job_max_attempts:
+                wait_s = backoff_s(job.attempts, self.settings.job_retry_base_s, self.settings.job_retry_max_s)
+                log.info("job_retry", job=job.id, attempts=job.attempts, code=exc.code, wait_s=wait_s)
+                await self._write(lambda: self.store.retry(job.id, error, time.time() + wait_s))
+            else:
+                log.info("job_failed", job=job.id, attempts=job.attempts, code=exc.code)
+                await self._write(lambda: self.store.fail(job.id, error, time.time(), ttl_s))
+            return
+        except Exception as exc:
+            log.error("job_error", job=job.id, exc_info=exc)
+            error = JobError("internal_error", f"internal error running job {job.id}")
+            await self._write(lambda: self.store.fail(job.id, error, time.time(), ttl_s))
+            return
+        await self._write(lambda: self.store.complete(job.id, body, time.time(), ttl_s))
+
+    async def _write(self, write: Callable[[], Awaitable[bool]]) -> None:
+        """Record an outcome, retrying while the store is unreachable (a job whose outcome could not
+        be written stays running in the store and runs again at the next start)."""
+        for attempt in range(1, 6):
+            try:
+                await write()
+                return
+            except Exception as exc:
+                log.warning("job_store_write_failed", attempt=attempt, exc_info=exc)
+                await anyio.sleep(STORE_RETRY_S * attempt)
+        log.error("job_outcome_lost_until_restart")
+
+    async def _sweeper(self) -> None:
+        while True:
+            try:
+                expired, deleted = await self.store.sweep(time.time(), self.settings.job_ttl_s)
+                if expired or deleted:
+                    log.info("jobs_swept", expired=expired, deleted=deleted)
+            except Exception as exc:
+                log.error("jobs_sweep_failed", exc_info=exc)
+            await anyio.sleep(self.settings.job_sweep_interval_s)
+
+
+async def stored(call: Awaitable[T]) -> T:
+    """Await a store call from a front end: a store error becomes `StorageUnavailable` (logged).
+
+    Raises:
+        StorageUnavailable: the store cannot be read or written now.
+    """
+    try:
+        return await call
+    except ModelMoraError:
+        raise
+    except Exception as exc:
+        log.error("job_store_failed", exc_info=exc)
+        raise StorageUnavailable("the job store cannot be read or written now") from None

@@ -1,0 +1,145 @@
+"""The SQLite job store: commit before the id is handed out, conditional transitions, exactly one
+result per job, idempotency keys, restart re-queue, sweeping, migrations (asyncio and trio)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from modelmora.errors import IdempotencyConflict
+from modelmora.jobs import SCHEMA_VERSION, JobError, JobRequest, SQLiteJobStore
+
+pytestmark = pytest.mark.anyio
+
+REQ = JobRequest({"text": "hi"})
+ERR = JobError("worker_crashed", "the worker died")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteJobStore]:
+    s = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    yield s
+    s.close()
+
+
+async def test_create_is_committed_before_it_returns(tmp_path: Path, store: SQLiteJobStore) -> None:
+    rec, created = await store.create("echo", REQ, ttl_s=60)
+    assert created and rec.status == "queued" and rec.attempts == 0 and not rec.has_result
+    other = sqlite3.connect(tmp_path / "jobs.sqlite3")  # another connection sees it at once
+    assert other.execute("SELECT status FROM jobs WHERE id = ?", (rec.id,)).fetchone() == ("queued",)
+    other.close()
+    assert await store.get(rec.id) == rec
+    assert await store.get("nope") is None
+
+
+async def test_claim_complete_gives_exactly_one_result(store: SQLiteJobStore) -> None:
+    rec, _ = await store.create("echo", REQ, ttl_s=60)
+    (claimed,) = await store.claim(time.time(), 10)
+    assert claimed.id == rec.id and claimed.status == "running" and claimed.attempts == 1
+    assert await store.claim(time.time(), 10) == []
+    assert await store.complete(rec.id, b'{"a":1}', time.time(), 60)
+    assert not await store.complete(rec.id, b'{"a":2}', time.time(), 60)  # a second run's result is dropped
+    done = await store.get(rec.id)
+    assert done is not None and done.status == "completed" and done.has_result and done.progress == 1.0
+    assert await store.result(rec.id) == b'{"a":1}'
+
+
+async def test_priority_then_age_order_and_due_time(store: SQLiteJobStore) -> None:
+    low, _ = await store.create("echo", JobRequest({"text": "a"}, priority=4), ttl_s=60)
+    high, _ = await store.create("echo", JobRequest({"text": "b"}, priority=1), ttl_s=60)
+    normal, _ = await store.create("echo", REQ, ttl_s=60)
+    assert [j.id for j in await store.claim(time.time(), 2)] == [high.id, normal.id]
+    assert await store.retry(high.id, ERR, time.time() + 100)
+    assert [j.id for j in await store.claim(time.time(), 5)] == [low.id]  # the retry is not due yet
+    due = await store.next_due()
+    assert due is not None and due > time.time() + 50
+    (again,) = await store.claim(time.time() + 101, 5)
+    assert again.id == high.id and again.attempts == 2 and again.error == ERR
+
+
+async def test_cancel_and_fail_only_from_live_states(store: SQLiteJobStore) -> None:
+    queued, _ = await store.create("echo", REQ, ttl_s=60)
+    rec = await store.cancel(queued.id, time.time(), 60)
+    assert rec is not None and rec.status == "cancelled" and rec.finished_at is not None
+    assert await store.claim(time.time(), 5) == []
+    running, _ = await store.create("echo", REQ, ttl_s=60)
+    await store.claim(time.time(), 5)
+    rec = await store.cancel(running.id, time.time(), 60)
+    assert rec is not None and rec.status == "cancelled"
+    assert not await store.complete(running.id, b"{}", time.time(), 60)  # cancelled: no result, ever
+    assert not await store.fail(running.id, ERR, time.time(), 60)
+    assert await store.result(running.id) is None
+    assert await store.cancel("nope", time.time(), 60) is None
+    failing, _ = await store.create("echo", REQ, ttl_s=60)
+    await store.claim(time.time(), 5)
+    assert await store.fail(failing.id, ERR, time.time(), 60)
+    rec = await store.cancel(failing.id, time.time(), 60)
+    assert rec is not None and rec.status == "failed" and rec.error == ERR  # finished: unchanged
+
+
+async def test_idempotency_key(store: SQLiteJobStore) -> None:
+    first, created = await store.create("echo", REQ, ttl_s=60, idempotency_key="k1")
+    again, created_again = await store.create("echo", REQ, ttl_s=60, idempotency_key="k1")
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(IdempotencyConflict, match="k1"):
+        await store.create("echo", JobRequest({"text": "other"}), ttl_s=60, idempotency_key="k1")
+    with pytest.raises(IdempotencyConflict):
+        await store.create("other-model", REQ, ttl_s=60, idempotency_key="k1")
+    assert (await store.list()).total == 1
+
+
+async def test_requeue_running_at_restart(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    s = SQLiteJobStore(path)
+    rec, _ = await s.create("echo", REQ, ttl_s=60)
+    await s.claim(time.time(), 5)
+    s.close()  # the server died with the job running
+    s = SQLiteJobStore(path)
+    assert await s.requeue_running() == 1
+    (again,) = await s.claim(time.time(), 5)
+    assert again.id == rec.id and again.attempts == 2
+    s.close()
+
+
+async def test_list_filters_and_pages(store: SQLiteJobStore) -> None:
+    ids = [(await store.create("a" if i % 2 else "b", REQ, ttl_s=60))[0].id for i in range(6)]
+    await anyio.lowlevel.checkpoint()
+    page = await store.list(model_id="a", limit=2)
+    assert page.total == 3 and [j.model_id for j in page.jobs] == ["a", "a"]
+    rest = await store.list(model_id="a", limit=2, offset=2)
+    assert len(rest.jobs) == 1
+    await store.claim(time.time(), 1)
+    assert (await store.list(status="running")).total == 1
+    assert (await store.list(status="queued")).total == 5
+    assert {j.id for j in (await store.list(limit=100)).jobs} == set(ids)
+
+
+async def test_sweep_expires_queued_and_deletes_finished(store: SQLiteJobStore) -> None:
+    old, _ = await store.create("echo", REQ, ttl_s=10)
+    done, _ = await store.create("echo", REQ, ttl_s=10)
+    (claimed,) = await store.claim(time.time(), 1)
+    other = done.id if claimed.id == old.id else old.id
+    assert await store.complete(claimed.id, b"{}", time.time(), 10)
+    assert await store.sweep(time.time(), 10) == (0, 0)
+    expired, deleted = await store.sweep(time.time() + 11, 10)
+    assert (expired, deleted) == (1, 1)
+    assert await store.get(claimed.id) is None and await store.result(claimed.id) is None
+    rec = await store.get(other)
+    assert rec is not None and rec.status == "expired"
+    assert await store.sweep(time.time() + 30, 10) == (0, 1)  # kept one more ttl, then deleted
+
+
+async def test_schema_is_versioned(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    s = SQLiteJobStore(path)
+    assert s.schema_version == SCHEMA_VERSION
+    s.close()
+    s = SQLiteJobStore(path)  # opening again applies nothing twice
+    assert s.schema_version == SCHEMA_VERSION
+    s.close()
