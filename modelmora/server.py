@@ -25,10 +25,11 @@ import anyio.to_thread
 import structlog
 from hypercorn.config import Config as HypercornConfig
 
-from .api import create_app
+from .api import create_app, job_result_body
 from .config import ConfigError, Settings
 from .httpserver import HttpListener, current_backend
 from .ipc import segments
+from .jobs import JobRunner, SQLiteJobStore
 from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
 from .observability import ExportUnavailable, Spans, open_otlp, worker_log_env
 from .registry import FileVerifier, ModelStore, open_store
@@ -78,6 +79,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
     return sock
 
+
+JOBS_FILE = "jobs.sqlite3"
+"""The job store's file under `$MODELMORA_HOME`."""
 
 FD_RESERVE = 256
 """File descriptors kept beside client connections: the registry, rings and segments, worker
@@ -200,6 +204,11 @@ async def serve(
     except (OSError, sqlite3.Error, ValueError, ConfigError) as exc:
         where = settings.registry_url or str(home)
         raise StartupError(f"cannot open the registry {where}: {_reason(exc)}") from None
+    try:
+        jobs = SQLiteJobStore(home / JOBS_FILE)
+    except (OSError, sqlite3.Error) as exc:
+        store.close()
+        raise StartupError(f"cannot open the job store {home / JOBS_FILE}: {_reason(exc)}") from None
     grpc_port = settings.effective_grpc_port(current_backend())
     try:
         sock = sock or bind_socket(settings.host, settings.port)
@@ -207,15 +216,19 @@ async def serve(
             grpc_sock = bind_socket(settings.host, grpc_port)
     except StartupError:
         store.close()
+        jobs.close()
         if sock is not None:
             sock.close()
         raise
     if not grpc_port:
         grpc_sock = None
     try:
-        await _serve(settings, store, sock, grpc_sock, stop, _worker_env(settings, worker_env), pipelines, task_status)
+        await _serve(
+            settings, store, jobs, sock, grpc_sock, stop, _worker_env(settings, worker_env), pipelines, task_status
+        )
     finally:
         store.close()
+        jobs.close()
         for listening in (sock, grpc_sock):
             if listening is not None:
                 with contextlib.suppress(OSError):
@@ -225,6 +238,7 @@ async def serve(
 async def _serve(
     settings: Settings,
     store: ModelStore,
+    jobs: SQLiteJobStore,
     sock: socket.socket,
     grpc_sock: socket.socket | None,
     stop: anyio.Event | None,
@@ -261,12 +275,13 @@ async def _serve(
         tg = await stack.enter_async_context(anyio.create_task_group())
         service = InferenceService(settings, store, scheduler, results)
         service.record.spans = spans
-        listener = HttpListener(create_app(service), config, sock, limit=limit)
+        runner = JobRunner(settings, jobs, service, job_result_body)
+        listener = HttpListener(create_app(service, runner), config, sock, limit=limit)
         grpc = _grpc_listener(service, grpc_sock, port) if grpc_sock is not None else None
         await tg.start(scheduler.run)
         await service.preload()  # starts the loads; requests are accepted meanwhile
         background = anyio.CancelScope()  # tasks that end with the HTTP server
-        tg.start_soon(_background, background, functools.partial(_signals, stop), service.run)
+        tg.start_soon(_background, background, functools.partial(_signals, stop), service.run, runner.run)
         log.info(
             "listening",
             url=f"http://{settings.host}:{port}",

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ...config import ModelSettings
 from ...errors import ClientGone, InvalidInput, ModelMoraError
+from ...jobs import JobRunner
 from ...observability import TraceContext, incoming, reset_current, set_current
 from ...registry import ModelRecord, semver_key
 from ...results import FilesystemResultStore, result_route
@@ -37,6 +38,7 @@ from .body import decode, read_body
 from .cors import Cors
 from .encode import response_body, sse
 from .errors import error_body, error_response, exception_handlers, json_response, unexpected
+from .jobs import job_routes
 
 __all__ = ("create_app",)
 
@@ -95,9 +97,9 @@ def _query_flag(request: HTTPRequest, name: str) -> bool:
     return raw in ("true", "1")
 
 
-def create_app(service: InferenceService) -> ASGIApp:
+def create_app(service: InferenceService, jobs: JobRunner | None = None) -> ASGIApp:
     """The ASGI application over the inference core (a filesystem result store also serves its
-    signed URLs here)."""
+    signed URLs here; with `jobs`, the async jobs endpoints too)."""
     settings = service.settings
     public_url = settings.public_url.rstrip("/") + "/" if settings.public_url else ""
     limit, body_timeout_s = settings.max_body_bytes, settings.body_read_timeout_s
@@ -281,6 +283,8 @@ def create_app(service: InferenceService) -> ASGIApp:
     ]
     if isinstance(service.results, FilesystemResultStore):
         routes.append(result_route(service.results))
+    if jobs is not None:
+        routes.extend(job_routes(jobs, limit, body_timeout_s, public_url, _base_url))
     app = Starlette(routes=routes, exception_handlers=exception_handlers)
     return _Api(app, handle_infer, Cors.from_origins(settings.cors_origins))
 
