@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from modelmora.errors import IdempotencyConflict
-from modelmora.jobs import SCHEMA_VERSION, JobError, JobRequest, SQLiteJobStore
+from modelmora.jobs import SCHEMA_VERSION, JobError, JobRequest, SQLiteJobStore, backoff_s
 
 pytestmark = pytest.mark.anyio
 
@@ -143,3 +143,8 @@ async def test_schema_is_versioned(tmp_path: Path) -> None:
     s = SQLiteJobStore(path)  # opening again applies nothing twice
     assert s.schema_version == SCHEMA_VERSION
     s.close()
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    assert [backoff_s(n, 1.0, 5.0) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert backoff_s(0, 0.5, 5.0) == 0.5
