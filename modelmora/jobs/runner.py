@@ -14,6 +14,8 @@ records its outcome.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -26,6 +28,7 @@ from ..config import Settings
 from ..errors import InvalidInput, ModelMoraError, StorageUnavailable
 from ..observability import TraceContext
 from ..service import InferCall, InferenceService, InferResult, Priority
+from ..tasks import TaskType
 from .record import JobError, JobRecord, JobRequest
 from .store import JobStore
 
@@ -173,7 +176,7 @@ class JobRunner:
     async def _attempt(self, job: JobRecord) -> None:
         ttl_s = self.settings.job_ttl_s
         try:
-            result = await self.service.infer(self.call(job.model_id, job.request, "job"))
+            result = await self._infer(job)
             body = self.encode(result, job.request)
         except ModelMoraError as exc:
             error = JobError(exc.code, exc.message, exc.field)
@@ -191,6 +194,27 @@ class JobRunner:
             await self._write(lambda: self.store.fail(job.id, error, time.time(), ttl_s))
             return
         await self._write(lambda: self.store.complete(job.id, body, time.time(), ttl_s))
+
+    async def _infer(self, job: JobRecord) -> InferResult:
+        """Run the job's call; a task that reports steps (txt2img) runs as a stream, its progress
+        recorded at each step."""
+        call = self.call(job.model_id, job.request, "job")
+        rec = await self.service.catalog.get(job.model_id)
+        if rec.task != TaskType.TXT2IMG:
+            return await self.service.infer(call)
+        stream = await self.service.open_stream(dataclasses.replace(call, stream=True))
+        try:
+            async for item in stream:
+                if isinstance(item, InferResult):
+                    return item
+                steps = item.data.get("steps")
+                if item.kind == "progress" and isinstance(steps, int) and steps > 0:
+                    fraction = min(float(item.data.get("step", 0)) / steps, 1.0)
+                    with contextlib.suppress(Exception):  # progress is best effort
+                        await self.store.progress(job.id, fraction)
+        finally:
+            await stream.aclose()  # cancelled: the request leaves its queue, or its batch stops
+        raise AssertionError("the stream ended without a result")  # pragma: no cover
 
     async def _write(self, write: Callable[[], Awaitable[bool]]) -> None:
         """Record an outcome, retrying while the store is unreachable (a job whose outcome could not

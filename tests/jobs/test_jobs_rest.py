@@ -43,10 +43,16 @@ async def jobs_app(tmp_path: Path, echo_dir: Path, request: pytest.FixtureReques
     settings = make_settings(home, **overrides)
     store = SQLiteStore(home / "registry.sqlite3")
     install(store, home, str(echo_dir), model_id="echo", task="txt2embed")
+    install(store, home, str(echo_dir), model_id="painter", task="txt2img")
     rec = store.get("echo")
     assert rec is not None
     jobs = SQLiteJobStore(home / "jobs.sqlite3")
-    scheduler = Scheduler(settings, segments.new_instance_id(), pipelines=ECHO, worker_env=worker_env())
+    scheduler = Scheduler(
+        settings,
+        segments.new_instance_id(),
+        pipelines={**ECHO, "txt2img": "worker_pipelines:Painter"},
+        worker_env=worker_env(),
+    )
     async with open_result_store(settings) as results, anyio.create_task_group() as tg:
         service = InferenceService(settings, store, scheduler, results)
         runner = JobRunner(settings, jobs, service, job_result_body)
@@ -227,3 +233,16 @@ async def test_openapi_lists_the_jobs_endpoints(jobs_app: JobsApp) -> None:
     ):
         assert path in doc["paths"]
     assert {"AsyncInferRequest", "JobAccepted", "JobInfo", "JobList"} <= set(doc["components"]["schemas"])
+
+
+async def test_image_job_result_is_a_result_store_url(jobs_app: JobsApp) -> None:
+    body = {"input_data": {"text": "a red square"}, "parameters": {"steps": 4, "width": 16, "height": 16}}
+    r = await jobs_app.client.post("/api/v1/infer/painter/async", json=body)
+    assert r.status_code == 202, r.text
+    job = await wait_for(jobs_app, r.json()["job_id"])
+    assert job["status"] == "completed" and job["progress"] == 1.0
+    result = (await jobs_app.client.get(job["result_url"])).json()
+    (image,) = result["output"]["images"]
+    assert image["url"].startswith("http://") and image["expires_at"] > job["finished_at"]
+    png = await jobs_app.client.get(image["url"])
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
