@@ -277,7 +277,7 @@ async def _serve(
         service.record.spans = spans
         runner = JobRunner(settings, jobs, service, job_result_body)
         listener = HttpListener(create_app(service, runner), config, sock, limit=limit)
-        grpc = _grpc_listener(service, grpc_sock, port) if grpc_sock is not None else None
+        grpc = _grpc_listener(service, grpc_sock, port, runner) if grpc_sock is not None else None
         await tg.start(scheduler.run)
         await service.preload()  # starts the loads; requests are accepted meanwhile
         background = anyio.CancelScope()  # tasks that end with the HTTP server
@@ -302,7 +302,9 @@ async def _serve(
         scheduler.close()
 
 
-def _grpc_listener(service: InferenceService, sock: socket.socket, http_port: int) -> GrpcListener:
+def _grpc_listener(
+    service: InferenceService, sock: socket.socket, http_port: int, jobs: JobRunner | None = None
+) -> GrpcListener:
     """The gRPC listener (imported here: grpclib loads only where gRPC is served). Stored result URLs
     in its answers point at the HTTP port (or `public_url`)."""
     from .api.grpc import GrpcListener
@@ -311,7 +313,7 @@ def _grpc_listener(service: InferenceService, sock: socket.socket, http_port: in
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.gethostname()
     host = f"[{host}]" if ":" in host else host
     base_url = settings.public_url.rstrip("/") + "/" if settings.public_url else f"http://{host}:{http_port}/"
-    return GrpcListener(service, sock, base_url)
+    return GrpcListener(service, sock, base_url, jobs)
 
 
 GC_YOUNG_THRESHOLD = 10_000

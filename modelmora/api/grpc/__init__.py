@@ -7,6 +7,7 @@ from .encode import event_message, infer_response, model_message, model_status, 
 from .errors import error_message, internal_error, proto_field, send_error
 from .health import MODEL_PREFIX, WATCH_INTERVAL_S, HealthServicer
 from .inference import InferenceServicer
+from .jobs import WATCH_POLL_S, JobServicer, job_message, job_request, stored_response
 from .models import ManagementServicer, RegistryServicer
 from .server import GrpcListener, LimitedCodec, descriptors
 
@@ -14,11 +15,13 @@ __all__ = (
     "MODEL_PREFIX",
     "PARAMETERS",
     "WATCH_INTERVAL_S",
+    "WATCH_POLL_S",
     "CallContext",
     "Calls",
     "GrpcListener",
     "HealthServicer",
     "InferenceServicer",
+    "JobServicer",
     "LimitedCodec",
     "ManagementServicer",
     "RegistryServicer",
@@ -28,6 +31,8 @@ __all__ = (
     "event_message",
     "infer_response",
     "internal_error",
+    "job_message",
+    "job_request",
     "model_message",
     "model_status",
     "parameters_name",
@@ -35,5 +40,6 @@ __all__ = (
     "send_error",
     "single",
     "server_status",
+    "stored_response",
     "task_type",
 )

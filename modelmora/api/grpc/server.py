@@ -28,10 +28,12 @@ from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from grpclib.server import Server
 from grpclib.utils import _service_name
 
+from ...jobs import JobRunner
 from ...service import InferenceService
 from .calls import Calls
 from .health import HealthServicer
 from .inference import InferenceServicer
+from .jobs import JobServicer
 from .models import ManagementServicer, RegistryServicer
 
 __all__ = ("GrpcListener", "LimitedCodec", "descriptors")
@@ -75,7 +77,9 @@ def descriptors() -> descriptor_pool.DescriptorPool:
 class GrpcListener:
     """Serves the gRPC services over `service` on the listening socket `sock`."""
 
-    def __init__(self, service: InferenceService, sock: socket.socket, base_url: str) -> None:
+    def __init__(
+        self, service: InferenceService, sock: socket.socket, base_url: str, jobs: JobRunner | None = None
+    ) -> None:
         self.service = service
         self.sock = sock
         self.calls = Calls()
@@ -84,6 +88,8 @@ class GrpcListener:
             RegistryServicer(service, self.calls),
             ManagementServicer(service, self.calls),
         ]
+        if jobs is not None:
+            ours.append(JobServicer(jobs, self.calls, base_url))
         health = HealthServicer(service, self.calls, [_service_name(s) for s in ours])
         self.handlers = ServerReflection.extend([*ours, health], pool=descriptors())
 
