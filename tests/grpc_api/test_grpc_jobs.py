@@ -14,6 +14,14 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from modelmora._proto.modelmora import v1
+from modelmora.client import (
+    AsyncClient,
+    Client,
+    ClientError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 
 from conftest import ECHO_LAYOUT, TESTS_DIR
 from serverproc import ServerProcess, mm
@@ -122,3 +130,37 @@ async def test_a_rest_job_answered_over_grpc(server: ServerProcess, channel: Cha
     result = await stub.get_job_result(v1.JobId(job_id=r.json()["job_id"]))
     assert result.embeddings is not None
     assert np.frombuffer(result.embeddings.data, "<f4").tolist()[:2] == [2.0, 195.0]
+
+
+async def test_client_submit_wait_watch_cancel(server: ServerProcess) -> None:
+    async with AsyncClient(f"127.0.0.1:{server.grpc_port}") as client:
+        job = await client.submit("echo", ["abc"], parameters={"normalize": False}, priority="high")
+        assert job.model_id == "echo" and job.priority == 2 and not job.done
+        done = await client.wait(job, poll_interval=0.01, max_poll_interval=0.05)
+        assert done.status == "completed" and done.has_result and done.done
+        vectors = await client.job_result(done)
+        assert isinstance(vectors, np.ndarray) and vectors.shape == (1, 4) and vectors[0, 0] == 3.0
+        long = await client.submit("echo", "__steps__300")
+        with pytest.raises(DeadlineExceededError, match=long.id):
+            await client.wait(long, poll_interval=0.01, timeout=0.05)
+        with pytest.raises(ClientError) as err:
+            await client.job_result(long)
+        assert err.value.status == Status.FAILED_PRECONDITION and err.value.code == "job_not_finished"
+        cancelled = await client.cancel(long)
+        assert cancelled.status == "cancelled"
+        assert [j.status async for j in client.watch(long.id)] == ["cancelled"]
+        with pytest.raises(InvalidArgumentError, match="normalize"):
+            await client.submit("echo", "a", parameters={"bogus": 1})
+        with pytest.raises(NotFoundError):
+            await client.job("nope")
+
+
+def test_blocking_client_jobs(server: ServerProcess) -> None:
+    with Client(f"127.0.0.1:{server.grpc_port}") as client:
+        job = client.submit("echo", ["hello"], idempotency_key="blocking-1")
+        assert client.submit("echo", ["hello"], idempotency_key="blocking-1").id == job.id
+        statuses = [j.status for j in client.watch(job)]
+        assert statuses[-1] == "completed"
+        assert client.wait(job.id).status == "completed"
+        vectors = client.job_result(job)
+        assert isinstance(vectors, np.ndarray) and vectors[0, 0] == 5.0
