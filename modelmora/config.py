@@ -178,6 +178,14 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Async jobs in flight at once (each is one request in its model's queue)."""
     job_sweep_interval_s: Positive = 60.0
     """How often jobs past `job_ttl_s` are expired or deleted."""
+    callback_secret: str = ""
+    """HMAC key of async jobs' callbacks (`X-ModelMora-Signature`); empty: callbacks are refused."""
+    callback_max_attempts: Count = 5
+    """Deliveries of one callback at most (a non-2xx answer or no answer is retried)."""
+    callback_retry_base_s: Positive = 1.0
+    """Backoff before a callback's second delivery; doubled for each later one (at most 5 minutes)."""
+    callback_timeout_s: Positive = 10.0
+    """One callback delivery's time limit (connect, send, answer)."""
     result_secret: str = ""
     """HMAC key for signed result URLs; empty: generated once and kept in home (replicas: set it)."""
     public_url: str = ""

@@ -16,7 +16,9 @@ class AsyncInferRequest(InferRequest, forbid_unknown_fields=True):
     """Envelope of `POST /api/v1/infer/{model_id}/async`: the sync envelope (without `stream`)."""
 
     callback_url: str | None = None
-    """Reserved: where to POST the job's status when it ends (not supported yet: refused)."""
+    """Where to POST the job's status when it ends, signed with `callback_secret` (HMAC-SHA256 of
+    `<X-ModelMora-Timestamp>.<body>` in `X-ModelMora-Signature: sha256=<hex>`); retried on failure.
+    Refused when the server has no callback_secret, or for a private address unless allowed."""
 
 
 class JobAccepted(msgspec.Struct):

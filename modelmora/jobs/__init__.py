@@ -1,6 +1,7 @@
 """Durable async jobs: the store interface and its SQLite backend, and the runner that takes
 queued jobs through the inference core."""
 
+from .callbacks import CallbackSender, check_callback_url, sign
 from .record import TERMINAL, JobError, JobPage, JobRecord, JobRequest, JobStatus
 from .runner import JobRunner, backoff_s, stored
 from .sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteJobStore
@@ -10,6 +11,7 @@ __all__ = (
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "TERMINAL",
+    "CallbackSender",
     "JobError",
     "JobPage",
     "JobRecord",
@@ -19,5 +21,7 @@ __all__ = (
     "JobStore",
     "SQLiteJobStore",
     "backoff_s",
+    "check_callback_url",
+    "sign",
     "stored",
 )

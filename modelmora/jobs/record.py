@@ -60,6 +60,9 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     """The result record exists (exactly one per completed job)."""
     idempotency_key: str | None = None
     callback_url: str | None = None
+    callback_state: str | None = None
+    """pending (to deliver), delivered, or failed (attempts ran out); None without a callback_url."""
+    callback_attempts: int = 0
 
 
 class JobPage(msgspec.Struct, frozen=True):

@@ -25,10 +25,11 @@ import anyio.abc
 import structlog
 
 from ..config import Settings
-from ..errors import InvalidInput, ModelMoraError, StorageUnavailable
+from ..errors import ModelMoraError, StorageUnavailable
 from ..observability import TraceContext
 from ..service import InferCall, InferenceService, InferResult, Priority
 from ..tasks import TaskType
+from .callbacks import CallbackSender, check_callback_url
 from .record import JobError, JobRecord, JobRequest
 from .store import JobStore
 
@@ -44,6 +45,9 @@ unavailable, memory short, storage unavailable."""
 IDLE_POLL_S = 1.0
 """The longest the runner sleeps before looking at the store again (retries fall due meanwhile)."""
 STORE_RETRY_S = 1.0
+CALLBACK_BATCH = 16
+"""Callbacks delivered at once."""
+CALLBACK_RETRY_MAX_S = 300.0
 
 Encode = Callable[[InferResult, JobRequest], bytes]
 """Turns a finished job's result into the bytes stored as its result record."""
@@ -65,6 +69,8 @@ class JobRunner:
         self.concurrency = settings.job_concurrency
         self._running: dict[str, anyio.CancelScope] = {}
         self._wake = anyio.Event()
+        self._callback_wake = anyio.Event()
+        self.sender = CallbackSender(settings)
 
     def call(self, model_id: str, request: JobRequest, protocol: str, trace: TraceContext | None = None) -> InferCall:
         """The inference call a job makes."""
@@ -98,7 +104,7 @@ class JobRunner:
                 IdempotencyConflict, or StorageUnavailable.
         """
         if callback_url is not None:
-            raise InvalidInput("callbacks are not supported yet: poll GET /api/v1/jobs/{id}", field="$.callback_url")
+            await check_callback_url(callback_url, self.settings)
         await self.service.check(self.call(model_id, request, protocol, trace))
         rec, created = await stored(
             self.store.create(
@@ -132,6 +138,7 @@ class JobRunner:
             log.info("jobs_requeued", count=requeued)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._sweeper)
+            tg.start_soon(self._callbacks)
             task_status.started()
             while True:
                 free = self.concurrency - len(self._running)
@@ -172,6 +179,7 @@ class JobRunner:
         finally:
             self._running.pop(job.id, None)
             self._wake.set()
+            self._callback_wake.set()
 
     async def _attempt(self, job: JobRecord) -> None:
         ttl_s = self.settings.job_ttl_s
@@ -216,7 +224,7 @@ class JobRunner:
             await stream.aclose()  # cancelled: the request leaves its queue, or its batch stops
         raise AssertionError("the stream ended without a result")  # pragma: no cover
 
-    async def _write(self, write: Callable[[], Awaitable[bool]]) -> None:
+    async def _write(self, write: Callable[[], Awaitable[object]]) -> None:
         """Record an outcome, retrying while the store is unreachable (a job whose outcome could not
         be written stays running in the store and runs again at the next start)."""
         for attempt in range(1, 6):
@@ -227,6 +235,32 @@ class JobRunner:
                 log.warning("job_store_write_failed", attempt=attempt, exc_info=exc)
                 await anyio.sleep(STORE_RETRY_S * attempt)
         log.error("job_outcome_lost_until_restart")
+
+    async def _callbacks(self) -> None:
+        """Deliver the callbacks that are due, concurrently; sleep until a job ends (or a second)."""
+        while True:
+            try:
+                due = await self.store.due_callbacks(time.time(), CALLBACK_BATCH)
+            except Exception as exc:
+                log.error("callbacks_query_failed", exc_info=exc)
+                due = []
+            async with anyio.create_task_group() as tg:
+                for job in due:
+                    tg.start_soon(self._callback, job)
+            if len(due) < CALLBACK_BATCH:
+                with anyio.move_on_after(IDLE_POLL_S):
+                    await self._callback_wake.wait()
+                self._callback_wake = anyio.Event()
+
+    async def _callback(self, job: JobRecord) -> None:
+        delivered = await self.sender.deliver(job)
+        attempts = job.callback_attempts + 1
+        retry_at = None
+        if not delivered and attempts < self.settings.callback_max_attempts:
+            retry_at = time.time() + backoff_s(attempts, self.settings.callback_retry_base_s, CALLBACK_RETRY_MAX_S)
+        elif not delivered:
+            log.warning("callback_given_up", job=job.id, attempts=attempts)
+        await self._write(lambda: self.store.callback_attempted(job.id, delivered=delivered, retry_at=retry_at))
 
     async def _sweeper(self) -> None:
         while True:

@@ -57,13 +57,21 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN callback_state TEXT;
+    ALTER TABLE jobs ADD COLUMN callback_attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN callback_next REAL NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_callbacks ON jobs (callback_state, callback_next);
+    """,
 )
 """`MIGRATIONS[n]` takes the schema from version n to n + 1 (append; never edit a shipped one)."""
 SCHEMA_VERSION = len(MIGRATIONS)
+_PENDING = "callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END"
+"""A job reaching a final status has its callback (if any) to deliver."""
 
 _COLUMNS = (
     "id, model_id, status, request, priority, created_at, updated_at, started_at, finished_at, expires_at,"
-    " attempts, not_before, progress, error, idempotency_key, callback_url,"
+    " attempts, not_before, progress, error, idempotency_key, callback_url, callback_state, callback_attempts,"
     " EXISTS (SELECT 1 FROM job_results r WHERE r.job_id = jobs.id)"
 )
 _request_decoder = msgspec.json.Decoder(JobRequest)
@@ -73,7 +81,7 @@ _encoder = msgspec.json.Encoder()
 
 def _record(row: tuple[Any, ...]) -> JobRecord:
     (jid, model, status, request, priority, created, updated, started, finished, expires) = row[:10]
-    attempts, not_before, progress, error, key, callback, has_result = row[10:]
+    attempts, not_before, progress, error, key, callback, cb_state, cb_attempts, has_result = row[10:]
     return JobRecord(
         id=jid,
         model_id=model,
@@ -92,6 +100,8 @@ def _record(row: tuple[Any, ...]) -> JobRecord:
         has_result=bool(has_result),
         idempotency_key=key,
         callback_url=callback,
+        callback_state=cb_state,
+        callback_attempts=cb_attempts,
     )
 
 
@@ -254,7 +264,8 @@ class SQLiteJobStore:
         with self._write():
             cur = self._db.execute(
                 "UPDATE jobs SET status = 'completed', finished_at = ?, updated_at = ?, expires_at = ?,"
-                " progress = 1.0, error = NULL WHERE id = ? AND status = 'running'",
+                f" progress = 1.0, error = NULL, {_PENDING}"
+                " WHERE id = ? AND status = 'running'",
                 (now, now, now + ttl_s, job_id),
             )
             if not cur.rowcount:
@@ -282,7 +293,8 @@ class SQLiteJobStore:
     def _fail(self, job_id: str, error: JobError, now: float, ttl_s: float) -> bool:
         with self._write():
             cur = self._db.execute(
-                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, updated_at = ?, expires_at = ?"
+                "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, updated_at = ?, expires_at = ?,"
+                f"{_PENDING}"
                 " WHERE id = ? AND status = 'running'",
                 (_encoder.encode(error), now, now, now + ttl_s, job_id),
             )
@@ -301,7 +313,8 @@ class SQLiteJobStore:
     def _cancel(self, job_id: str, now: float, ttl_s: float) -> JobRecord | None:
         with self._write():
             self._db.execute(
-                "UPDATE jobs SET status = 'cancelled', finished_at = ?, updated_at = ?, expires_at = ?"
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, updated_at = ?, expires_at = ?,"
+                f"{_PENDING}"
                 " WHERE id = ? AND status IN ('queued', 'running')",
                 (now, now, now + ttl_s, job_id),
             )
@@ -332,7 +345,8 @@ class SQLiteJobStore:
     def _sweep(self, now: float, ttl_s: float) -> tuple[int, int]:
         with self._write():
             expired = self._db.execute(
-                "UPDATE jobs SET status = 'expired', finished_at = ?, updated_at = ?, expires_at = ?"
+                "UPDATE jobs SET status = 'expired', finished_at = ?, updated_at = ?, expires_at = ?,"
+                f"{_PENDING}"
                 " WHERE status = 'queued' AND expires_at <= ?",
                 (now, now, now + ttl_s, now),
             ).rowcount
@@ -340,6 +354,30 @@ class SQLiteJobStore:
                 "DELETE FROM jobs WHERE status NOT IN ('queued', 'running') AND expires_at <= ?", (now,)
             ).rowcount
         return expired, deleted
+
+    async def due_callbacks(self, now: float, limit: int) -> builtins.list[JobRecord]:
+        return await self._run(self._due_callbacks, now, limit)
+
+    def _due_callbacks(self, now: float, limit: int) -> builtins.list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE callback_state = 'pending' AND callback_next <= ?"
+                " ORDER BY callback_next LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [_record(r) for r in rows]
+
+    async def callback_attempted(self, job_id: str, *, delivered: bool, retry_at: float | None) -> None:
+        await self._run(self._callback_attempted, job_id, delivered, retry_at)
+
+    def _callback_attempted(self, job_id: str, delivered: bool, retry_at: float | None) -> None:
+        state = "delivered" if delivered else ("pending" if retry_at is not None else "failed")
+        with self._write():
+            self._db.execute(
+                "UPDATE jobs SET callback_state = ?, callback_attempts = callback_attempts + 1, callback_next = ?"
+                " WHERE id = ? AND callback_state = 'pending'",
+                (state, retry_at or 0.0, job_id),
+            )
 
     def close(self) -> None:
         with self._lock:

@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from modelmora.errors import IdempotencyConflict
-from modelmora.jobs import SCHEMA_VERSION, JobError, JobRequest, SQLiteJobStore, backoff_s
+from modelmora.jobs import MIGRATIONS, SCHEMA_VERSION, JobError, JobRequest, SQLiteJobStore, backoff_s
 
 pytestmark = pytest.mark.anyio
 
@@ -148,3 +148,41 @@ async def test_schema_is_versioned(tmp_path: Path) -> None:
 def test_backoff_doubles_up_to_its_cap() -> None:
     assert [backoff_s(n, 1.0, 5.0) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
     assert backoff_s(0, 0.5, 5.0) == 0.5
+
+
+async def test_an_older_schema_is_migrated_with_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0])
+    db.execute(
+        "INSERT INTO jobs (id, model_id, status, request, priority, created_at, updated_at, expires_at)"
+        " VALUES ('old', 'echo', 'queued', ?, 3, 1, 1, 9e9)",
+        (b'{"input_data": {"text": "hi"}}',),
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    s = SQLiteJobStore(path)
+    assert s.schema_version == SCHEMA_VERSION == 2
+    rec = await s.get("old")
+    assert rec is not None and rec.request == REQ and rec.callback_state is None
+    (claimed,) = await s.claim(time.time(), 1)
+    assert await s.complete(claimed.id, b"{}", time.time(), 60)
+    assert (await s.due_callbacks(time.time(), 5)) == []  # no callback_url: nothing to deliver
+    s.close()
+
+
+async def test_callback_state_follows_the_final_status(store: SQLiteJobStore) -> None:
+    rec, _ = await store.create("echo", REQ, ttl_s=60, callback_url="http://example.com/hook")
+    assert rec.callback_state is None and await store.due_callbacks(time.time(), 5) == []
+    await store.claim(time.time(), 1)
+    await store.fail(rec.id, ERR, time.time(), 60)
+    (due,) = await store.due_callbacks(time.time(), 5)
+    assert due.id == rec.id and due.callback_state == "pending"
+    await store.callback_attempted(rec.id, delivered=False, retry_at=time.time() + 100)
+    assert await store.due_callbacks(time.time(), 5) == []
+    (again,) = await store.due_callbacks(time.time() + 101, 5)
+    assert again.callback_attempts == 1
+    await store.callback_attempted(rec.id, delivered=True, retry_at=None)
+    done = await store.get(rec.id)
+    assert done is not None and done.callback_state == "delivered" and done.callback_attempts == 2
