@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from modelmora.errors import IdempotencyConflict
-from modelmora.jobs import MIGRATIONS, SCHEMA_VERSION, JobError, JobRequest, SQLiteJobStore, backoff_s
+from modelmora.jobs import MIGRATIONS, SCHEMA_VERSION, JobError, JobRequest, JobStore, SQLiteJobStore, backoff_s
 
 pytestmark = pytest.mark.anyio
 
@@ -21,24 +21,34 @@ REQ = JobRequest({"text": "hi"})
 ERR = JobError("worker_crashed", "the worker died")
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteJobStore]:
-    s = SQLiteJobStore(tmp_path / "jobs.sqlite3")
-    yield s
-    s.close()
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[JobStore]:
+    """Each store test runs on SQLite (asyncio and trio) and PostgreSQL (asyncio)."""
+    if request.param == "sqlite":
+        s = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+        yield s
+        s.close()
+        return
+    from modelmora.jobs.postgres import PostgresJobStore
+
+    url = request.getfixturevalue("pg_url")  # skips on trio
+    pg = await PostgresJobStore.open(url)
+    yield pg
+    await pg.aclose()
 
 
-async def test_create_is_committed_before_it_returns(tmp_path: Path, store: SQLiteJobStore) -> None:
+async def test_create_is_committed_before_it_returns(tmp_path: Path, store: JobStore) -> None:
     rec, created = await store.create("echo", REQ, ttl_s=60)
     assert created and rec.status == "queued" and rec.attempts == 0 and not rec.has_result
-    other = sqlite3.connect(tmp_path / "jobs.sqlite3")  # another connection sees it at once
-    assert other.execute("SELECT status FROM jobs WHERE id = ?", (rec.id,)).fetchone() == ("queued",)
-    other.close()
+    if isinstance(store, SQLiteJobStore):
+        other = sqlite3.connect(tmp_path / "jobs.sqlite3")  # another connection sees it at once
+        assert other.execute("SELECT status FROM jobs WHERE id = ?", (rec.id,)).fetchone() == ("queued",)
+        other.close()
     assert await store.get(rec.id) == rec
     assert await store.get("nope") is None
 
 
-async def test_claim_complete_gives_exactly_one_result(store: SQLiteJobStore) -> None:
+async def test_claim_complete_gives_exactly_one_result(store: JobStore) -> None:
     rec, _ = await store.create("echo", REQ, ttl_s=60)
     (claimed,) = await store.claim(time.time(), 10)
     assert claimed.id == rec.id and claimed.status == "running" and claimed.attempts == 1
@@ -50,7 +60,7 @@ async def test_claim_complete_gives_exactly_one_result(store: SQLiteJobStore) ->
     assert await store.result(rec.id) == b'{"a":1}'
 
 
-async def test_priority_then_age_order_and_due_time(store: SQLiteJobStore) -> None:
+async def test_priority_then_age_order_and_due_time(store: JobStore) -> None:
     low, _ = await store.create("echo", JobRequest({"text": "a"}, priority=4), ttl_s=60)
     high, _ = await store.create("echo", JobRequest({"text": "b"}, priority=1), ttl_s=60)
     normal, _ = await store.create("echo", REQ, ttl_s=60)
@@ -63,7 +73,7 @@ async def test_priority_then_age_order_and_due_time(store: SQLiteJobStore) -> No
     assert again.id == high.id and again.attempts == 2 and again.error == ERR
 
 
-async def test_cancel_and_fail_only_from_live_states(store: SQLiteJobStore) -> None:
+async def test_cancel_and_fail_only_from_live_states(store: JobStore) -> None:
     queued, _ = await store.create("echo", REQ, ttl_s=60)
     rec = await store.cancel(queued.id, time.time(), 60)
     assert rec is not None and rec.status == "cancelled" and rec.finished_at is not None
@@ -83,7 +93,7 @@ async def test_cancel_and_fail_only_from_live_states(store: SQLiteJobStore) -> N
     assert rec is not None and rec.status == "failed" and rec.error == ERR  # finished: unchanged
 
 
-async def test_idempotency_key(store: SQLiteJobStore) -> None:
+async def test_idempotency_key(store: JobStore) -> None:
     first, created = await store.create("echo", REQ, ttl_s=60, idempotency_key="k1")
     again, created_again = await store.create("echo", REQ, ttl_s=60, idempotency_key="k1")
     assert created and not created_again and again.id == first.id
@@ -107,7 +117,7 @@ async def test_requeue_running_at_restart(tmp_path: Path) -> None:
     s.close()
 
 
-async def test_list_filters_and_pages(store: SQLiteJobStore) -> None:
+async def test_list_filters_and_pages(store: JobStore) -> None:
     ids = [(await store.create("a" if i % 2 else "b", REQ, ttl_s=60))[0].id for i in range(6)]
     await anyio.lowlevel.checkpoint()
     page = await store.list(model_id="a", limit=2)
@@ -120,7 +130,7 @@ async def test_list_filters_and_pages(store: SQLiteJobStore) -> None:
     assert {j.id for j in (await store.list(limit=100)).jobs} == set(ids)
 
 
-async def test_sweep_expires_queued_and_deletes_finished(store: SQLiteJobStore) -> None:
+async def test_sweep_expires_queued_and_deletes_finished(store: JobStore) -> None:
     old, _ = await store.create("echo", REQ, ttl_s=10)
     done, _ = await store.create("echo", REQ, ttl_s=10)
     (claimed,) = await store.claim(time.time(), 1)
@@ -172,7 +182,7 @@ async def test_an_older_schema_is_migrated_with_its_jobs(tmp_path: Path) -> None
     s.close()
 
 
-async def test_callback_state_follows_the_final_status(store: SQLiteJobStore) -> None:
+async def test_callback_state_follows_the_final_status(store: JobStore) -> None:
     rec, _ = await store.create("echo", REQ, ttl_s=60, callback_url="http://example.com/hook")
     assert rec.callback_state is None and await store.due_callbacks(time.time(), 5) == []
     await store.claim(time.time(), 1)
@@ -186,3 +196,37 @@ async def test_callback_state_follows_the_final_status(store: SQLiteJobStore) ->
     await store.callback_attempted(rec.id, delivered=True, retry_at=None)
     done = await store.get(rec.id)
     assert done is not None and done.callback_state == "delivered" and done.callback_attempts == 2
+
+
+async def test_postgres_requeues_running_and_migrates_once(pg_url: str) -> None:
+    from modelmora.jobs.postgres import PG_SCHEMA_VERSION, PostgresJobStore
+
+    first = await PostgresJobStore.open(pg_url)
+    rec, _ = await first.create("echo", REQ, ttl_s=60)
+    await first.claim(time.time(), 5)
+    await first.aclose()  # the server died with the job running
+    again = await PostgresJobStore.open(pg_url)  # migrations already applied: nothing twice
+    assert await again.schema_version() == PG_SCHEMA_VERSION
+    assert await again.requeue_running() == 1
+    (claimed,) = await again.claim(time.time(), 5)
+    assert claimed.id == rec.id and claimed.attempts == 2
+    await again.aclose()
+
+
+async def test_postgres_claims_never_overlap(pg_url: str) -> None:
+    from modelmora.jobs.postgres import PostgresJobStore
+
+    a, b = await PostgresJobStore.open(pg_url), await PostgresJobStore.open(pg_url)
+    ids = {(await a.create("echo", JobRequest({"text": str(i)}), ttl_s=60))[0].id for i in range(40)}
+    taken: list[str] = []
+
+    async def take(s: PostgresJobStore) -> None:
+        while batch := await s.claim(time.time(), 3):
+            taken.extend(j.id for j in batch)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take, a)
+        tg.start_soon(take, b)
+    assert sorted(taken) == sorted(ids)  # every job once, none twice
+    await a.aclose()
+    await b.aclose()
