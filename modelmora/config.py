@@ -125,6 +125,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     keep_alive_timeout_s: Positive = 5.0
     """An idle keep-alive connection is closed after this long (one whose client closed its side is
     closed at once, whatever this is)."""
+    database_url: str = ""
+    """Where async jobs are kept: empty, SQLite `$MODELMORA_HOME/jobs.sqlite3`; `postgresql://user:pass@host/db`,
+    PostgreSQL (asyncio backend only; several servers may share it). The registry stays in `registry_url`."""
+    database_connect_attempts: Count = 5
+    """Connections tried at start before a database that does not answer stops the server."""
+    database_connect_retry_s: Positive = 1.0
+    """The wait after the first failed connection; doubled after each later one."""
     registry_url: str = ""
     """Empty: SQLite file `$MODELMORA_HOME/registry.sqlite3`."""
     max_download_bytes: Count = 64 * 2**30

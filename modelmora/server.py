@@ -29,7 +29,7 @@ from .api import create_app, job_result_body
 from .config import ConfigError, Settings
 from .httpserver import HttpListener, current_backend
 from .ipc import segments
-from .jobs import JobRunner, SQLiteJobStore
+from .jobs import JobRunner, JobStore, open_job_store, redact_url
 from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
 from .observability import ExportUnavailable, Spans, open_otlp, worker_log_env
 from .registry import FileVerifier, ModelStore, open_store
@@ -79,9 +79,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
     return sock
 
-
-JOBS_FILE = "jobs.sqlite3"
-"""The job store's file under `$MODELMORA_HOME`."""
 
 FD_RESERVE = 256
 """File descriptors kept beside client connections: the registry, rings and segments, worker
@@ -135,6 +132,11 @@ def check_backend(settings: Settings, backend: str) -> None:
         raise StartupError(
             f"gRPC (grpc_port = {settings.grpc_port}) runs only on the asyncio backend: set grpc_port = 0 "
             "(MODELMORA_GRPC_PORT=0, mm serve --grpc-port 0) to serve REST alone on trio, or backend = 'asyncio'"
+        )
+    if backend == "trio" and settings.database_url:
+        raise StartupError(
+            "database_url (PostgreSQL, asyncpg) runs only on the asyncio backend: set backend = 'asyncio', or leave"
+            " database_url empty for the SQLite job store"
         )
     if backend == "trio" and settings.result_store == "s3":
         raise StartupError(
@@ -204,11 +206,6 @@ async def serve(
     except (OSError, sqlite3.Error, ValueError, ConfigError) as exc:
         where = settings.registry_url or str(home)
         raise StartupError(f"cannot open the registry {where}: {_reason(exc)}") from None
-    try:
-        jobs = SQLiteJobStore(home / JOBS_FILE)
-    except (OSError, sqlite3.Error) as exc:
-        store.close()
-        raise StartupError(f"cannot open the job store {home / JOBS_FILE}: {_reason(exc)}") from None
     grpc_port = settings.effective_grpc_port(current_backend())
     try:
         sock = sock or bind_socket(settings.host, settings.port)
@@ -216,19 +213,15 @@ async def serve(
             grpc_sock = bind_socket(settings.host, grpc_port)
     except StartupError:
         store.close()
-        jobs.close()
         if sock is not None:
             sock.close()
         raise
     if not grpc_port:
         grpc_sock = None
     try:
-        await _serve(
-            settings, store, jobs, sock, grpc_sock, stop, _worker_env(settings, worker_env), pipelines, task_status
-        )
+        await _serve(settings, store, sock, grpc_sock, stop, _worker_env(settings, worker_env), pipelines, task_status)
     finally:
         store.close()
-        jobs.close()
         for listening in (sock, grpc_sock):
             if listening is not None:
                 with contextlib.suppress(OSError):
@@ -238,7 +231,6 @@ async def serve(
 async def _serve(
     settings: Settings,
     store: ModelStore,
-    jobs: SQLiteJobStore,
     sock: socket.socket,
     grpc_sock: socket.socket | None,
     stop: anyio.Event | None,
@@ -270,6 +262,7 @@ async def _serve(
             results = await stack.enter_async_context(open_result_store(settings))
         except OSError as exc:
             raise StartupError(f"cannot open the result store under {home}: {_reason(exc)}") from None
+        jobs = await stack.enter_async_context(_job_store(settings))
         spans = await stack.enter_async_context(_span_export(settings.otlp_endpoint))
         await stack.enter_async_context(_owned(launcher))
         tg = await stack.enter_async_context(anyio.create_task_group())
@@ -331,6 +324,27 @@ def _tune_gc() -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
+@contextlib.asynccontextmanager
+async def _job_store(settings: Settings) -> AsyncIterator[JobStore]:
+    """The job store (`database_url`), as a start-up error naming the setting when it cannot open.
+
+    Raises:
+        StartupError: a malformed `database_url`, or a database that stays unreachable.
+    """
+    where = redact_url(settings.database_url) if settings.database_url else str(settings.home_path)
+    try:
+        opened = open_job_store(settings, settings.home_path)
+        jobs = await opened.__aenter__()
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
+    except Exception as exc:
+        raise StartupError(f"cannot open the job store (database_url = {where!r}): {_reason(exc)}") from None
+    try:
+        yield jobs
+    finally:
+        await opened.__aexit__(None, None, None)
 
 
 @contextlib.asynccontextmanager

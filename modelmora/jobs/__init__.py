@@ -2,12 +2,14 @@
 queued jobs through the inference core."""
 
 from .callbacks import CallbackSender, check_callback_url, sign
+from .opening import JOBS_FILE, open_job_store, redact_url
 from .record import TERMINAL, JobError, JobPage, JobRecord, JobRequest, JobStatus
 from .runner import JobRunner, backoff_s, stored
 from .sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteJobStore
 from .store import JobStore
 
 __all__ = (
+    "JOBS_FILE",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "TERMINAL",
@@ -22,6 +24,8 @@ __all__ = (
     "SQLiteJobStore",
     "backoff_s",
     "check_callback_url",
+    "open_job_store",
+    "redact_url",
     "sign",
     "stored",
 )

@@ -7,11 +7,15 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from pgserver import PgCluster, available
 
 from conftest import TESTS_DIR
 from serverproc import ServerProcess, mm
@@ -32,14 +36,67 @@ def _env() -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgCluster]:
+    if not available():
+        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed")
+    cluster = PgCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _results_per_job(home: Path, database_url: str) -> dict[str, int]:
+    if not database_url:
+        db = sqlite3.connect(home / "jobs.sqlite3")
+        try:
+            return dict(db.execute("SELECT job_id, count(*) FROM job_results GROUP BY job_id").fetchall())
+        finally:
+            db.close()
+    out = subprocess.run(
+        ["psql", database_url, "-At", "-F", " ", "-c", "SELECT job_id, count(*) FROM mm_job_results GROUP BY job_id"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return {job: int(n) for job, n in (line.split() for line in out.splitlines() if line)}
+
+
+def _unfinished(home: Path, database_url: str) -> tuple[int, int]:
+    """(queued or running, running) jobs."""
+    query = "SELECT count(*) FILTER (WHERE status IN ('queued', 'running')), count(*) FILTER (WHERE status = 'running')"
+    if not database_url:
+        db = sqlite3.connect(home / "jobs.sqlite3")
+        try:
+            row = db.execute(query + " FROM jobs").fetchone()
+        finally:
+            db.close()
+        return int(row[0]), int(row[1])
+    out = subprocess.run(
+        ["psql", database_url, "-At", "-F", " ", "-c", query + " FROM mm_jobs"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return int(out[0]), int(out[1])
+
+
 def _completed(srv: ServerProcess) -> int:
     return int(httpx.get(f"{srv.url}/api/v1/jobs?status=completed&limit=0", timeout=30).json()["total"])
 
 
-def test_sigkill_while_jobs_run_loses_none(tmp_path: Path, echo_dir: Path) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_sigkill_while_jobs_run_loses_none(
+    tmp_path: Path, echo_dir: Path, database: str, request: pytest.FixtureRequest
+) -> None:
     home = tmp_path / "home"
     mm("install", str(echo_dir), "--id", "echo", "--task", "txt2embed", home=home)
-    srv = ServerProcess(home, env=_env()).start()
+    database_url = ""
+    if database == "postgres":
+        cluster: PgCluster = request.getfixturevalue("pg")
+        database_url = cluster.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    srv = ServerProcess(home, env={**_env(), "MODELMORA_DATABASE_URL": database_url}).start()
     texts: dict[str, str] = {}
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as client:
@@ -56,10 +113,7 @@ def test_sigkill_while_jobs_run_loses_none(tmp_path: Path, echo_dir: Path) -> No
             time.sleep(0.05)
     finally:
         srv.stop(signal.SIGKILL)
-    db = sqlite3.connect(home / "jobs.sqlite3")
-    (unfinished,) = db.execute("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')").fetchone()
-    (running,) = db.execute("SELECT count(*) FROM jobs WHERE status = 'running'").fetchone()
-    db.close()
+    unfinished, running = _unfinished(home, database_url)
     assert unfinished > 0, "the kill came after every job had finished: nothing was tested"
 
     srv.start()
@@ -82,7 +136,5 @@ def test_sigkill_while_jobs_run_loses_none(tmp_path: Path, echo_dir: Path) -> No
                 assert row[:2] == [float(len(text)), float(sum(map(ord, text)))]
     finally:
         srv.stop()
-    db = sqlite3.connect(home / "jobs.sqlite3")
-    per_job = dict(db.execute("SELECT job_id, count(*) FROM job_results GROUP BY job_id").fetchall())
-    db.close()
+    per_job = _results_per_job(home, database_url)
     assert per_job == dict.fromkeys(texts, 1)  # exactly one result record per job
