@@ -183,6 +183,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     job_retry_max_s: Positive = 60.0
     job_concurrency: Count = 64
     """Async jobs in flight at once (each is one request in its model's queue)."""
+    job_lease_s: Annotated[float, msgspec.Meta(ge=1)] = 30.0
+    """A running job is leased to its server this long, renewed every third of it; a job whose lease
+    expired (its server died) runs again on any server sharing the store."""
     job_sweep_interval_s: Positive = 60.0
     """How often jobs past `job_ttl_s` are expired or deleted."""
     callback_secret: str = ""

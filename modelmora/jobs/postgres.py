@@ -55,6 +55,9 @@ PG_MIGRATIONS: tuple[str, ...] = (
         created_at DOUBLE PRECISION NOT NULL
     );
     """,
+    """
+    ALTER TABLE mm_jobs ADD COLUMN lease_until DOUBLE PRECISION NOT NULL DEFAULT 0;
+    """,
 )
 """`PG_MIGRATIONS[n]` takes the jobs schema from version n to n + 1 (append; never edit a shipped one)."""
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
@@ -207,16 +210,21 @@ class PostgresJobStore:
             )
         return JobPage([_record(r) for r in rows], int(total))
 
-    async def claim(self, now: float, limit: int) -> builtins.list[JobRecord]:
+    shared = True
+    """Several servers may share the database: a job whose server died runs again once its lease
+    expires (`requeue_expired`), never at another server's start."""
+
+    async def claim(self, now: float, limit: int, lease_s: float = 60.0) -> builtins.list[JobRecord]:
         wall = time.time()
         async with self._pool.acquire() as conn, conn.transaction():
             ids = await conn.fetch(
-                "UPDATE mm_jobs SET status = 'running', attempts = attempts + 1, started_at = $1, updated_at = $1"
-                " WHERE id IN (SELECT id FROM mm_jobs WHERE status = 'queued' AND not_before <= $2"
+                "UPDATE mm_jobs SET status = 'running', attempts = attempts + 1, started_at = $1, updated_at = $1,"
+                " lease_until = $4 WHERE id IN (SELECT id FROM mm_jobs WHERE status = 'queued' AND not_before <= $2"
                 " ORDER BY priority, created_at LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING id",
                 wall,
                 now,
                 limit,
+                wall + lease_s,
             )
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM mm_jobs WHERE id = ANY($1::text[]) ORDER BY priority, created_at",
@@ -286,6 +294,20 @@ class PostgresJobStore:
         status = await self._pool.execute(
             "UPDATE mm_jobs SET status = 'queued', not_before = 0, updated_at = $1 WHERE status = 'running'",
             time.time(),
+        )
+        return int(status.split()[-1])
+
+    async def renew(self, job_ids: builtins.list[str], until: float) -> None:
+        await self._pool.execute(
+            "UPDATE mm_jobs SET lease_until = $1 WHERE id = ANY($2::text[]) AND status = 'running'", until, job_ids
+        )
+
+    async def requeue_expired(self, now: float) -> int:
+        status = await self._pool.execute(
+            "UPDATE mm_jobs SET status = 'queued', not_before = 0, updated_at = $1"
+            " WHERE status = 'running' AND lease_until < $2",
+            time.time(),
+            now,
         )
         return int(status.split()[-1])
 

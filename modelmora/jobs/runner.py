@@ -133,19 +133,21 @@ class JobRunner:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Re-queue what a previous run left running, then run jobs until cancelled."""
-        requeued = await self.store.requeue_running()
-        if requeued:
-            log.info("jobs_requeued", count=requeued)
+        if not self.store.shared:  # ours alone: what we left running runs again now
+            requeued = await self.store.requeue_running()
+            if requeued:
+                log.info("jobs_requeued", count=requeued)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._sweeper)
             tg.start_soon(self._callbacks)
+            tg.start_soon(self._leases)
             task_status.started()
             while True:
                 free = self.concurrency - len(self._running)
                 claimed: list[JobRecord] = []
                 if free > 0:
                     try:
-                        claimed = await self.store.claim(time.time(), free)
+                        claimed = await self.store.claim(time.time(), free, self.settings.job_lease_s)
                     except Exception as exc:
                         log.error("jobs_claim_failed", exc_info=exc)
                         await anyio.sleep(STORE_RETRY_S)
@@ -261,6 +263,22 @@ class JobRunner:
         elif not delivered:
             log.warning("callback_given_up", job=job.id, attempts=attempts)
         await self._write(lambda: self.store.callback_attempted(job.id, delivered=delivered, retry_at=retry_at))
+
+    async def _leases(self) -> None:
+        """Renew the leases of the jobs running here every third of `job_lease_s`, and re-queue
+        running jobs whose lease expired (their server died)."""
+        lease_s = self.settings.job_lease_s
+        while True:
+            await anyio.sleep(lease_s / 3)
+            try:
+                if self._running:
+                    await self.store.renew(list(self._running), time.time() + lease_s)
+                requeued = await self.store.requeue_expired(time.time())
+                if requeued:
+                    log.info("jobs_lease_expired", count=requeued)
+                    self._wake.set()
+            except Exception as exc:
+                log.error("jobs_lease_failed", exc_info=exc)
 
     async def _sweeper(self) -> None:
         while True:

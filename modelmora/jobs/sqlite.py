@@ -63,6 +63,9 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN callback_next REAL NOT NULL DEFAULT 0;
     CREATE INDEX jobs_callbacks ON jobs (callback_state, callback_next);
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
+    """,
 )
 """`MIGRATIONS[n]` takes the schema from version n to n + 1 (append; never edit a shipped one)."""
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -223,10 +226,13 @@ class SQLiteJobStore:
             ).fetchall()
         return JobPage([_record(r) for r in rows], total)
 
-    async def claim(self, now: float, limit: int) -> builtins.list[JobRecord]:
-        return await self._run(self._claim, now, limit)
+    shared = False
+    """One server per file: at start, what it left running runs again at once (`requeue_running`)."""
 
-    def _claim(self, now: float, limit: int) -> builtins.list[JobRecord]:
+    async def claim(self, now: float, limit: int, lease_s: float = 60.0) -> builtins.list[JobRecord]:
+        return await self._run(self._claim, now, limit, lease_s)
+
+    def _claim(self, now: float, limit: int, lease_s: float) -> builtins.list[JobRecord]:
         with self._write():
             ids = [
                 r[0]
@@ -240,9 +246,9 @@ class SQLiteJobStore:
             out = []
             for job_id in ids:
                 self._db.execute(
-                    "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, updated_at = ?"
-                    " WHERE id = ?",
-                    (wall, wall, job_id),
+                    "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, updated_at = ?,"
+                    " lease_until = ? WHERE id = ?",
+                    (wall, wall, wall + lease_s, job_id),
                 )
                 rec = self._get(job_id)
                 assert rec is not None
@@ -328,6 +334,27 @@ class SQLiteJobStore:
             cur = self._db.execute(
                 "UPDATE jobs SET status = 'queued', not_before = 0, updated_at = ? WHERE status = 'running'",
                 (_now(),),
+            )
+        return cur.rowcount
+
+    async def renew(self, job_ids: builtins.list[str], until: float) -> None:
+        await self._run(self._renew, job_ids, until)
+
+    def _renew(self, job_ids: builtins.list[str], until: float) -> None:
+        with self._write():
+            self._db.executemany(
+                "UPDATE jobs SET lease_until = ? WHERE id = ? AND status = 'running'", [(until, j) for j in job_ids]
+            )
+
+    async def requeue_expired(self, now: float) -> int:
+        return await self._run(self._requeue_expired, now)
+
+    def _requeue_expired(self, now: float) -> int:
+        with self._write():
+            cur = self._db.execute(
+                "UPDATE jobs SET status = 'queued', not_before = 0, updated_at = ?"
+                " WHERE status = 'running' AND lease_until < ?",
+                (_now(), now),
             )
         return cur.rowcount
 

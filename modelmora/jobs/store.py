@@ -45,9 +45,21 @@ class JobStore(Protocol):
         """Jobs, newest first."""
         ...
 
-    async def claim(self, now: float, limit: int) -> builtins.list[JobRecord]:
+    shared: bool
+    """True where several servers may share the store (then a server's start re-queues nothing:
+    expired leases do); False where one server owns it (`requeue_running` at start)."""
+
+    async def claim(self, now: float, limit: int, lease_s: float = 60.0) -> builtins.list[JobRecord]:
         """Move up to `limit` queued jobs that are due (`not_before <= now`) to running, counting an
-        attempt each; highest priority first, then oldest."""
+        attempt each, leased for `lease_s`; highest priority first, then oldest."""
+        ...
+
+    async def renew(self, job_ids: builtins.list[str], until: float) -> None:
+        """Extend the leases of running jobs (their server is alive)."""
+        ...
+
+    async def requeue_expired(self, now: float) -> int:
+        """Running jobs whose lease expired before `now` (their server died) go back to the queue."""
         ...
 
     async def next_due(self) -> float | None:

@@ -173,7 +173,7 @@ async def test_an_older_schema_is_migrated_with_its_jobs(tmp_path: Path) -> None
     db.commit()
     db.close()
     s = SQLiteJobStore(path)
-    assert s.schema_version == SCHEMA_VERSION == 2
+    assert s.schema_version == SCHEMA_VERSION == 3
     rec = await s.get("old")
     assert rec is not None and rec.request == REQ and rec.callback_state is None
     (claimed,) = await s.claim(time.time(), 1)
@@ -230,3 +230,16 @@ async def test_postgres_claims_never_overlap(pg_url: str) -> None:
     assert sorted(taken) == sorted(ids)  # every job once, none twice
     await a.aclose()
     await b.aclose()
+
+
+async def test_leases_expire_unless_renewed(store: JobStore) -> None:
+    a, _ = await store.create("echo", REQ, ttl_s=60)
+    b, _ = await store.create("echo", REQ, ttl_s=60)
+    await store.claim(time.time(), 5, lease_s=10)
+    await store.renew([a.id], time.time() + 200)  # a's server is alive; b's died
+    assert await store.requeue_expired(time.time()) == 0
+    assert await store.requeue_expired(time.time() + 100) == 1
+    (again,) = await store.claim(time.time(), 5)
+    assert again.id == b.id and again.attempts == 2
+    still = await store.get(a.id)
+    assert still is not None and still.status == "running" and still.attempts == 1

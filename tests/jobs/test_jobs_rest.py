@@ -197,3 +197,10 @@ async def test_image_job_result_is_a_result_store_url(jobs_app: JobsApp) -> None
     assert image["url"].startswith("http://") and image["expires_at"] > job["finished_at"]
     png = await jobs_app.client.get(image["url"])
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+
+
+@pytest.mark.settings(job_lease_s=1.0)
+async def test_a_job_longer_than_its_lease_runs_once(jobs_app: JobsApp) -> None:
+    job_id = (await submit(jobs_app, "__steps__25")).json()["job_id"]  # 2.5 s of steps, leases of 1 s
+    job = await wait_for(jobs_app, job_id)
+    assert job["status"] == "completed" and job["attempts"] == 1  # renewed, never re-queued
