@@ -1,0 +1,93 @@
+"""Two servers sharing one PostgreSQL job store: jobs submitted to either run on either; one server
+SIGKILLed halfway, its running jobs run again on the survivor once their leases expire: every job
+ends completed with its own result, exactly one result record each."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pgserver import PgCluster, available
+
+from conftest import TESTS_DIR
+from serverproc import ServerProcess, mm
+
+pytestmark = pytest.mark.slow  # real server processes and a PostgreSQL cluster
+
+JOBS = 200
+SAFETY_NET_S = 180.0  # not a performance bound: a hung server fails instead of hanging the suite
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgCluster]:
+    if not available():
+        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed")
+    cluster = PgCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _server(tmp_path: Path, name: str, echo_dir: Path, database_url: str) -> ServerProcess:
+    home = tmp_path / name
+    mm("install", str(echo_dir), "--id", "echo", "--task", "txt2embed", home=home)
+    env = {
+        "MODELMORA_PIPELINES__TXT2EMBED": "worker_pipelines:Echo",
+        "MODELMORA_ZYGOTE_PRELOAD": "numpy",
+        "MODELMORA_JOB_CONCURRENCY": "8",
+        "MODELMORA_JOB_LEASE_S": "1",
+        "MODELMORA_GRPC_PORT": "0",
+        "MODELMORA_DATABASE_URL": database_url,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    return ServerProcess(home, env=env).start()
+
+
+def _psql(url: str, query: str) -> list[list[str]]:
+    out = subprocess.run(["psql", url, "-At", "-F", " ", "-c", query], check=True, capture_output=True, text=True)
+    return [line.split() for line in out.stdout.splitlines() if line]
+
+
+def test_a_replica_dies_and_the_other_finishes_its_jobs(tmp_path: Path, echo_dir: Path, pg: PgCluster) -> None:
+    url = pg.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    a = _server(tmp_path, "a", echo_dir, url)
+    b = _server(tmp_path, "b", echo_dir, url)
+    texts: dict[str, str] = {}
+    try:
+        for i in range(JOBS):
+            srv = a if i % 2 else b
+            text = f"job-{i}"
+            body = {"input_data": {"text": ["__sleep__0.1", text]}}  # 0.1 s each: the kill finds some running
+            r = httpx.post(f"{srv.url}/api/v1/infer/echo/async", json=body, timeout=30)
+            assert r.status_code == 202, r.text
+            texts[r.json()["job_id"]] = text
+        deadline = time.monotonic() + SAFETY_NET_S
+        while int(_psql(url, "SELECT count(*) FROM mm_jobs WHERE status = 'completed'")[0][0]) < JOBS // 10:
+            assert time.monotonic() < deadline, a.log.read_text()
+            time.sleep(0.05)
+        a.stop(signal.SIGKILL)
+        (running,) = _psql(url, "SELECT count(*) FROM mm_jobs WHERE status = 'running'")[0]
+        assert int(running) > 0, "nothing was running at the kill: nothing was tested"
+        while int(_psql(url, "SELECT count(*) FROM mm_jobs WHERE status = 'completed'")[0][0]) < JOBS:
+            assert time.monotonic() < deadline, b.log.read_text()
+            time.sleep(0.1)
+        with httpx.Client(base_url=b.url, timeout=30) as client:  # the survivor answers for every job
+            for job_id, text in texts.items():
+                r = client.get(f"/api/v1/jobs/{job_id}/result")
+                assert r.status_code == 200, r.text
+                assert r.json()["output"]["embeddings"][1][:2] == [float(len(text)), float(sum(map(ord, text)))]
+    finally:
+        a.stop(signal.SIGKILL)
+        b.stop()
+    (rerun,) = _psql(url, "SELECT count(*) FROM mm_jobs WHERE attempts > 1")[0]
+    assert int(rerun) > 0  # what the dead server was running ran again on the survivor
+    per_job = {job: int(n) for job, n in _psql(url, "SELECT job_id, count(*) FROM mm_job_results GROUP BY job_id")}
+    assert per_job == dict.fromkeys(texts, 1)
