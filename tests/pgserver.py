@@ -36,6 +36,13 @@ class PgCluster:
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"), "-w", "start")
         return self
 
+    def restart(self) -> None:
+        """Stop the cluster fast (connections are cut) and start it again."""
+        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-m", "fast", "-o", opts, "-l", str(self.dir / "log"), "-w", "restart"
+        )
+
     def stop(self) -> None:
         subprocess.run([*self._as, "pg_ctl", "-D", str(self.data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)

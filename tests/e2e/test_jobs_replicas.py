@@ -91,3 +91,35 @@ def test_a_replica_dies_and_the_other_finishes_its_jobs(tmp_path: Path, echo_dir
     assert int(rerun) > 0  # what the dead server was running ran again on the survivor
     per_job = {job: int(n) for job, n in _psql(url, "SELECT job_id, count(*) FROM mm_job_results GROUP BY job_id")}
     assert per_job == dict.fromkeys(texts, 1)
+
+
+def test_postgresql_restarted_under_load(tmp_path: Path, echo_dir: Path, pg: PgCluster) -> None:
+    """The database restarts while jobs run: the server reconnects, no job is lost or doubled."""
+    url = pg.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    srv = _server(tmp_path, "solo", echo_dir, url)
+    ids: list[str] = []
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            for i in range(100):
+                body = {"input_data": {"text": ["__sleep__0.05", f"job-{i}"]}}
+                r = client.post("/api/v1/infer/echo/async", json=body)
+                assert r.status_code == 202, r.text
+                ids.append(r.json()["job_id"])
+            deadline = time.monotonic() + SAFETY_NET_S
+            while client.get("/api/v1/jobs?status=completed&limit=0").json()["total"] < 10:
+                assert time.monotonic() < deadline, srv.log.read_text()
+                time.sleep(0.05)
+            pg.restart()
+            while True:  # answers 503 storage_unavailable while the database is away, then recovers
+                r = client.get("/api/v1/jobs?status=completed&limit=0")
+                if r.status_code == 200 and r.json()["total"] == len(ids):
+                    break
+                assert r.status_code in (200, 503), r.text
+                assert time.monotonic() < deadline, srv.log.read_text()
+                time.sleep(0.1)
+            r = client.post("/api/v1/infer/echo/async", json={"input_data": {"text": "after"}})
+            assert r.status_code == 202, r.text
+    finally:
+        srv.stop()
+    per_job = {job: int(n) for job, n in _psql(url, "SELECT job_id, count(*) FROM mm_job_results GROUP BY job_id")}
+    assert {j: per_job.get(j) for j in ids} == dict.fromkeys(ids, 1)
