@@ -71,6 +71,7 @@ class JobRunner:
         self._wake = anyio.Event()
         self._callback_wake = anyio.Event()
         self.sender = CallbackSender(settings)
+        self.metrics = service.metrics
 
     def call(self, model_id: str, request: JobRequest, protocol: str, trace: TraceContext | None = None) -> InferCall:
         """The inference call a job makes."""
@@ -116,6 +117,7 @@ class JobRunner:
             )
         )
         if created:
+            self.metrics.jobs.labels(model_id, "submitted").inc()
             self._wake.set()
         return rec, created
 
@@ -137,6 +139,7 @@ class JobRunner:
             requeued = await self.store.requeue_running()
             if requeued:
                 log.info("jobs_requeued", count=requeued)
+                self.metrics.jobs.labels("", "requeued").inc(requeued)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._sweeper)
             tg.start_soon(self._callbacks)
@@ -193,17 +196,21 @@ class JobRunner:
             if exc.http_status in TRANSIENT_HTTP and job.attempts < self.settings.job_max_attempts:
                 wait_s = backoff_s(job.attempts, self.settings.job_retry_base_s, self.settings.job_retry_max_s)
                 log.info("job_retry", job=job.id, attempts=job.attempts, code=exc.code, wait_s=wait_s)
+                self.metrics.jobs.labels(job.model_id, "retried").inc()
                 await self._write(lambda: self.store.retry(job.id, error, time.time() + wait_s))
             else:
                 log.info("job_failed", job=job.id, attempts=job.attempts, code=exc.code)
+                self.metrics.jobs.labels(job.model_id, "failed").inc()
                 await self._write(lambda: self.store.fail(job.id, error, time.time(), ttl_s))
             return
         except Exception as exc:
             log.error("job_error", job=job.id, exc_info=exc)
             error = JobError("internal_error", f"internal error running job {job.id}")
+            self.metrics.jobs.labels(job.model_id, "failed").inc()
             await self._write(lambda: self.store.fail(job.id, error, time.time(), ttl_s))
             return
         await self._write(lambda: self.store.complete(job.id, body, time.time(), ttl_s))
+        self.metrics.jobs.labels(job.model_id, "completed").inc()
 
     async def _infer(self, job: JobRecord) -> InferResult:
         """Run the job's call; a task that reports steps (txt2img) runs as a stream, its progress
@@ -262,6 +269,8 @@ class JobRunner:
             retry_at = time.time() + backoff_s(attempts, self.settings.callback_retry_base_s, CALLBACK_RETRY_MAX_S)
         elif not delivered:
             log.warning("callback_given_up", job=job.id, attempts=attempts)
+        outcome = "delivered" if delivered else ("retried" if retry_at is not None else "failed")
+        self.metrics.job_callbacks.labels(outcome).inc()
         await self._write(lambda: self.store.callback_attempted(job.id, delivered=delivered, retry_at=retry_at))
 
     async def _leases(self) -> None:
@@ -276,6 +285,7 @@ class JobRunner:
                 requeued = await self.store.requeue_expired(time.time())
                 if requeued:
                     log.info("jobs_lease_expired", count=requeued)
+                    self.metrics.jobs.labels("", "requeued").inc(requeued)
                     self._wake.set()
             except Exception as exc:
                 log.error("jobs_lease_failed", exc_info=exc)

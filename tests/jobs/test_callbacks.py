@@ -97,6 +97,9 @@ async def test_retried_until_the_receiver_accepts(jobs_app: JobsApp, receiver: R
     assert await _callback_state(jobs_app, job_id) == ("delivered", 3)
     assert len(receiver.requests) == 3
     assert len({body for _, body in receiver.requests}) == 1  # the same status each time
+    text = (await jobs_app.client.get("/metrics")).text
+    assert 'modelmora_job_callbacks_total{outcome="retried"} 2.0' in text
+    assert 'modelmora_job_callbacks_total{outcome="delivered"} 1.0' in text
 
 
 @pytest.mark.settings(**CALLBACKS, callback_max_attempts=2)

@@ -204,3 +204,11 @@ async def test_a_job_longer_than_its_lease_runs_once(jobs_app: JobsApp) -> None:
     job_id = (await submit(jobs_app, "__steps__25")).json()["job_id"]  # 2.5 s of steps, leases of 1 s
     job = await wait_for(jobs_app, job_id)
     assert job["status"] == "completed" and job["attempts"] == 1  # renewed, never re-queued
+
+
+async def test_job_metrics(jobs_app: JobsApp) -> None:
+    job_id = (await submit(jobs_app, "counted")).json()["job_id"]
+    await wait_for(jobs_app, job_id)
+    text = (await jobs_app.client.get("/metrics")).text
+    assert 'modelmora_jobs_total{event="submitted",model="echo"} 1.0' in text
+    assert 'modelmora_jobs_total{event="completed",model="echo"} 1.0' in text
