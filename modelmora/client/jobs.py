@@ -130,13 +130,15 @@ class JobMethods:
         return_mode: ReturnMode = "auto",
         timeout_seconds: float | None = None,
         idempotency_key: str | None = None,
+        callback_url: str | None = None,
         timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> Job:
         """Submit an async job: `texts` or `images` (encoded files, URLs, arrays, PIL images) for
         `model`, with the task's `parameters` (those of `embed`, `generate`, `caption` or
-        `generate_image`); `timeout_seconds` bounds each run of the job on the server. Returns once
-        the server has stored the job."""
+        `generate_image`); `timeout_seconds` bounds each run of the job on the server;
+        `callback_url` is POSTed the job's status when it ends. Returns once the server has stored
+        the job."""
         if (texts is None) == (images is None):
             raise req.refuse("give texts or images (one of them)", "texts")
         request = v1.InferRequest(
@@ -161,7 +163,7 @@ class JobMethods:
                     f"{task} takes the parameters {known} (got {sorted(parameters)})", "parameters"
                 ) from None
         key = idempotency_key or uuid.uuid4().hex
-        submit = v1.InferAsyncRequest(request=request, idempotency_key=key)
+        submit = v1.InferAsyncRequest(request=request, idempotency_key=key, callback_url=callback_url or "")
 
         async def call(channel: Channel, deadline: Deadline | None, md: dict[str, str] | None) -> v1.JobReference:
             return await v1.JobServiceStub(channel).infer_async(submit, deadline=deadline, metadata=md)

@@ -118,6 +118,9 @@ async def test_refusals(channel: Channel) -> None:
     with pytest.raises(GRPCError) as err:
         await stub.infer_async(v1.InferAsyncRequest(request=v1.InferRequest(model_id="nope", texts=["a"])))
     assert err.value.status == Status.NOT_FOUND
+    with pytest.raises(GRPCError) as err:  # this server has no callback_secret
+        await stub.infer_async(v1.InferAsyncRequest(request=_request("a"), callback_url="http://example.com/"))
+    assert err.value.status == Status.INVALID_ARGUMENT and "callback_secret" in (err.value.message or "")
 
 
 async def test_a_rest_job_answered_over_grpc(server: ServerProcess, channel: Channel) -> None:

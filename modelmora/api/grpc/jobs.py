@@ -163,7 +163,12 @@ class JobServicer:
             if key is not None and len(key) > 255:
                 raise InvalidInput("idempotency_key must be at most 255 characters", field="idempotency_key")
             rec, created = await self.runner.submit(
-                call.model_id, job_request(req), protocol="grpc", idempotency_key=key, trace=call.trace
+                call.model_id,
+                job_request(req),
+                protocol="grpc",
+                idempotency_key=key,
+                callback_url=msg.callback_url or None,
+                trace=call.trace,
             )
             await stream.send_message(
                 v1.JobReference(job_id=rec.id, status=v1.JobStatus[rec.status.upper()], created=created)

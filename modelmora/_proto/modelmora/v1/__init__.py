@@ -596,6 +596,12 @@ class InferAsyncRequest(betterproto2.Message):
     A retried InferAsync with the same key (and request) answers the same job (created false).
     """
 
+    callback_url: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    Where the server POSTs the job's status when it ends, signed (REST's callback_url: the same
+    rules and headers). Empty: no callback.
+    """
+
 
 default_message_pool.register_message("modelmora.v1", "InferAsyncRequest", InferAsyncRequest)
 
