@@ -186,6 +186,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     job_lease_s: Annotated[float, msgspec.Meta(ge=1)] = 30.0
     """A running job is leased to its server this long, renewed every third of it; a job whose lease
     expired (its server died) runs again on any server sharing the store."""
+    job_warm_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    """Servers sharing a job store (PostgreSQL): a server takes a queued job of a model it does not
+    hold loaded only once the job was submitted this long ago (a server holding it warm takes it
+    first); 0: any server takes any job at once."""
     job_sweep_interval_s: Positive = 60.0
     """How often jobs past `job_ttl_s` are expired or deleted."""
     callback_secret: str = ""

@@ -214,17 +214,28 @@ class PostgresJobStore:
     """Several servers may share the database: a job whose server died runs again once its lease
     expires (`requeue_expired`), never at another server's start."""
 
-    async def claim(self, now: float, limit: int, lease_s: float = 60.0) -> builtins.list[JobRecord]:
+    async def claim(
+        self,
+        now: float,
+        limit: int,
+        lease_s: float = 60.0,
+        *,
+        prefer: frozenset[str] | None = None,
+        cold_after_s: float = 0.0,
+    ) -> builtins.list[JobRecord]:
         wall = time.time()
+        cond = "" if prefer is None else " AND (model_id = ANY($5::text[]) OR created_at <= $6)"
+        extra = [] if prefer is None else [sorted(prefer), now - cold_after_s]
         async with self._pool.acquire() as conn, conn.transaction():
             ids = await conn.fetch(
                 "UPDATE mm_jobs SET status = 'running', attempts = attempts + 1, started_at = $1, updated_at = $1,"
                 " lease_until = $4 WHERE id IN (SELECT id FROM mm_jobs WHERE status = 'queued' AND not_before <= $2"
-                " ORDER BY priority, created_at LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING id",
+                f"{cond} ORDER BY priority, created_at LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING id",
                 wall,
                 now,
                 limit,
                 wall + lease_s,
+                *extra,
             )
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM mm_jobs WHERE id = ANY($1::text[]) ORDER BY priority, created_at",

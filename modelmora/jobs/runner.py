@@ -150,7 +150,7 @@ class JobRunner:
                 claimed: list[JobRecord] = []
                 if free > 0:
                     try:
-                        claimed = await self.store.claim(time.time(), free, self.settings.job_lease_s)
+                        claimed = await self._claim(free)
                     except Exception as exc:
                         log.error("jobs_claim_failed", exc_info=exc)
                         await anyio.sleep(STORE_RETRY_S)
@@ -162,6 +162,15 @@ class JobRunner:
                     if len(claimed) == free:
                         continue
                 await self._idle(free > 0)
+
+    async def _claim(self, free: int) -> list[JobRecord]:
+        """Claim up to `free` jobs; a server sharing its store prefers the models it holds loaded
+        (`job_warm_wait_s`), so that a cluster does not cold-load a model on every server."""
+        wait_s = self.settings.job_warm_wait_s
+        if not self.store.shared or wait_s <= 0:
+            return await self.store.claim(time.time(), free, self.settings.job_lease_s)
+        warm = self.service.warm_models()
+        return await self.store.claim(time.time(), free, self.settings.job_lease_s, prefer=warm, cold_after_s=wait_s)
 
     async def _idle(self, room: bool) -> None:
         """Sleep until a job is submitted or ends, or a retry falls due (at most `IDLE_POLL_S`)."""

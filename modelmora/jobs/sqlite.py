@@ -229,17 +229,32 @@ class SQLiteJobStore:
     shared = False
     """One server per file: at start, what it left running runs again at once (`requeue_running`)."""
 
-    async def claim(self, now: float, limit: int, lease_s: float = 60.0) -> builtins.list[JobRecord]:
-        return await self._run(self._claim, now, limit, lease_s)
+    async def claim(
+        self,
+        now: float,
+        limit: int,
+        lease_s: float = 60.0,
+        *,
+        prefer: frozenset[str] | None = None,
+        cold_after_s: float = 0.0,
+    ) -> builtins.list[JobRecord]:
+        return await self._run(self._claim, now, limit, lease_s, prefer, cold_after_s)
 
-    def _claim(self, now: float, limit: int, lease_s: float) -> builtins.list[JobRecord]:
+    def _claim(
+        self, now: float, limit: int, lease_s: float, prefer: frozenset[str] | None, cold_after_s: float
+    ) -> builtins.list[JobRecord]:
+        cond, args = "", []
+        if prefer is not None:
+            marks = ", ".join("?" * len(prefer))
+            cond = f" AND (model_id IN ({marks}) OR created_at <= ?)"
+            args = [*sorted(prefer), now - cold_after_s]
         with self._write():
             ids = [
                 r[0]
                 for r in self._db.execute(
-                    "SELECT id FROM jobs WHERE status = 'queued' AND not_before <= ?"
+                    f"SELECT id FROM jobs WHERE status = 'queued' AND not_before <= ?{cond}"
                     " ORDER BY priority, created_at LIMIT ?",
-                    (now, limit),
+                    (now, *args, limit),
                 )
             ]
             wall = _now()

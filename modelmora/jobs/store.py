@@ -49,9 +49,19 @@ class JobStore(Protocol):
     """True where several servers may share the store (then a server's start re-queues nothing:
     expired leases do); False where one server owns it (`requeue_running` at start)."""
 
-    async def claim(self, now: float, limit: int, lease_s: float = 60.0) -> builtins.list[JobRecord]:
+    async def claim(
+        self,
+        now: float,
+        limit: int,
+        lease_s: float = 60.0,
+        *,
+        prefer: frozenset[str] | None = None,
+        cold_after_s: float = 0.0,
+    ) -> builtins.list[JobRecord]:
         """Move up to `limit` queued jobs that are due (`not_before <= now`) to running, counting an
-        attempt each, leased for `lease_s`; highest priority first, then oldest."""
+        attempt each, leased for `lease_s`; highest priority first, then oldest. With `prefer` (the
+        models this server holds loaded), a job of another model is taken only once it was
+        submitted `cold_after_s` ago."""
         ...
 
     async def renew(self, job_ids: builtins.list[str], until: float) -> None:

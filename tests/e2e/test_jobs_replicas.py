@@ -36,7 +36,7 @@ def pg() -> Iterator[PgCluster]:
         cluster.stop()
 
 
-def _server(tmp_path: Path, name: str, echo_dir: Path, database_url: str) -> ServerProcess:
+def _server(tmp_path: Path, name: str, echo_dir: Path, database_url: str, warm_wait_s: str = "0") -> ServerProcess:
     home = tmp_path / name
     mm("install", str(echo_dir), "--id", "echo", "--task", "txt2embed", home=home)
     env = {
@@ -46,6 +46,7 @@ def _server(tmp_path: Path, name: str, echo_dir: Path, database_url: str) -> Ser
         "MODELMORA_JOB_LEASE_S": "1",
         "MODELMORA_GRPC_PORT": "0",
         "MODELMORA_DATABASE_URL": database_url,
+        "MODELMORA_JOB_WARM_WAIT_S": warm_wait_s,
         "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p),
     }
     return ServerProcess(home, env=env).start()
@@ -123,3 +124,28 @@ def test_postgresql_restarted_under_load(tmp_path: Path, echo_dir: Path, pg: PgC
         srv.stop()
     per_job = {job: int(n) for job, n in _psql(url, "SELECT job_id, count(*) FROM mm_job_results GROUP BY job_id")}
     assert {j: per_job.get(j) for j in ids} == dict.fromkeys(ids, 1)
+
+
+def test_jobs_run_where_their_model_is_warm(tmp_path: Path, echo_dir: Path, pg: PgCluster) -> None:
+    url = pg.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    a = _server(tmp_path, "warm", echo_dir, url, warm_wait_s="60")
+    b = _server(tmp_path, "cold", echo_dir, url, warm_wait_s="60")
+    try:
+        r = httpx.post(f"{a.url}/api/v1/infer/echo", json={"input_data": {"text": "warm up"}}, timeout=60)
+        assert r.status_code == 200, r.text  # echo is loaded on a only
+        for i in range(40):  # all submitted to the cold server
+            r = httpx.post(f"{b.url}/api/v1/infer/echo/async", json={"input_data": {"text": f"j{i}"}}, timeout=30)
+            assert r.status_code == 202, r.text
+        deadline = time.monotonic() + SAFETY_NET_S
+        while int(_psql(url, "SELECT count(*) FROM mm_jobs WHERE status = 'completed'")[0][0]) < 40:
+            assert time.monotonic() < deadline, b.log.read_text()
+            time.sleep(0.05)
+        ran_on_a = httpx.get(f"{a.url}/metrics", timeout=30).text
+        ran_on_b = httpx.get(f"{b.url}/metrics", timeout=30).text
+        assert 'modelmora_jobs_total{event="completed",model="echo"} 40.0' in ran_on_a
+        assert 'event="completed"' not in ran_on_b
+        status = httpx.get(f"{b.url}/api/v1/status", timeout=30).json()
+        assert all(m["state"] != "ready" for m in status["models"] if m["model_id"] == "echo")  # never loaded there
+    finally:
+        a.stop()
+        b.stop()

@@ -243,3 +243,14 @@ async def test_leases_expire_unless_renewed(store: JobStore) -> None:
     assert again.id == b.id and again.attempts == 2
     still = await store.get(a.id)
     assert still is not None and still.status == "running" and still.attempts == 1
+
+
+async def test_a_server_prefers_the_models_it_holds_warm(store: JobStore) -> None:
+    cold, _ = await store.create("other", REQ, ttl_s=60)
+    warm, _ = await store.create("echo", REQ, ttl_s=60)
+    now = time.time()
+    (first,) = await store.claim(now, 5, prefer=frozenset({"echo"}), cold_after_s=100)
+    assert first.id == warm.id  # the other model's job waits for a server that holds it
+    assert await store.claim(now, 5, prefer=frozenset(), cold_after_s=100) == []
+    (late,) = await store.claim(now + 101, 5, prefer=frozenset(), cold_after_s=100)  # waited long enough
+    assert late.id == cold.id
