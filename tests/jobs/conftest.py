@@ -89,3 +89,14 @@ def pg_url(pg_cluster: PgCluster, anyio_backend: str) -> str:
     if anyio_backend != "asyncio":
         pytest.skip("asyncpg runs on asyncio only")
     return pg_cluster.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The store tests' PostgreSQL runs exist on asyncio only (asyncpg): their trio twins are dropped."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        (drop if params.get("anyio_backend") == "trio" and params.get("store") == "postgres" else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -198,6 +198,7 @@ async def test_callback_state_follows_the_final_status(store: JobStore) -> None:
     assert done is not None and done.callback_state == "delivered" and done.callback_attempts == 2
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
 async def test_postgres_requeues_running_and_migrates_once(pg_url: str) -> None:
     from modelmora.jobs.postgres import PG_SCHEMA_VERSION, PostgresJobStore
 
@@ -213,6 +214,7 @@ async def test_postgres_requeues_running_and_migrates_once(pg_url: str) -> None:
     await again.aclose()
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncpg
 async def test_postgres_claims_never_overlap(pg_url: str) -> None:
     from modelmora.jobs.postgres import PostgresJobStore
 
