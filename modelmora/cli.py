@@ -14,7 +14,7 @@ from typing import Literal
 
 import cyclopts
 
-from . import __version__, cli_init, cli_lock, cli_meta, cli_models, cli_remote
+from . import __version__, cli_db, cli_init, cli_lock, cli_meta, cli_models, cli_remote
 from .cli_base import CommandFailed, StartFailed, fail, os_error, settings_for
 from .cli_lock import lock
 from .cli_meta import catalog, metadata, set_
@@ -58,6 +58,7 @@ app.command(cli_remote.status)
 app.command(cli_remote.health)
 app.command(cli_remote.load)
 app.command(cli_remote.unload)
+app.command(cli_db.db_app)
 
 
 @app.command

@@ -178,6 +178,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     keep_alive_timeout_s: Positive = 5.0
     """An idle keep-alive connection is closed after this long (one whose client closed its side is
     closed at once, whatever this is)."""
+    database_url: str = ""
+    """Where async jobs are kept: empty, SQLite `$MODELMORA_HOME/jobs.sqlite3`; `postgresql://user:pass@host/db`,
+    PostgreSQL (asyncio backend only; several servers may share it). The registry stays in `registry_url`."""
+    database_connect_attempts: Count = 5
+    """Connections tried at start before a database that does not answer stops the server."""
+    database_connect_retry_s: Positive = 1.0
+    """The wait after the first failed connection; doubled after each later one."""
     registry_url: str = ""
     """Empty: SQLite file `$MODELMORA_HOME/registry.sqlite3`."""
     max_download_bytes: Count = 64 * 2**30
@@ -218,6 +225,34 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Where large results (images) go: files under home served at signed URLs, S3, or inline base64."""
     result_ttl_s: Positive = 3600.0
     """How long a result URL stays valid; stored files are swept after it expires."""
+    job_ttl_s: Positive = 86400.0
+    """Async jobs and their results are kept this long after they finish (a job still queued this
+    long after it was submitted becomes `expired`); then swept."""
+    job_max_attempts: Count = 3
+    """Runs of an async job at most: a transient failure (worker crash, load failure, memory or queue
+    short) is retried with capped exponential backoff until this many runs were started."""
+    job_retry_base_s: Positive = 1.0
+    """Backoff before an async job's second run; doubled for each later one, up to `job_retry_max_s`."""
+    job_retry_max_s: Positive = 60.0
+    job_concurrency: Count = 64
+    """Async jobs in flight at once (each is one request in its model's queue)."""
+    job_lease_s: Annotated[float, msgspec.Meta(ge=1)] = 30.0
+    """A running job is leased to its server this long, renewed every third of it; a job whose lease
+    expired (its server died) runs again on any server sharing the store."""
+    job_warm_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    """Servers sharing a job store (PostgreSQL): a server takes a queued job of a model it does not
+    hold loaded only once the job was submitted this long ago (a server holding it warm takes it
+    first); 0: any server takes any job at once."""
+    job_sweep_interval_s: Positive = 60.0
+    """How often jobs past `job_ttl_s` are expired or deleted."""
+    callback_secret: str = ""
+    """HMAC key of async jobs' callbacks (`X-ModelMora-Signature`); empty: callbacks are refused."""
+    callback_max_attempts: Count = 5
+    """Deliveries of one callback at most (a non-2xx answer or no answer is retried)."""
+    callback_retry_base_s: Positive = 1.0
+    """Backoff before a callback's second delivery; doubled for each later one (at most 5 minutes)."""
+    callback_timeout_s: Positive = 10.0
+    """One callback delivery's time limit (connect, send, answer)."""
     result_secret: str = ""
     """HMAC key for signed result URLs; empty: generated once and kept in home (replicas: set it)."""
     public_url: str = ""

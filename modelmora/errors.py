@@ -22,6 +22,9 @@ __all__ = (
     "MalformedRequest",
     "ModelLoadFailed",
     "ModelMoraError",
+    "IdempotencyConflict",
+    "JobNotFinished",
+    "JobNotFound",
     "ModelNotFound",
     "ModelUnavailable",
     "OperationNotFound",
@@ -300,3 +303,31 @@ class ConcurrencyLimited(ModelMoraError):
     http_status = 429
     grpc_status = GrpcStatus.RESOURCE_EXHAUSTED
     code = "too_many_concurrent_requests"
+
+
+class JobNotFound(ModelMoraError):
+    """No async job has this id (never created, or swept after `job_ttl_s`); raised by the jobs API."""
+
+    http_status = 404
+    grpc_status = GrpcStatus.NOT_FOUND
+    code = "job_not_found"
+
+
+class JobNotFinished(ModelMoraError):
+    """The result of an async job that is not completed was asked for; `status` is the job's state."""
+
+    http_status = 409
+    grpc_status = GrpcStatus.FAILED_PRECONDITION
+    code = "job_not_finished"
+
+    def __init__(self, message: str, *, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class IdempotencyConflict(ModelMoraError):
+    """An `Idempotency-Key` already names a job with another model or request (raised at submit)."""
+
+    http_status = 409
+    grpc_status = GrpcStatus.FAILED_PRECONDITION
+    code = "idempotency_conflict"

@@ -25,10 +25,11 @@ import anyio.to_thread
 import structlog
 from hypercorn.config import Config as HypercornConfig
 
-from .api import create_app
+from .api import create_app, job_result_body
 from .config import ConfigError, Settings
 from .httpserver import HttpListener, current_backend
 from .ipc import segments
+from .jobs import JobRunner, JobStore, open_job_store, redact_url
 from .lifecycle import SpawnLauncher, ZygoteLauncher, worker_environment
 from .observability import ExportUnavailable, Spans, open_otlp, worker_log_env
 from .registry import FileVerifier, ModelStore, open_store
@@ -132,6 +133,11 @@ def check_backend(settings: Settings, backend: str) -> None:
         raise StartupError(
             f"gRPC (grpc_port = {settings.grpc_port}) runs only on the asyncio backend: set grpc_port = 0 "
             "(MODELMORA_GRPC_PORT=0, mm serve --grpc-port 0) to serve REST alone on trio, or backend = 'asyncio'"
+        )
+    if backend == "trio" and settings.database_url:
+        raise StartupError(
+            "database_url (PostgreSQL, asyncpg) runs only on the asyncio backend: set backend = 'asyncio', or leave"
+            " database_url empty for the SQLite job store"
         )
     if backend == "trio" and settings.result_store == "s3":
         raise StartupError(
@@ -277,19 +283,23 @@ async def _serve(
             results = await stack.enter_async_context(open_result_store(settings))
         except OSError as exc:
             raise StartupError(f"cannot open the result store under {home}: {_reason(exc)}") from None
+        jobs = await stack.enter_async_context(_job_store(settings))
         spans = await stack.enter_async_context(_span_export(settings.otlp_endpoint))
         await stack.enter_async_context(_owned(launcher))
         tg = await stack.enter_async_context(anyio.create_task_group())
         service = InferenceService(settings, store, scheduler, results)
         service.record.spans = spans
-        app = create_app(service, gate)
+        runner = JobRunner(settings, jobs, service, job_result_body)
+        app = create_app(service, gate, jobs=runner)
         listener = HttpListener(app, config, sock, limit=limit, ssl=tls.http if tls is not None else None)
-        grpc = _grpc_listener(service, grpc_sock, port, gate, tls) if grpc_sock is not None else None
+        grpc = _grpc_listener(service, grpc_sock, port, gate, tls, runner) if grpc_sock is not None else None
         await tg.start(scheduler.run)
         await service.preload()  # starts the loads; requests are accepted meanwhile
         background = anyio.CancelScope()  # tasks that end with the HTTP server
         reloadable: list[Reloadable] = [r for r in (gate, tls) if r is not None and r.watched_paths()]
-        tg.start_soon(_background, background, functools.partial(_signals, stop), service.run, _follow(reloadable))
+        tg.start_soon(
+            _background, background, functools.partial(_signals, stop), service.run, runner.run, _follow(reloadable)
+        )
         warning = check_exposure(settings, tls=tls is not None, auth=gate.enabled)
         if warning is not None:
             event, _, advice = warning.partition(": ")
@@ -317,7 +327,12 @@ async def _serve(
 
 
 def _grpc_listener(
-    service: InferenceService, sock: socket.socket, http_port: int, gate: Gate, tls: ServerTls | None
+    service: InferenceService,
+    sock: socket.socket,
+    http_port: int,
+    gate: Gate,
+    tls: ServerTls | None,
+    jobs: JobRunner | None = None,
 ) -> GrpcListener:
     """The gRPC listener (imported here: grpclib loads only where gRPC is served). Stored result URLs
     in its answers point at the HTTP port (or `public_url`)."""
@@ -328,7 +343,7 @@ def _grpc_listener(
     host = f"[{host}]" if ":" in host else host
     scheme = "https" if tls is not None else "http"
     base_url = settings.public_url.rstrip("/") + "/" if settings.public_url else f"{scheme}://{host}:{http_port}/"
-    return GrpcListener(service, sock, base_url, gate=gate, ssl=tls.grpc if tls is not None else None)
+    return GrpcListener(service, sock, base_url, gate=gate, ssl=tls.grpc if tls is not None else None, jobs=jobs)
 
 
 def _follow(targets: list[Reloadable]) -> Callable[[], Coroutine[Any, Any, None]]:
@@ -355,6 +370,27 @@ def _tune_gc() -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
+@contextlib.asynccontextmanager
+async def _job_store(settings: Settings) -> AsyncIterator[JobStore]:
+    """The job store (`database_url`), as a start-up error naming the setting when it cannot open.
+
+    Raises:
+        StartupError: a malformed `database_url`, or a database that stays unreachable.
+    """
+    where = redact_url(settings.database_url) if settings.database_url else str(settings.home_path)
+    try:
+        opened = open_job_store(settings, settings.home_path)
+        jobs = await opened.__aenter__()
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
+    except Exception as exc:
+        raise StartupError(f"cannot open the job store (database_url = {where!r}): {_reason(exc)}") from None
+    try:
+        yield jobs
+    finally:
+        await opened.__aexit__(None, None, None)
 
 
 @contextlib.asynccontextmanager

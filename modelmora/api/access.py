@@ -20,6 +20,11 @@ INFER, READ, ADMIN = Scope.INFER, Scope.READ, Scope.ADMIN
 
 REST_ACCESS: Mapping[tuple[str, str], Access] = {
     ("POST", "/api/v1/infer/{model_id}"): INFER,
+    ("POST", "/api/v1/infer/{model_id}/async"): INFER,
+    ("GET", "/api/v1/jobs"): INFER,  # jobs are read with the scope that submits them
+    ("GET", "/api/v1/jobs/{job_id}"): INFER,
+    ("DELETE", "/api/v1/jobs/{job_id}"): INFER,
+    ("GET", "/api/v1/jobs/{job_id}/result"): INFER,
     ("GET", "/api/v1/results/{name}"): OPEN,  # the URL's signature (HMAC, expiry) is the credential
     ("GET", "/api/v1/models"): READ,
     ("GET", "/api/v1/models/{model_id}"): READ,
@@ -69,6 +74,7 @@ _INFERENCE = "/modelmora.v1.InferenceService/"
 _REGISTRY = "/modelmora.v1.RegistryService/"
 _MANAGEMENT = "/modelmora.v1.ManagementService/"
 _OIP = "/inference.GRPCInferenceService/"
+_JOBS = "/modelmora.v1.JobService/"
 
 GRPC_ACCESS: Mapping[str, Access] = {
     _INFERENCE + "Infer": INFER,
@@ -81,6 +87,11 @@ GRPC_ACCESS: Mapping[str, Access] = {
     _MANAGEMENT + "LoadModel": ADMIN,
     _MANAGEMENT + "UnloadModel": ADMIN,
     _MANAGEMENT + "GetStatus": READ,
+    _JOBS + "InferAsync": INFER,
+    _JOBS + "GetJob": INFER,
+    _JOBS + "CancelJob": INFER,
+    _JOBS + "WatchJob": INFER,
+    _JOBS + "GetJobResult": INFER,
     _OIP + "ServerLive": OPEN,
     _OIP + "ServerReady": OPEN,
     _OIP + "ModelReady": READ,

@@ -15,6 +15,7 @@ import msgspec
 from .. import __version__
 from ..config import ModelSettings
 from ..service import ModelStatus, Operation, ServerStatus
+from .job_schemas import job_paths, job_types
 from .schemas import (
     ActivateVersion,
     CaptionParameters,
@@ -80,6 +81,7 @@ def document() -> dict[str, Any]:
         *inputs,
         *parameters,
         *responses,
+        *job_types(),
     ]
     _, components = msgspec.json.schema_components(types, ref_template=_REF)
     req = components["InferRequest"]
@@ -351,6 +353,7 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _ok("HealthModels"), "503": _ok("HealthModels", "Some model is unhealthy")},
                 }
             },
+            **job_paths(_REF, _error, _ok),
         },
         "components": {"schemas": components},
     }

@@ -135,6 +135,8 @@ class ErrorDetail(msgspec.Struct, omit_defaults=True):
     code: str
     message: str
     field: str | None = None
+    status: str | None = None
+    """An async job's status, where its state is at fault (`job_not_finished`)."""
 
 
 class ErrorBody(msgspec.Struct):

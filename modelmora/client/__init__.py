@@ -1,6 +1,7 @@
 """The Python client of ModelMora's gRPC API: `AsyncClient` (asyncio) and `Client` (blocking), with
 the same methods: `embed` (a float32 numpy array), `generate` and `generate_stream`, `caption`,
-`generate_image` and `generate_image_stream`, `models`, `model`, `status`, `load`, `unload`.
+`generate_image` and `generate_image_stream`, `models`, `model`, `status`, `load`, `unload`;
+async jobs: `submit`, `wait`, `watch`, `job`, `cancel`, `job_result`.
 
 Every failure raises a `ClientError` (a subclass per gRPC status). UNAVAILABLE is retried as
 `RetryPolicy` says (`modelmora.client.retry` lists which calls are idempotent).
@@ -26,6 +27,7 @@ from .errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from .jobs import FINAL_STATUSES, Job, JobMethods
 from .results import (
     GeneratedImage,
     ImageResult,
@@ -42,6 +44,9 @@ from .results import (
 from .retry import RetryPolicy
 
 __all__ = (
+    "FINAL_STATUSES",
+    "Job",
+    "JobMethods",
     "DEFAULT_TARGET",
     "AsyncClient",
     "CallCancelledError",

@@ -32,6 +32,7 @@ from . import _requests as req
 from ._convert import error_for, from_exception, image_result, model_info, model_state, server_status, text_result
 from ._requests import ImageInput, PriorityName, ReturnMode
 from .credentials import auth_metadata, tls_context
+from .jobs import JobMethods
 from .results import ImageResult, ModelInfo, ModelState, Progress, ServerStatus, TextResult, Token
 from .retry import RetryPolicy
 
@@ -94,7 +95,7 @@ def _optional(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-class AsyncClient:
+class AsyncClient(JobMethods):
     """ModelMora's gRPC API for asyncio code.
 
     Args:

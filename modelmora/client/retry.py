@@ -11,6 +11,9 @@ Which calls are idempotent (running one twice leaves the server as running it on
   denoising) | only when the request was never sent (no connection) |
 | `models`, `model`, `status` | yes: reads | always |
 | `load`, `unload` | yes: they set a state | always |
+| `submit` | yes: it sends an idempotency key, so a retry answers the same job | always |
+| `job`, `wait`, `job_result`, `cancel` | yes: reads, and a cancel sets a state | always |
+| `watch` | a stream of reads | not retried |
 
 "Never sent" means the connection could not be made (refused, unreachable, name not resolved):
 the server cannot have seen the request. Once the request's headers left, a lost connection or an

@@ -200,6 +200,19 @@ class Metrics:
             ("model", "reason"),
             r,
         )
+        self.jobs = CounterFamily(
+            "modelmora_jobs",
+            "Async job events: submitted, completed, failed, retried (a transient failure), requeued"
+            " (left running by a server that stopped, or whose lease expired).",
+            ("model", "event"),
+            r,
+        )
+        self.job_callbacks = CounterFamily(
+            "modelmora_job_callbacks",
+            "Job callback deliveries, by outcome: delivered, retried, failed (attempts ran out).",
+            ("outcome",),
+            r,
+        )
         self._models: dict[tuple[str, str], ModelMetrics] = {}
 
     def observe_runtime(self, sample: Callable[[], RuntimeSample]) -> None:

@@ -168,6 +168,20 @@ class InferenceService:
         )
         return InferResult(job.record.id, job.version, job.adapter.info.type, output, timing)
 
+    def warm_models(self) -> frozenset[str]:
+        """The models with a version loaded, or loading, here."""
+        return frozenset(key.model_id for key, rt in self.scheduler.models.items() if rt.in_use)
+
+    async def check(self, call: InferCall) -> None:
+        """Validate `call` as `infer` would before queuing it (model, version, inputs, parameters),
+        and queue nothing: async jobs refuse bad input at submit.
+
+        Raises:
+            ModelMoraError: what `infer` would raise before queuing the request.
+        """
+        job = await self._start(call)
+        job.prepared.release()
+
     async def infer(self, call: InferCall, *, gone: Callable[[], Awaitable[Any]] | None = None) -> InferResult:
         """Run one request to its result.
 

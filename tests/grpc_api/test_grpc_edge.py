@@ -15,6 +15,7 @@ from modelmora._proto.modelmora import v1
 from modelmora.api.grpc import (
     HealthServicer,
     InferenceServicer,
+    JobServicer,
     LimitedCodec,
     ManagementServicer,
     RegistryServicer,
@@ -28,7 +29,7 @@ from modelmora.results.base import ResultNotFound, ResultStoreUnavailable
 from modelmora.server import StartupError, check_backend
 
 
-class _Generated(v1.InferenceServiceBase, v1.RegistryServiceBase, v1.ManagementServiceBase):
+class _Generated(v1.InferenceServiceBase, v1.RegistryServiceBase, v1.ManagementServiceBase, v1.JobServiceBase):
     """The generated servicer bases, for their method table."""
 
 
@@ -38,17 +39,24 @@ def _table(mapping: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
 
 def test_the_servicers_serve_every_rpc_of_the_proto_with_its_types() -> None:
     ours: dict[str, Any] = {}
-    for servicer in (InferenceServicer(None, None, ""), RegistryServicer(None, None), ManagementServicer(None, None)):  # type: ignore[arg-type]
+    servicers = (
+        InferenceServicer(None, None, ""),  # type: ignore[arg-type]
+        RegistryServicer(None, None),  # type: ignore[arg-type]
+        ManagementServicer(None, None),  # type: ignore[arg-type]
+        JobServicer(None, None, ""),  # type: ignore[arg-type]
+    )
+    for servicer in servicers:
         ours.update(servicer.__mapping__())
     generated: dict[str, Any] = {}
-    for base in (v1.InferenceServiceBase, v1.RegistryServiceBase, v1.ManagementServiceBase):
+    for base in (v1.InferenceServiceBase, v1.RegistryServiceBase, v1.ManagementServiceBase, v1.JobServiceBase):
         generated.update(base.__mapping__(_Generated()))
     assert _table(ours) == _table(generated)
 
 
 def test_reflection_knows_every_service() -> None:
     pool = descriptors()
-    for name in ("modelmora.v1.InferenceService", "modelmora.v1.RegistryService", "modelmora.v1.ManagementService"):
+    services = ("InferenceService", "RegistryService", "ManagementService", "JobService")
+    for name in (f"modelmora.v1.{s}" for s in services):
         assert pool.FindServiceByName(name).full_name == name
     assert pool.FindServiceByName("grpc.health.v1.Health")
     assert HealthServicer(None, None, []).__mapping__()  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from .errors import error_message, internal_error, proto_field, send_error
 from .gate import current_permit, guarded
 from .health import MODEL_PREFIX, WATCH_INTERVAL_S, HealthServicer
 from .inference import InferenceServicer
+from .jobs import WATCH_POLL_S, JobServicer, job_message, job_request, stored_response
 from .models import ManagementServicer, RegistryServicer
 from .server import GrpcListener, LimitedCodec, descriptors
 
@@ -15,11 +16,13 @@ __all__ = (
     "MODEL_PREFIX",
     "PARAMETERS",
     "WATCH_INTERVAL_S",
+    "WATCH_POLL_S",
     "CallContext",
     "Calls",
     "GrpcListener",
     "HealthServicer",
     "InferenceServicer",
+    "JobServicer",
     "LimitedCodec",
     "ManagementServicer",
     "RegistryServicer",
@@ -30,6 +33,8 @@ __all__ = (
     "event_message",
     "infer_response",
     "internal_error",
+    "job_message",
+    "job_request",
     "model_message",
     "model_status",
     "parameters_name",
@@ -38,5 +43,6 @@ __all__ = (
     "send_error",
     "single",
     "server_status",
+    "stored_response",
     "task_type",
 )

@@ -29,6 +29,7 @@ from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from grpclib.server import Server
 from grpclib.utils import _service_name
 
+from ...jobs import JobRunner
 from ...security import Gate
 from ...service import InferenceService
 from ..oip.grpc import OipServicer
@@ -36,6 +37,7 @@ from .calls import Calls
 from .gate import guarded
 from .health import HealthServicer
 from .inference import InferenceServicer
+from .jobs import JobServicer
 from .models import ManagementServicer, RegistryServicer
 
 __all__ = ("GrpcListener", "LimitedCodec", "descriptors")
@@ -103,6 +105,7 @@ class GrpcListener:
         *,
         gate: Gate | None = None,
         ssl: SSLContext | None = None,
+        jobs: JobRunner | None = None,
     ) -> None:
         self.service = service
         self.sock = sock
@@ -115,6 +118,8 @@ class GrpcListener:
             ManagementServicer(service, self.calls),
             OipServicer(service, self.calls),  # the Open Inference Protocol's
         ]
+        if jobs is not None:
+            ours.append(JobServicer(jobs, self.calls, base_url))
         health = HealthServicer(service, self.calls, [_service_name(s) for s in ours])
         self.handlers = [_Guarded(h, self.gate) for h in ServerReflection.extend([*ours, health], pool=descriptors())]
 

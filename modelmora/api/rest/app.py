@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ...config import ModelSettings
 from ...errors import ClientGone, InvalidInput, ModelMoraError
+from ...jobs import JobRunner
 from ...observability import TraceContext, incoming, reset_current, set_current
 from ...registry import ModelRecord, semver_key
 from ...results import FilesystemResultStore, result_route
@@ -40,6 +41,7 @@ from .body import decode, read_body
 from .cors import Cors
 from .encode import response_body, sse
 from .errors import error_body, error_response, exception_handlers, json_response, unexpected
+from .jobs import job_routes
 
 __all__ = ("create_app",)
 
@@ -107,9 +109,10 @@ def _query_flag(request: HTTPRequest, name: str) -> bool:
     return raw in ("true", "1")
 
 
-def create_app(service: InferenceService, gate: Gate | None = None) -> ASGIApp:
+def create_app(service: InferenceService, gate: Gate | None = None, jobs: JobRunner | None = None) -> ASGIApp:
     """The ASGI application over the inference core (a filesystem result store also serves its
-    signed URLs here), behind `gate` (default: one from the `[auth]` settings).
+    signed URLs here; with `jobs`, the async jobs endpoints too), behind `gate` (default: one from
+    the `[auth]` settings).
 
     Raises:
         TokenError: no `gate` given, and the `[auth]` tokens are malformed or unreadable.
@@ -306,6 +309,8 @@ def create_app(service: InferenceService, gate: Gate | None = None) -> ASGIApp:
     ]
     if isinstance(service.results, FilesystemResultStore):
         routes.append(result_route(service.results))
+    if jobs is not None:
+        routes.extend(job_routes(jobs, limit, body_timeout_s, public_url, _base_url))
     app = Starlette(routes=routes, exception_handlers=exception_handlers)
     gate = gate if gate is not None else Gate(settings.auth)
     access = RestAccess(metrics_open=settings.auth.metrics_open)

@@ -25,7 +25,7 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
 
 
 def error_body(exc: ModelMoraError) -> ErrorBody:
-    return ErrorBody(ErrorDetail(exc.code, exc.message, exc.field))
+    return ErrorBody(ErrorDetail(exc.code, exc.message, exc.field, getattr(exc, "status", None)))
 
 
 def error_response(exc: ModelMoraError) -> Response:

@@ -1,0 +1,325 @@
+"""The job runner: a task in the server's root task group that takes queued jobs from the store,
+runs each through the inference core (`InferenceService.infer`, at the job's priority), and
+records its outcome.
+
+- Transient failures (the worker crashed, the model failed to load, memory or the queue was short,
+  the store was briefly unreachable) put the job back in the queue after a capped exponential
+  backoff, until `job_max_attempts` runs were started; any other error fails it at once.
+- A job cancelled while it runs has its request withdrawn from its queue or batch (the worker
+  stops it between steps), as when a REST client goes away; its outcome is never stored.
+- At start, jobs left `running` by a server that stopped (or was killed) run again; the store
+  keeps at most one result per job, whichever run finishes first being the one stored.
+- Every `job_sweep_interval_s`, jobs past `job_ttl_s` are expired or deleted with their results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+import anyio.abc
+import structlog
+
+from ..config import Settings
+from ..errors import ModelMoraError, StorageUnavailable
+from ..observability import TraceContext
+from ..service import InferCall, InferenceService, InferResult, Priority
+from ..tasks import TaskType
+from .callbacks import CallbackSender, check_callback_url
+from .record import JobError, JobRecord, JobRequest
+from .store import JobStore
+
+__all__ = ("JobRunner", "backoff_s", "stored")
+
+T = TypeVar("T")
+
+log = structlog.get_logger("modelmora.jobs")
+
+TRANSIENT_HTTP = frozenset({429, 503})
+"""Errors (by HTTP status) worth another attempt: queue full, worker crashed, load failed, model
+unavailable, memory short, storage unavailable."""
+IDLE_POLL_S = 1.0
+"""The longest the runner sleeps before looking at the store again (retries fall due meanwhile)."""
+STORE_RETRY_S = 1.0
+CALLBACK_BATCH = 16
+"""Callbacks delivered at once."""
+CALLBACK_RETRY_MAX_S = 300.0
+
+Encode = Callable[[InferResult, JobRequest], bytes]
+"""Turns a finished job's result into the bytes stored as its result record."""
+
+
+def backoff_s(attempts: int, base_s: float, cap_s: float) -> float:
+    """The wait before run `attempts + 1`: `base_s` doubled per run so far, at most `cap_s`."""
+    return float(min(cap_s, base_s * 2 ** max(attempts - 1, 0)))
+
+
+class JobRunner:
+    """Submits, runs, cancels and sweeps async jobs over a job store and the inference core."""
+
+    def __init__(self, settings: Settings, store: JobStore, service: InferenceService, encode: Encode) -> None:
+        self.settings = settings
+        self.store = store
+        self.service = service
+        self.encode = encode
+        self.concurrency = settings.job_concurrency
+        self._running: dict[str, anyio.CancelScope] = {}
+        self._wake = anyio.Event()
+        self._callback_wake = anyio.Event()
+        self.sender = CallbackSender(settings)
+        self.metrics = service.metrics
+
+    def call(self, model_id: str, request: JobRequest, protocol: str, trace: TraceContext | None = None) -> InferCall:
+        """The inference call a job makes."""
+        return InferCall(
+            model_id,
+            request.input_data,
+            request.parameters,
+            version=request.version,
+            priority=Priority.parse(request.priority),
+            timeout_s=request.timeout_seconds,
+            return_mode=request.return_,  # type: ignore[arg-type]
+            protocol=protocol,
+            trace=trace,
+        )
+
+    async def submit(
+        self,
+        model_id: str,
+        request: JobRequest,
+        *,
+        protocol: str,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+        trace: TraceContext | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Validate the call as the sync call would, then store the job (committed before this
+        returns); returns the job and whether it is new (False: an `idempotency_key` named it).
+
+        Raises:
+            ModelMoraError: the call is refused (unknown model, invalid input...), or
+                IdempotencyConflict, or StorageUnavailable.
+        """
+        if callback_url is not None:
+            await check_callback_url(callback_url, self.settings)
+        await self.service.check(self.call(model_id, request, protocol, trace))
+        rec, created = await stored(
+            self.store.create(
+                model_id,
+                request,
+                ttl_s=self.settings.job_ttl_s,
+                idempotency_key=idempotency_key,
+                callback_url=callback_url,
+            )
+        )
+        if created:
+            self.metrics.jobs.labels(model_id, "submitted").inc()
+            self._wake.set()
+        return rec, created
+
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        """Cancel a queued or running job (a running one's request is withdrawn); returns the job as
+        it now is, None when unknown."""
+        rec = await stored(self.store.cancel(job_id, time.time(), self.settings.job_ttl_s))
+        scope = self._running.get(job_id)
+        if scope is not None and rec is not None and rec.status == "cancelled":
+            scope.cancel()
+        return rec
+
+    def statistics(self) -> dict[str, int]:
+        return {"running": len(self._running), "concurrency": self.concurrency}
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Re-queue what a previous run left running, then run jobs until cancelled."""
+        if not self.store.shared:  # ours alone: what we left running runs again now
+            requeued = await self.store.requeue_running()
+            if requeued:
+                log.info("jobs_requeued", count=requeued)
+                self.metrics.jobs.labels("", "requeued").inc(requeued)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._sweeper)
+            tg.start_soon(self._callbacks)
+            tg.start_soon(self._leases)
+            task_status.started()
+            while True:
+                free = self.concurrency - len(self._running)
+                claimed: list[JobRecord] = []
+                if free > 0:
+                    try:
+                        claimed = await self._claim(free)
+                    except Exception as exc:
+                        log.error("jobs_claim_failed", exc_info=exc)
+                        await anyio.sleep(STORE_RETRY_S)
+                        continue
+                    for job in claimed:
+                        scope = anyio.CancelScope()
+                        self._running[job.id] = scope
+                        tg.start_soon(self._run_job, job, scope)
+                    if len(claimed) == free:
+                        continue
+                await self._idle(free > 0)
+
+    async def _claim(self, free: int) -> list[JobRecord]:
+        """Claim up to `free` jobs; a server sharing its store prefers the models it holds loaded
+        (`job_warm_wait_s`), so that a cluster does not cold-load a model on every server."""
+        wait_s = self.settings.job_warm_wait_s
+        if not self.store.shared or wait_s <= 0:
+            return await self.store.claim(time.time(), free, self.settings.job_lease_s)
+        warm = self.service.warm_models()
+        return await self.store.claim(time.time(), free, self.settings.job_lease_s, prefer=warm, cold_after_s=wait_s)
+
+    async def _idle(self, room: bool) -> None:
+        """Sleep until a job is submitted or ends, or a retry falls due (at most `IDLE_POLL_S`)."""
+        delay = IDLE_POLL_S
+        if room:
+            try:
+                due = await self.store.next_due()
+            except Exception:
+                due = None
+            if due is not None:
+                delay = min(delay, max(due - time.time(), 0.0))
+        with anyio.move_on_after(delay):
+            await self._wake.wait()
+        self._wake = anyio.Event()
+
+    async def _run_job(self, job: JobRecord, scope: anyio.CancelScope) -> None:
+        try:
+            with scope:
+                await self._attempt(job)
+        finally:
+            self._running.pop(job.id, None)
+            self._wake.set()
+            self._callback_wake.set()
+
+    async def _attempt(self, job: JobRecord) -> None:
+        ttl_s = self.settings.job_ttl_s
+        try:
+            result = await self._infer(job)
+            body = self.encode(result, job.request)
+        except ModelMoraError as exc:
+            error = JobError(exc.code, exc.message, exc.field)
+            if exc.http_status in TRANSIENT_HTTP and job.attempts < self.settings.job_max_attempts:
+                wait_s = backoff_s(job.attempts, self.settings.job_retry_base_s, self.settings.job_retry_max_s)
+                log.info("job_retry", job=job.id, attempts=job.attempts, code=exc.code, wait_s=wait_s)
+                self.metrics.jobs.labels(job.model_id, "retried").inc()
+                await self._write(lambda: self.store.retry(job.id, error, time.time() + wait_s))
+            else:
+                log.info("job_failed", job=job.id, attempts=job.attempts, code=exc.code)
+                self.metrics.jobs.labels(job.model_id, "failed").inc()
+                await self._write(lambda: self.store.fail(job.id, error, time.time(), ttl_s))
+            return
+        except Exception as exc:
+            log.error("job_error", job=job.id, exc_info=exc)
+            error = JobError("internal_error", f"internal error running job {job.id}")
+            self.metrics.jobs.labels(job.model_id, "failed").inc()
+            await self._write(lambda: self.store.fail(job.id, error, time.time(), ttl_s))
+            return
+        await self._write(lambda: self.store.complete(job.id, body, time.time(), ttl_s))
+        self.metrics.jobs.labels(job.model_id, "completed").inc()
+
+    async def _infer(self, job: JobRecord) -> InferResult:
+        """Run the job's call; a task that reports steps (txt2img) runs as a stream, its progress
+        recorded at each step."""
+        call = self.call(job.model_id, job.request, "job")
+        rec = await self.service.catalog.get(job.model_id)
+        if rec.task != TaskType.TXT2IMG:
+            return await self.service.infer(call)
+        stream = await self.service.open_stream(dataclasses.replace(call, stream=True))
+        try:
+            async for item in stream:
+                if isinstance(item, InferResult):
+                    return item
+                steps = item.data.get("steps")
+                if item.kind == "progress" and isinstance(steps, int) and steps > 0:
+                    fraction = min(float(item.data.get("step", 0)) / steps, 1.0)
+                    with contextlib.suppress(Exception):  # progress is best effort
+                        await self.store.progress(job.id, fraction)
+        finally:
+            await stream.aclose()  # cancelled: the request leaves its queue, or its batch stops
+        raise AssertionError("the stream ended without a result")  # pragma: no cover
+
+    async def _write(self, write: Callable[[], Awaitable[object]]) -> None:
+        """Record an outcome, retrying while the store is unreachable (a job whose outcome could not
+        be written stays running in the store and runs again at the next start)."""
+        for attempt in range(1, 6):
+            try:
+                await write()
+                return
+            except Exception as exc:
+                log.warning("job_store_write_failed", attempt=attempt, exc_info=exc)
+                await anyio.sleep(STORE_RETRY_S * attempt)
+        log.error("job_outcome_lost_until_restart")
+
+    async def _callbacks(self) -> None:
+        """Deliver the callbacks that are due, concurrently; sleep until a job ends (or a second)."""
+        while True:
+            try:
+                due = await self.store.due_callbacks(time.time(), CALLBACK_BATCH)
+            except Exception as exc:
+                log.error("callbacks_query_failed", exc_info=exc)
+                due = []
+            async with anyio.create_task_group() as tg:
+                for job in due:
+                    tg.start_soon(self._callback, job)
+            if len(due) < CALLBACK_BATCH:
+                with anyio.move_on_after(IDLE_POLL_S):
+                    await self._callback_wake.wait()
+                self._callback_wake = anyio.Event()
+
+    async def _callback(self, job: JobRecord) -> None:
+        delivered = await self.sender.deliver(job)
+        attempts = job.callback_attempts + 1
+        retry_at = None
+        if not delivered and attempts < self.settings.callback_max_attempts:
+            retry_at = time.time() + backoff_s(attempts, self.settings.callback_retry_base_s, CALLBACK_RETRY_MAX_S)
+        elif not delivered:
+            log.warning("callback_given_up", job=job.id, attempts=attempts)
+        outcome = "delivered" if delivered else ("retried" if retry_at is not None else "failed")
+        self.metrics.job_callbacks.labels(outcome).inc()
+        await self._write(lambda: self.store.callback_attempted(job.id, delivered=delivered, retry_at=retry_at))
+
+    async def _leases(self) -> None:
+        """Renew the leases of the jobs running here every third of `job_lease_s`, and re-queue
+        running jobs whose lease expired (their server died)."""
+        lease_s = self.settings.job_lease_s
+        while True:
+            await anyio.sleep(lease_s / 3)
+            try:
+                if self._running:
+                    await self.store.renew(list(self._running), time.time() + lease_s)
+                requeued = await self.store.requeue_expired(time.time())
+                if requeued:
+                    log.info("jobs_lease_expired", count=requeued)
+                    self.metrics.jobs.labels("", "requeued").inc(requeued)
+                    self._wake.set()
+            except Exception as exc:
+                log.error("jobs_lease_failed", exc_info=exc)
+
+    async def _sweeper(self) -> None:
+        while True:
+            try:
+                expired, deleted = await self.store.sweep(time.time(), self.settings.job_ttl_s)
+                if expired or deleted:
+                    log.info("jobs_swept", expired=expired, deleted=deleted)
+            except Exception as exc:
+                log.error("jobs_sweep_failed", exc_info=exc)
+            await anyio.sleep(self.settings.job_sweep_interval_s)
+
+
+async def stored(call: Awaitable[T]) -> T:
+    """Await a store call from a front end: a store error becomes `StorageUnavailable` (logged).
+
+    Raises:
+        StorageUnavailable: the store cannot be read or written now.
+    """
+    try:
+        return await call
+    except ModelMoraError:
+        raise
+    except Exception as exc:
+        log.error("job_store_failed", exc_info=exc)
+        raise StorageUnavailable("the job store cannot be read or written now") from None
