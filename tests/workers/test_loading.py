@@ -62,5 +62,6 @@ def test_zero_max_tokens_generates_nothing(
     txt2txt: TextGeneration, img2txt: ImageToText, images: list[np.ndarray]
 ) -> None:
     nothing = {"texts": [""], "finish_reasons": ["length"]}
-    assert txt2txt.run({"text": ["Hello"]}, worker_params("txt2txt", max_tokens=0)) == nothing
+    generated = txt2txt.run({"text": ["Hello"]}, worker_params("txt2txt", max_tokens=0))
+    assert {k: generated[k] for k in nothing} == nothing and list(generated["completion_tokens"]) == [0]
     assert img2txt.run({"image": images[:1]}, worker_params("img2txt", max_tokens=0)) == nothing
