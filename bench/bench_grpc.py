@@ -194,8 +194,11 @@ class HttpConnection:
         await self.writer.drain()
         lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
-        length = next(int(v) for k, _, v in (ln.partition(":") for ln in lines[1:]) if k.lower() == "content-length")
-        data = await self.reader.readexactly(length)
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        data = await self.reader.readexactly(int(headers["content-length"]))
+        if headers.get("connection", "").lower() == "close":  # the server recycles connections
+            await self.__aexit__()  # (Hypercorn: after keep_alive_max_requests, 1,000)
+            await self.__aenter__()
         if status != 200:
             raise RuntimeError(f"HTTP {status}: {data[:300]!r}")
         return data
