@@ -45,11 +45,15 @@ def truncated_png(width: int, height: int) -> str:
 
 
 async def until(condition: Callable[[], bool]) -> None:
-    """Let the other tasks run until `condition` holds (failing, not hanging, if it never does)."""
-    for _ in range(10_000):
+    """Let the other tasks run until `condition` holds (failing, not hanging, if it never does).
+
+    The first tries only yield; later ones sleep, so that a step running in a worker thread (the
+    header probe) has time to finish on a busy machine: about a minute in all before it fails.
+    """
+    for attempt in range(12_000):
         if condition():
             return
-        await anyio.lowlevel.checkpoint()
+        await anyio.sleep(0 if attempt < 1_000 else 0.005)
     raise AssertionError("the condition never held")
 
 
