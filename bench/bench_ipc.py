@@ -46,6 +46,7 @@ from _results import RESULTS, write_section
 from modelmora.ipc import segments
 from modelmora.ipc.control import FrameDecoder, recv_message, send_message
 from modelmora.ipc.messages import Error, Infer, Loaded, Message, Result, Shutdown, Span, Tensor
+from modelmora.ipc.pool import AttachedSegments, SegmentPool
 from modelmora.ipc.ring import ShmRing
 
 MiB = 1 << 20
@@ -67,7 +68,7 @@ def _minflt() -> int:
 def _reader(sock: socket.socket, rings: dict[str, tuple[str, int]], conn: Any, sizes: list[int]) -> None:
     attached = {key: segments.attach(name) for key, (name, _) in rings.items()}
     ring_of = {key: ShmRing(attached[key].buf, capacity) for key, (_, capacity) in rings.items()}
-    large = segments.AttachedSegments()
+    large = AttachedSegments()
     out = {n: np.empty(n, dtype=np.uint8) for n in sizes}
     for buf in out.values():
         buf.fill(0)  # pre-fault the destination of "both copy"
@@ -166,7 +167,7 @@ class Bench:
                 self.shms[key] = shm
                 self.rings[key] = ShmRing(shm.buf, cap, init=True)
                 specs[key] = (shm.name, cap)
-        self.pool = segments.SegmentPool(self.instance, "bench")
+        self.pool = SegmentPool(self.instance, "bench")
         rng = np.random.default_rng(20260823)
         self.src = {n: [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(2)] for n in sizes}
         self.src_xor = {n: [_xor(a) for a in self.src[n]] for n in sizes}

@@ -29,8 +29,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from modelmora.ipc import messages as m
+from modelmora.ipc.pool import AttachedSegments
 from modelmora.ipc.ring import ExceedsRing, RingFull, ShmRing
-from modelmora.ipc.segments import AttachedSegments, attach
+from modelmora.ipc.segments import attach
 
 from . import cancel, events, logline, payloads
 from .channel import Channel

@@ -40,6 +40,7 @@ from ..ipc import messages as m
 from ..ipc import segments
 from ..ipc.control import FrameDecoder, ProtocolError, encode_frame
 from ..ipc.payloads import InputList, Outputs, pack, unpack
+from ..ipc.pool import SegmentPool
 from ..ipc.ring import ExceedsRing, ShmRing
 from .launchers import WorkerProcess
 
@@ -75,7 +76,7 @@ class WorkerChannel:
         stream: anyio.abc.SocketStream,
         requests: ShmRing,
         responses: ShmRing,
-        pool: segments.SegmentPool,
+        pool: SegmentPool,
     ) -> None:
         self.model_id = model_id
         self.process = process

@@ -30,6 +30,7 @@ import structlog
 from ..errors import ModelLoadFailed
 from ..ipc import messages as m
 from ..ipc import segments
+from ..ipc.pool import SegmentPool
 from ..ipc.ring import ShmRing
 from .channel import WorkerChannel
 from .launchers import Launcher, SpawnLauncher, WorkerProcess, worker_environment
@@ -114,7 +115,7 @@ class WorkerHandle(WorkerChannel):
         shm: Any,
         requests: ShmRing,
         responses: ShmRing,
-        pool: segments.SegmentPool,
+        pool: SegmentPool,
     ) -> None:
         super().__init__(spec.model_id, process, stream, requests, responses, pool)
         self.spec = spec
@@ -172,7 +173,7 @@ class WorkerHandle(WorkerChannel):
             shm = segments.create(instance_id, "w", req_size + ShmRing.region_size(response_ring_bytes))
         except segments.SharedMemoryExhausted as exc:
             raise ModelLoadFailed(f"model {spec.model_id!r}: no room for the worker's rings: {exc}") from exc
-        pool = segments.SegmentPool(instance_id, "big")
+        pool = SegmentPool(instance_id, "big")
         buf = shm.buf
         assert buf is not None
         requests = ShmRing(buf[:req_size], request_ring_bytes, init=True)

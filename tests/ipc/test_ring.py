@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from modelmora.ipc import segments
 from modelmora.ipc.control import FrameDecoder, encode_frame, recv_message, send_message
 from modelmora.ipc.messages import Error, ErrorCode, Infer, Message, Result, Shutdown, Span, Tensor, Text
+from modelmora.ipc.pool import AttachedSegments, SegmentPool
 from modelmora.ipc.ring import ALIGN, ExceedsRing, RingFull, ShmRing
 
 capacities = st.integers(min_value=1, max_value=48).map(lambda k: k * ALIGN)
@@ -328,7 +329,7 @@ def _consumer(name: str, capacity: int, sock: socket.socket) -> None:
     """The worker side: attach by name, verify each payload's CRC, release it."""
     shm = segments.attach(name)
     ring = ShmRing(shm.buf, capacity)
-    large = segments.AttachedSegments()
+    large = AttachedSegments()
     decoder: FrameDecoder = FrameDecoder()
     backlog: list[Message] = []
     verified = 0
@@ -371,7 +372,7 @@ def test_producer_and_consumer_in_two_processes(instance_id: str) -> None:
     ctx = multiprocessing.get_context("spawn")
     shm = segments.create(instance_id, "ring", ShmRing.region_size(_RING_BYTES))
     ring = ShmRing(shm.buf, _RING_BYTES, init=True)
-    pool = segments.SegmentPool(instance_id, "large")
+    pool = SegmentPool(instance_id, "large")
     ours, theirs = socket.socketpair()
     child = ctx.Process(target=_consumer, args=(shm.name, _RING_BYTES, theirs), daemon=True)
     child.start()

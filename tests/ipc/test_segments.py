@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from modelmora.ipc import segments
-from modelmora.ipc.segments import MIN_POOL_SEGMENT_BYTES, AttachedSegments, SegmentPool, pool_size_class
+from modelmora.ipc.pool import MIN_POOL_SEGMENT_BYTES, AttachedSegments, SegmentPool, pool_size_class
 
 MiB = 1 << 20
 

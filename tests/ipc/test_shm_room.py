@@ -18,7 +18,8 @@ import private_shm
 import pytest
 
 from modelmora.ipc import segments
-from modelmora.ipc.segments import SegmentPool, SharedMemoryExhausted, ShmRoom
+from modelmora.ipc.pool import SegmentPool
+from modelmora.ipc.segments import SharedMemoryExhausted, ShmRoom
 
 MiB = 1 << 20
 
