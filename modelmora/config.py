@@ -1,6 +1,7 @@
 """Settings: embedded defaults, a TOML file, then MODELMORA_* environment overrides.
 
-This is the only module that reads the environment for configuration. Resolution order
+This module and `config_load` (reading the file and the environment, explaining bad values)
+are the only ones that read the environment for configuration. Resolution order
 (later wins): defaults < config file < environment. The file is `--config PATH`, else
 `MODELMORA_CONFIG`, else `$MODELMORA_HOME/config.toml` when it exists. Top-level keys are
 overridden by `MODELMORA_<KEY>`, nested ones by `MODELMORA_<SECTION>__<KEY>`. Unknown keys
@@ -9,16 +10,13 @@ are an error naming the key.
 
 from __future__ import annotations
 
-import ast
 import os
-import re
-import tomllib
-import types
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+
+from .config_load import ConfigError, config_file, default_home, env_overrides, explain, merge, read_file
 
 __all__ = (
     "DEFAULT_GRPC_PORT",
@@ -32,10 +30,6 @@ __all__ = (
     "default_home",
     "load_settings",
 )
-
-
-class ConfigError(Exception):
-    """The configuration file or environment holds an unknown key or a bad value."""
 
 
 DEFAULT_GRPC_PORT = 50051
@@ -346,16 +340,6 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return self.torch_threads if self.torch_threads > 0 else (os.cpu_count() or 1)
 
 
-def default_home() -> Path:
-    """`$MODELMORA_HOME`, else `$XDG_DATA_HOME/modelmora`, else `~/.local/share/modelmora`."""
-    env = os.environ.get("MODELMORA_HOME")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
-    return base / "modelmora"
-
-
 _SECTIONS: dict[str, object] = {
     "timeout_s": TaskDefaults,
     "pipelines": dict,
@@ -372,42 +356,6 @@ _LIST_KEYS = {"zygote_preload", "cors_origins"}
 _SKIP_ENV = {"MODELMORA_CONFIG", "MODELMORA_TEST_PG_DSN", "MODELMORA_TEST_REDIS_URL", "MODELMORA_REQUIRE_SERVICES"}
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    fields = set(Settings.__struct_fields__)
-    for key, value in environ.items():
-        if not key.startswith("MODELMORA_") or key in _SKIP_ENV or key.startswith("MODELMORA_TEST_"):
-            continue
-        name = key.removeprefix("MODELMORA_").lower()
-        if "__" in name:
-            section, sub = name.split("__", 1)
-            if section not in _SECTIONS:
-                raise ConfigError(f"unknown configuration section in environment variable {key}")
-            separator = _SECTION_LIST_KEYS.get((section, sub))
-            if separator is not None:
-                items = value.replace("\n", separator).split(separator)
-                out.setdefault(section, {})[sub] = [item.strip() for item in items if item.strip()]
-            else:
-                out.setdefault(section, {})[sub] = value
-        elif name in _LIST_KEYS:
-            out[name] = [item.strip() for item in value.split(",") if item.strip()]
-        elif name in fields:
-            out[name] = value
-        else:
-            raise ConfigError(f"unknown configuration key in environment variable {key}")
-    return out
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(merged.get(k), dict):
-            merged[k] = _merge(merged[k], v)
-        else:
-            merged[k] = v
-    return merged
-
-
 def load_settings(
     config_path: str | Path | None = None,
     *,
@@ -420,87 +368,32 @@ def load_settings(
         ConfigError: unreadable file, unknown key, or a value of the wrong type.
     """
     env = dict(os.environ if environ is None else environ)
-    data: dict[str, Any] = {}
-    path: Path | None = None
-    if config_path is not None:
-        path = Path(config_path)
-    elif env.get("MODELMORA_CONFIG"):
-        path = Path(env["MODELMORA_CONFIG"])
-    else:
-        home = Path(env["MODELMORA_HOME"]).expanduser() if env.get("MODELMORA_HOME") else default_home()
-        candidate = home / "config.toml"
-        path = candidate if candidate.is_file() else None
-    if path is not None:
-        try:
-            data = tomllib.loads(path.expanduser().read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    from_env = _env_overrides(env)
-    data = _merge(data, from_env)
-    data = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+    path = config_file(config_path, env)
+    data = read_file(path) if path is not None else {}
+    from_env = env_overrides(
+        env,
+        fields=Settings.__struct_fields__,
+        sections=_SECTIONS,
+        list_keys=_LIST_KEYS,
+        section_list_keys=_SECTION_LIST_KEYS,
+        skip=_SKIP_ENV,
+    )
+    data = merge(data, from_env)
+    data = merge(data, {k: v for k, v in overrides.items() if v is not None})
     for key in ("log_level", "log_format", "backend"):
         if isinstance(data.get(key), str):
             data[key] = data[key].lower()
     try:
         return msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(str(exc), data, from_env, overrides, path)) from None
-
-
-_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
-_BOUND = re.compile(r"^Expected `(?P<type>int|float)` (?P<bound>[<>]=? ?-?[\d.e+]+)$")
-_PATTERN = re.compile(r"^Expected `str` matching regex (?P<pattern>'.*')$", re.DOTALL)
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
-
-
-def _explain(
-    message: str, data: dict[str, Any], from_env: dict[str, Any], overrides: dict[str, Any], path: Path | None
-) -> str:
-    """msgspec's validation message as one line in words, naming the key, its value and where it came
-    from (`$.request_ring_mb` + `Expected `int` >= 1` -> "request_ring_mb must be an integer >= 1 (got -5)")."""
-    match = _AT.match(message.strip())
-    assert match is not None  # the pattern matches any text
-    what, at = match["what"], (match["path"] or "").lstrip(".")
-    if what.startswith("Object contains unknown field"):
-        field = what.split("`")[1] if "`" in what else "?"
-        return f"invalid configuration: unknown key {'.'.join(p for p in (at, field) if p)!r}"
-    parts = [p for p in re.split(r"\.|\[|\]", at) if p]
-    value: Any = data
-    for part in parts:
-        value = value.get(part) if isinstance(value, dict) else None
-    if bound := _BOUND.match(what):
-        expected = f"must be {_TYPE_WORDS[bound['type']]} {bound['bound']}"
-    elif pattern := _PATTERN.match(what):
-        regex = ast.literal_eval(pattern["pattern"])
-        expected = f"must be {PATTERN_WORDS.get(regex, f'a string matching {regex}')}"
-    elif what.startswith("Invalid enum value"):
-        expected = f"must be one of {', '.join(repr(c) for c in _choices(parts))}"
-    elif typed := re.match(r"^Expected `(\w+)`", what):
-        expected = f"must be {_TYPE_WORDS.get(typed[1], typed[1])}"
-    else:
-        expected = what[:1].lower() + what[1:]
-    key = ".".join(parts) or "configuration"
-    if any(key == secret or key.startswith(secret + ".") for secret in _SECRET_KEYS):
-        value = None  # never echo a secret
-        key = key.split(".")[0] + "." + key.split(".")[1]
-    origin = f", in {path}" if path is not None else ""
-    section, _, sub = key.partition(".")
-    if parts and parts[0] in overrides and overrides[parts[0]] is not None:
-        origin = ", from the command line"
-    elif section in from_env and (not sub or sub in from_env[section]):
-        origin = f", from {'MODELMORA_' + (section.upper() + '__' + sub.upper() if sub else section.upper())}"
-    got = f" (got {value!r}{origin})" if value is not None else (f" ({origin[2:]})" if origin else "")
-    return f"invalid configuration: {key} {expected}{got}"
-
-
-def _choices(parts: list[str]) -> tuple[str, ...]:
-    """The allowed values of the Literal setting at `parts` (empty when it is not one)."""
-    owner: Any = Settings
-    hint: Any = None
-    for part in parts:
-        hints = typing.get_type_hints(owner, include_extras=True) if isinstance(owner, type) else {}
-        hint = hints.get(part)
-        owner = hint
-    while typing.get_origin(hint) in (Annotated, typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return tuple(str(a) for a in typing.get_args(hint)) if typing.get_origin(hint) is Literal else ()
+        message = explain(
+            str(exc),
+            data,
+            from_env,
+            overrides,
+            path,
+            root=Settings,
+            secret_keys=_SECRET_KEYS,
+            pattern_words=PATTERN_WORDS,
+        )
+        raise ConfigError(message) from None
