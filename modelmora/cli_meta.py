@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,7 +16,45 @@ from rich.table import Table
 from .cli_base import CommandFailed, TaskChoice, console, open_registry, print_json, print_table, settings_for
 from .errors import InvalidInput, ModelNotFound
 
-__all__ = ("catalog", "metadata", "metadata_from", "set_")
+__all__ = ("MetadataFlags", "catalog", "metadata", "metadata_from", "set_")
+
+
+@cyclopts.Parameter(name="*")
+@dataclass(frozen=True, kw_only=True)
+class MetadataFlags:
+    """The metadata flags of `mm install` and `mm metadata`: each replaces its field.
+
+    Parameters
+    ----------
+    name
+        Display name.
+    description
+        What the model does.
+    source_url
+        Where people can read about it (mm install: by default the Hugging Face page of a repo).
+    param
+        A custom parameter KEY=VALUE (VALUE as JSON, else as text); repeat it for more.
+    memory_mb
+        Resource hint: RAM of a loaded worker, MiB (the memory budget uses it until measured).
+    gpu_vram_mb
+        Resource hint: GPU memory of a loaded worker, MiB.
+    cpu_threads
+        Resource hint: threads its inference uses well.
+    vector_size
+        Dimension of its embeddings (embedding models).
+    max_length
+        Longest input in tokens (text models).
+    """
+
+    name: str | None = None
+    description: str | None = None
+    source_url: str | None = None
+    param: list[str] | None = None
+    memory_mb: float | None = None
+    gpu_vram_mb: float | None = None
+    cpu_threads: int | None = None
+    vector_size: int | None = None
+    max_length: int | None = None
 
 
 def _read_metadata_file(path: Path) -> dict[str, Any]:
@@ -45,39 +84,27 @@ def _param(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def metadata_from(
-    base: dict[str, Any] | None,
-    file: Path | None,
-    *,
-    name: str | None,
-    description: str | None,
-    source_url: str | None,
-    params: list[str] | None,
-    memory_mb: float | None,
-    gpu_vram_mb: float | None,
-    cpu_threads: int | None,
-    vector_size: int | None,
-    max_length: int | None,
-) -> dict[str, Any] | None:
-    """The metadata the flags describe over `base` and the file (None: none given at all)."""
+def metadata_from(base: dict[str, Any] | None, file: Path | None, flags: MetadataFlags | None) -> dict[str, Any] | None:
+    """The metadata the flags (None: no flag given) describe over `base` and the file (None: none
+    given at all)."""
+    f = flags or MetadataFlags()
     data: dict[str, Any] = json.loads(json.dumps(base or {}))
     if file is not None:
         data.update(_read_metadata_file(file))
-    top = {"display_name": name, "description": description, "source_url": source_url}
+    top = {"display_name": f.name, "description": f.description, "source_url": f.source_url}
+    resources = {"memory_mb": f.memory_mb, "gpu_vram_mb": f.gpu_vram_mb, "cpu_threads": f.cpu_threads}
+    config = {"vector_size": f.vector_size, "max_length": f.max_length}
     data.update({k: v for k, v in top.items() if v is not None})
-    for section, values in (
-        ("resources", {"memory_mb": memory_mb, "gpu_vram_mb": gpu_vram_mb, "cpu_threads": cpu_threads}),
-        ("config", {"vector_size": vector_size, "max_length": max_length}),
-    ):
+    for section, values in (("resources", resources), ("config", config)):
         given = {k: v for k, v in values.items() if v is not None}
         if given:
             current = data.get(section)
             data[section] = {**(current if isinstance(current, dict) else {}), **given}
-    if params:
+    if f.param:
         current = data.get("params")
-        data["params"] = {**(current if isinstance(current, dict) else {}), **dict(_param(p) for p in params)}
-    given_any = file is not None or params or any(v is not None for v in (*top.values(), memory_mb, gpu_vram_mb))
-    given_any = given_any or any(v is not None for v in (cpu_threads, vector_size, max_length))
+        data["params"] = {**(current if isinstance(current, dict) else {}), **dict(_param(p) for p in f.param)}
+    flagged = (*top.values(), *resources.values(), *config.values())
+    given_any = file is not None or bool(f.param) or any(v is not None for v in flagged)
     return data if (given_any or base is not None) else None
 
 
@@ -145,16 +172,8 @@ def set_(
 def metadata(
     model_id: str,
     *,
-    name: str | None = None,
-    description: str | None = None,
-    source_url: str | None = None,
-    param: list[str] | None = None,
+    flags: MetadataFlags | None = None,
     file: Path | None = None,
-    memory_mb: float | None = None,
-    gpu_vram_mb: float | None = None,
-    cpu_threads: int | None = None,
-    vector_size: int | None = None,
-    max_length: int | None = None,
     config: Path | None = None,
     home: Path | None = None,
 ) -> None:
@@ -174,19 +193,7 @@ def metadata(
     rec = store.get(model_id)
     if rec is None:
         raise ModelNotFound(f"model {model_id!r} is not installed")
-    data = metadata_from(
-        msgspec.to_builtins(rec.metadata),
-        file,
-        name=name,
-        description=description,
-        source_url=source_url,
-        params=param,
-        memory_mb=memory_mb,
-        gpu_vram_mb=gpu_vram_mb,
-        cpu_threads=cpu_threads,
-        vector_size=vector_size,
-        max_length=max_length,
-    )
+    data = metadata_from(msgspec.to_builtins(rec.metadata), file, flags)
     new = store.update_metadata(model_id, parse_metadata(data, rec.task))
     assert new is not None
     console.print_json(msgspec.json.encode(new.metadata).decode())

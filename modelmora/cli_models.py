@@ -27,7 +27,7 @@ from .cli_base import (
     print_table,
     settings_for,
 )
-from .cli_meta import metadata_from
+from .cli_meta import MetadataFlags, metadata_from
 from .cli_remote import Remote, UrlOption, remote_install, server_url
 from .errors import ModelNotFound
 
@@ -47,16 +47,8 @@ def install(
     force: bool = False,
     activate: bool = False,
     check: bool = True,
-    name: str | None = None,
-    description: str | None = None,
-    source_url: str | None = None,
-    param: list[str] | None = None,
+    flags: MetadataFlags | None = None,
     metadata: Path | None = None,
-    memory_mb: float | None = None,
-    gpu_vram_mb: float | None = None,
-    cpu_threads: int | None = None,
-    vector_size: int | None = None,
-    max_length: int | None = None,
     lockfile: Path | None = None,
     frozen: bool = False,
     url: UrlOption = None,
@@ -87,27 +79,9 @@ def install(
     check
         Check that the files are laid out as the task's loader expects (--no-check: a custom
         pipeline reads them).
-    name
-        Display name.
-    description
-        What the model does.
-    source_url
-        Where people can read about it (default: the Hugging Face page of a repo).
-    param
-        A custom parameter KEY=VALUE (VALUE as JSON, else as text); repeat it for more.
     metadata
         A JSON (or .toml) file with the model's metadata (schema/model-metadata.schema.json);
-        the flags above override its fields.
-    memory_mb
-        Resource hint: RAM of a loaded worker, MiB (the memory budget uses it until measured).
-    gpu_vram_mb
-        Resource hint: GPU memory of a loaded worker, MiB.
-    cpu_threads
-        Resource hint: threads its inference uses well.
-    vector_size
-        Dimension of its embeddings (embedding models).
-    max_length
-        Longest input in tokens (text models).
+        the metadata flags override its fields.
     lockfile
         The lock file to install from (default: ./modelmora.lock).
     frozen
@@ -128,19 +102,7 @@ def install(
     if frozen or lockfile is not None:
         raise CommandFailed("--frozen and --lockfile install from the lock file: give no SOURCE")
 
-    meta = metadata_from(
-        None,
-        metadata,
-        name=name,
-        description=description,
-        source_url=source_url,
-        params=param,
-        memory_mb=memory_mb,
-        gpu_vram_mb=gpu_vram_mb,
-        cpu_threads=cpu_threads,
-        vector_size=vector_size,
-        max_length=max_length,
-    )
+    meta = metadata_from(None, metadata, flags)
     if url is not None:
         body = {
             "source": source,
