@@ -22,9 +22,10 @@ from grpclib.server import Stream
 
 from ..._proto import inference as pb
 from ...errors import DeadlineExceeded, InvalidInput, ModelMoraError
+from ...security import ANONYMOUS, Identity
 from ...service import InferCall, InferenceService
 from ...tasks import TaskType
-from ..grpc import Calls
+from ..grpc import Calls, current_permit
 from .models import EXTENSIONS, SERVER_NAME, model_metadata, model_ready, repository_index, server_version
 from .tensors import InputTensor, describe_field, infer_call, output_tensors, pack_bytes
 
@@ -35,6 +36,12 @@ _PATH = "/inference.GRPCInferenceService/"
 
 def grpc_error(exc: ModelMoraError) -> GRPCError:
     return GRPCError(Status(int(exc.grpc_status)), describe_field(exc))
+
+
+def _caller() -> Identity:
+    """The caller of the call this task serves, as the gate admitted it (audited by its name)."""
+    permit = current_permit()
+    return permit.identity if permit is not None else ANONYMOUS
 
 
 def _value(parameter: pb.InferParameter) -> Any:
@@ -220,7 +227,7 @@ class OipServicer:
         async def answer(req: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
             if req.parameters:
                 raise InvalidInput("load parameters (a model config or files) are not supported")
-            await self.service.load(req.model_name)
+            await self.service.load(req.model_name, identity=_caller())
             return pb.RepositoryModelLoadResponse()
 
         await self._unary(stream, "RepositoryModelLoad", answer)
@@ -229,7 +236,7 @@ class OipServicer:
         self, stream: Stream[pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse]
     ) -> None:
         async def answer(req: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
-            await self.service.unload(req.model_name)
+            await self.service.unload(req.model_name, identity=_caller())
             return pb.RepositoryModelUnloadResponse()
 
         await self._unary(stream, "RepositoryModelUnload", answer)
