@@ -21,7 +21,7 @@ from grpclib.metadata import Deadline
 from grpclib.server import Stream
 
 from ..._proto import inference as pb
-from ...errors import DeadlineExceeded, InvalidInput, ModelMoraError
+from ...errors import DeadlineExceeded, InvalidInput, ModelMoraError, RateLimited
 from ...security import ANONYMOUS, Identity
 from ...service import InferCall, InferenceService
 from ...tasks import TaskType
@@ -191,22 +191,37 @@ class OipServicer:
 
     async def model_stream_infer(self, stream: Stream[pb.ModelInferRequest, pb.ModelStreamInferResponse]) -> None:
         """Requests run concurrently as they arrive; each answer (or its `error_message`) goes out when
-        ready, one writer at a time."""
-        async with self.calls.guard(stream, "ModelStreamInfer"):  # type: ignore[arg-type]
+        ready, one writer at a time. Each message after the first is charged to the token's rate
+        limit; one over it is answered with its refusal and the stream goes on."""
+        async with self.calls.guard(stream, "ModelStreamInfer") as context:  # type: ignore[arg-type]
             sending = anyio.Lock()
+
+            async def answer(response: pb.ModelStreamInferResponse) -> None:
+                async with sending:
+                    await stream.send_message(response)
+
+            def refusal(req: pb.ModelInferRequest, exc: ModelMoraError) -> pb.ModelStreamInferResponse:
+                return pb.ModelStreamInferResponse(
+                    error_message=describe_field(exc), infer_response=pb.ModelInferResponse(id=req.id)
+                )
 
             async def run(req: pb.ModelInferRequest) -> None:
                 try:
                     response = pb.ModelStreamInferResponse(infer_response=await self._infer(req, stream.deadline))
                 except ModelMoraError as exc:
-                    response = pb.ModelStreamInferResponse(
-                        error_message=describe_field(exc), infer_response=pb.ModelInferResponse(id=req.id)
-                    )
-                async with sending:
-                    await stream.send_message(response)
+                    response = refusal(req, exc)
+                await answer(response)
 
+            charged = True  # admitting the call counted its first message
             async with anyio.create_task_group() as tg:
                 async for req in stream:
+                    if not charged and context.permit is not None:
+                        try:
+                            context.permit.charge()  # each message is a request for the token's rate limit
+                        except RateLimited as exc:
+                            tg.start_soon(answer, refusal(req, exc))
+                            continue
+                    charged = False
                     tg.start_soon(run, req)
 
     async def repository_index(self, stream: Stream[pb.RepositoryIndexRequest, pb.RepositoryIndexResponse]) -> None:
