@@ -101,15 +101,21 @@ def error_response(exc: ModelMoraError) -> Response:
 
 async def _read(scope: Scope, receive: Receive, service: InferenceService) -> tuple[bytes, int | None]:
     """The body, and the JSON header's length when the binary extension is used."""
-    content_type = header_length = None
+    content_type = header_length = declared = None
     for name, value in scope["headers"]:
         if name == b"content-type":
             content_type = value.decode("latin-1").partition(";")[0].strip().lower()
+        elif name == b"content-length":
+            declared = value
         elif name == HEADER_LENGTH.encode():
             header_length = value.decode("latin-1").strip()
     if content_type is not None and content_type not in _ACCEPTED:
         raise UnsupportedMediaType(f"Content-Type {content_type!r} is not accepted; send {' or '.join(_ACCEPTED)}")
     limit = service.settings.max_body_bytes
+    if declared is not None and declared.isdigit() and int(declared) > limit:  # refused before it is read
+        raise PayloadTooLarge(
+            f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes (max_body_bytes)"
+        )
     body = bytearray()
     with anyio.move_on_after(service.settings.body_read_timeout_s):
         while True:
