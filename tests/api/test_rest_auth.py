@@ -165,9 +165,12 @@ async def test_the_drop_in_protocols_need_their_scopes_too(echo_app: AppUnderTes
     r = await client.post("/v1/embeddings", json=body, headers=bearer(INFER_TOKEN))
     assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 4
     assert (await client.get("/v2/health/live")).status_code == 200  # probes stay open
-    assert_error(await client.get("/v2/models/echo"), 401, "unauthenticated")
+    r = await client.get("/v2/models/echo")  # in OIP's error shape (tests/api/test_refusal_shapes.py)
+    assert r.status_code == 401 and r.json() == {
+        "error": "this endpoint needs a token: send 'Authorization: Bearer <token>'"
+    }
     r = await client.post("/v2/repository/models/echo/load", headers=bearer(INFER_TOKEN))
-    assert_error(r, 403, "permission_denied")
+    assert r.status_code == 403 and r.json() == {"error": "the token 'app' lacks the 'admin' scope"}
 
 
 @AUTH

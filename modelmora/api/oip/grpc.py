@@ -21,10 +21,11 @@ from grpclib.metadata import Deadline
 from grpclib.server import Stream
 
 from ..._proto import inference as pb
-from ...errors import DeadlineExceeded, InvalidInput, ModelMoraError
+from ...errors import DeadlineExceeded, InvalidInput, ModelMoraError, RateLimited
+from ...security import ANONYMOUS, Identity
 from ...service import InferCall, InferenceService
 from ...tasks import TaskType
-from ..grpc import Calls
+from ..grpc import Calls, current_permit
 from .models import EXTENSIONS, SERVER_NAME, model_metadata, model_ready, repository_index, server_version
 from .tensors import InputTensor, describe_field, infer_call, output_tensors, pack_bytes
 
@@ -35,6 +36,12 @@ _PATH = "/inference.GRPCInferenceService/"
 
 def grpc_error(exc: ModelMoraError) -> GRPCError:
     return GRPCError(Status(int(exc.grpc_status)), describe_field(exc))
+
+
+def _caller() -> Identity:
+    """The caller of the call this task serves, as the gate admitted it (audited by its name)."""
+    permit = current_permit()
+    return permit.identity if permit is not None else ANONYMOUS
 
 
 def _value(parameter: pb.InferParameter) -> Any:
@@ -184,22 +191,37 @@ class OipServicer:
 
     async def model_stream_infer(self, stream: Stream[pb.ModelInferRequest, pb.ModelStreamInferResponse]) -> None:
         """Requests run concurrently as they arrive; each answer (or its `error_message`) goes out when
-        ready, one writer at a time."""
-        async with self.calls.guard(stream, "ModelStreamInfer"):  # type: ignore[arg-type]
+        ready, one writer at a time. Each message after the first is charged to the token's rate
+        limit; one over it is answered with its refusal and the stream goes on."""
+        async with self.calls.guard(stream, "ModelStreamInfer") as context:  # type: ignore[arg-type]
             sending = anyio.Lock()
+
+            async def answer(response: pb.ModelStreamInferResponse) -> None:
+                async with sending:
+                    await stream.send_message(response)
+
+            def refusal(req: pb.ModelInferRequest, exc: ModelMoraError) -> pb.ModelStreamInferResponse:
+                return pb.ModelStreamInferResponse(
+                    error_message=describe_field(exc), infer_response=pb.ModelInferResponse(id=req.id)
+                )
 
             async def run(req: pb.ModelInferRequest) -> None:
                 try:
                     response = pb.ModelStreamInferResponse(infer_response=await self._infer(req, stream.deadline))
                 except ModelMoraError as exc:
-                    response = pb.ModelStreamInferResponse(
-                        error_message=describe_field(exc), infer_response=pb.ModelInferResponse(id=req.id)
-                    )
-                async with sending:
-                    await stream.send_message(response)
+                    response = refusal(req, exc)
+                await answer(response)
 
+            charged = True  # admitting the call counted its first message
             async with anyio.create_task_group() as tg:
                 async for req in stream:
+                    if not charged and context.permit is not None:
+                        try:
+                            context.permit.charge()  # each message is a request for the token's rate limit
+                        except RateLimited as exc:
+                            tg.start_soon(answer, refusal(req, exc))
+                            continue
+                    charged = False
                     tg.start_soon(run, req)
 
     async def repository_index(self, stream: Stream[pb.RepositoryIndexRequest, pb.RepositoryIndexResponse]) -> None:
@@ -220,7 +242,7 @@ class OipServicer:
         async def answer(req: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
             if req.parameters:
                 raise InvalidInput("load parameters (a model config or files) are not supported")
-            await self.service.load(req.model_name)
+            await self.service.load(req.model_name, identity=_caller())
             return pb.RepositoryModelLoadResponse()
 
         await self._unary(stream, "RepositoryModelLoad", answer)
@@ -229,7 +251,7 @@ class OipServicer:
         self, stream: Stream[pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse]
     ) -> None:
         async def answer(req: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
-            await self.service.unload(req.model_name)
+            await self.service.unload(req.model_name, identity=_caller())
             return pb.RepositoryModelUnloadResponse()
 
         await self._unary(stream, "RepositoryModelUnload", answer)

@@ -41,6 +41,8 @@ from ...errors import (
 from ...service import InferenceService
 from ...tasks import TaskType
 from ..rest.body import decode
+from ..rest.edge import identity_of
+from ..rest.errors import EndpointNotFound, MethodNotAllowed, refusal_headers
 from .models import EXTENSIONS, SERVER_NAME, model_metadata, model_ready, repository_index, server_version
 from .tensors import InputTensor, OutputTensor, describe_field, infer_call, output_tensors
 
@@ -91,25 +93,29 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 
 def error_response(exc: ModelMoraError) -> Response:
-    """`{"error": message}`, the tensor or parameter at fault named in the message."""
-    headers = {}
-    if exc.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    """`{"error": message}`, the tensor or parameter at fault named in the message (the
+    `ErrorEncoder` of every path under `/v2`, the gate's refusals too)."""
     status = 400 if exc.http_status == 422 else exc.http_status
-    return _json({"error": describe_field(exc)}, status, headers)
+    return _json({"error": describe_field(exc)}, status, refusal_headers(exc))
 
 
 async def _read(scope: Scope, receive: Receive, service: InferenceService) -> tuple[bytes, int | None]:
     """The body, and the JSON header's length when the binary extension is used."""
-    content_type = header_length = None
+    content_type = header_length = declared = None
     for name, value in scope["headers"]:
         if name == b"content-type":
             content_type = value.decode("latin-1").partition(";")[0].strip().lower()
+        elif name == b"content-length":
+            declared = value
         elif name == HEADER_LENGTH.encode():
             header_length = value.decode("latin-1").strip()
     if content_type is not None and content_type not in _ACCEPTED:
         raise UnsupportedMediaType(f"Content-Type {content_type!r} is not accepted; send {' or '.join(_ACCEPTED)}")
     limit = service.settings.max_body_bytes
+    if declared is not None and declared.isdigit() and int(declared) > limit:  # refused before it is read
+        raise PayloadTooLarge(
+            f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes (max_body_bytes)"
+        )
     body = bytearray()
     with anyio.move_on_after(service.settings.body_read_timeout_s):
         while True:
@@ -224,9 +230,9 @@ def create_oip_app(service: InferenceService) -> ASGIApp:
                 return _not_allowed("POST")
             await _read(scope, receive, service)  # a body, if any, holds parameters we do not take
             if m["action"] == "load":
-                await service.load(m["name"])
+                await service.load(m["name"], identity=identity_of(scope))
             else:
-                await service.unload(m["name"])
+                await service.unload(m["name"], identity=identity_of(scope))
             return Response(status_code=200)
         if (m := _MODEL.match(path)) is not None:
             name, version, action = m["name"], m["version"], m["action"]
@@ -249,7 +255,7 @@ def create_oip_app(service: InferenceService) -> ASGIApp:
                     "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.outputs],
                 }
             )
-        return _json({"error": f"no such endpoint: {method} {path}"}, 404)
+        raise EndpointNotFound(f"no such endpoint: {method} {path}")
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -266,7 +272,7 @@ def create_oip_app(service: InferenceService) -> ASGIApp:
 
 
 def _not_allowed(allowed: str) -> Response:
-    return _json({"error": f"method not allowed here; use {allowed}"}, 405, {"Allow": allowed})
+    return error_response(MethodNotAllowed(f"method not allowed here; use {allowed}", allow=allowed))
 
 
 def _unexpected(path: str, exc: BaseException) -> Response:

@@ -20,9 +20,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ...errors import ClientGone, ModelMoraError
 from ...registry import ModelRecord
 from ...service import InferenceService
+from ..rest.errors import EndpointNotFound, MethodNotAllowed
 from .completions import Completions
 from .embeddings import embeddings
-from .errors import ErrorBody, ErrorDetail, error_response, unexpected
+from .errors import error_response, unexpected
 from .images import generate_images
 from .schemas import ModelObject, ModelsResponse
 
@@ -94,10 +95,10 @@ def create_openai_app(service: InferenceService) -> ASGIApp:
 
             found = ("GET", one_model)
         if found is None:
-            return _plain_error(404, "not_found", f"no such endpoint: {method} {path}")
+            raise EndpointNotFound(f"no such endpoint: {method} {path}")
         allowed, handler = found
         if method != allowed:
-            return _plain_error(405, "method_not_allowed", f"method {method} is not allowed here", {"Allow": allowed})
+            raise MethodNotAllowed(f"method {method} is not allowed here", allow=allowed)
         return await handler(scope, receive)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -112,8 +113,3 @@ def create_openai_app(service: InferenceService) -> ASGIApp:
         await response(scope, receive, send)
 
     return app
-
-
-def _plain_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = ErrorBody(ErrorDetail(message, "invalid_request_error", None, code))
-    return Response(_encoder.encode(body), status_code=status, media_type="application/json", headers=headers)

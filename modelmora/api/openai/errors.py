@@ -3,7 +3,8 @@
 A `ModelMoraError` keeps its status, except that an invalid field (our 422) is OpenAI's 400;
 `code` is our stable error code (`model_not_found` is also OpenAI's), `type` OpenAI's class of
 error, `param` the request body's field at fault (as the endpoint names it, see `Fields`). 429
-and 503 carry `Retry-After`. Anything else is a 500 whose text stays in the log.
+and 503 carry `Retry-After`, 401 and 403 `WWW-Authenticate`, 405 `Allow`. Anything else is a 500
+whose text stays in the log.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import structlog
 from starlette.responses import Response
 
 from ...errors import ModelMoraError
+from ..rest.errors import refusal_headers
 
 __all__ = ("ErrorBody", "ErrorDetail", "Fields", "error_response", "openai_error", "unexpected")
 
@@ -58,11 +60,11 @@ def openai_error(exc: ModelMoraError) -> tuple[int, ErrorBody]:
 
 
 def error_response(exc: ModelMoraError) -> Response:
+    """OpenAI's error shape (the `ErrorEncoder` of every path under `/v1/`, the gate's refusals too)."""
     status, body = openai_error(exc)
-    headers = {}
-    if exc.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    return Response(_encoder.encode(body), status_code=status, media_type="application/json", headers=headers)
+    return Response(
+        _encoder.encode(body), status_code=status, media_type="application/json", headers=refusal_headers(exc)
+    )
 
 
 def unexpected(path: str, exc: BaseException) -> Response:

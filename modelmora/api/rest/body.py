@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope
 from ...config import PATTERN_WORDS
 from ...errors import InvalidInput, MalformedRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from ...service import split_validation
+from .edge import RequestHeaders, request_headers
 
 __all__ = ("MAX_JSON_DEPTH", "check_structure", "decode", "read_body", "require_json")
 
@@ -181,19 +182,24 @@ def require_json(content_type: bytes | None) -> None:
             raise UnsupportedMediaType(f"charset {value.strip()!r} is not accepted; JSON is UTF-8")
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int, timeout_s: float, *, optional: bool = False) -> bytes:
+async def read_body(
+    scope: Scope,
+    receive: Receive,
+    limit: int,
+    timeout_s: float,
+    *,
+    optional: bool = False,
+    headers: RequestHeaders | None = None,
+) -> bytes:
     """The whole JSON request body: 415 unless its Content-Type is JSON, 413 as soon as it is known
     to exceed `limit` bytes, 408 when it has not all arrived within `timeout_s` seconds.
 
     `optional`: the endpoint takes no body (load, unload): a request without a body needs no
-    Content-Type; one with a body, or with a Content-Type, must be JSON.
+    Content-Type; one with a body, or with a Content-Type, must be JSON. `headers`: the request's,
+    as the entry point found them (default: from the scope).
     """
-    content_type = length = None
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            content_type = value
-        elif name == b"content-length":
-            length = value
+    found = headers if headers is not None else request_headers(scope)
+    content_type, length = found.content_type, found.content_length
     if content_type is not None or not optional:
         require_json(content_type)
     if length is not None and length.isdigit() and int(length) > limit:

@@ -1,9 +1,18 @@
 """Errors as responses, in one place: `ModelMoraError` keeps its status and code; anything
-else is a 500 whose text never reaches the client (it is logged with a trace id)."""
+else is a 500 whose text never reaches the client (it is logged with a trace id).
+
+Each HTTP protocol has its own error body (ours, OpenAI's, the Open Inference Protocol's): an
+`ErrorEncoder` turns an error into that protocol's response, and the entry point picks the encoder
+by path prefix for every refusal made before a protocol's own code runs (the gate's 401, 403 and
+429). The headers a refusal carries (`Retry-After`, `WWW-Authenticate`, `Allow`) are the same in
+every protocol (`refusal_headers`). An unknown path (404) or method (405) is an error like any
+other (`EndpointNotFound`, `MethodNotAllowed`), so each protocol answers it in its own shape.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -11,13 +20,62 @@ import structlog
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
-from ...errors import ModelMoraError
+from ...errors import GrpcStatus, ModelMoraError
 from ..schemas import ErrorBody, ErrorDetail
 
-__all__ = ("error_body", "error_response", "exception_handlers", "json_response", "unexpected")
+__all__ = (
+    "EndpointNotFound",
+    "ErrorEncoder",
+    "MethodNotAllowed",
+    "error_body",
+    "error_response",
+    "exception_handlers",
+    "json_response",
+    "refusal_headers",
+    "unexpected",
+)
 
 log = structlog.get_logger("modelmora.api")
 _encoder = msgspec.json.Encoder()
+
+ErrorEncoder = Callable[[ModelMoraError], Response]
+"""One protocol's error response for an error (its status, headers and body shape)."""
+
+
+class EndpointNotFound(ModelMoraError):
+    """No endpoint at this path (raised by the HTTP front ends' routing)."""
+
+    http_status = 404
+    grpc_status = GrpcStatus.NOT_FOUND
+    code = "not_found"
+
+
+class MethodNotAllowed(ModelMoraError):
+    """The path has an endpoint, not for this method; `allow` lists the methods it takes (the `Allow`
+    header)."""
+
+    http_status = 405
+    grpc_status = GrpcStatus.INVALID_ARGUMENT
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+
+def refusal_headers(exc: ModelMoraError) -> dict[str, str]:
+    """The headers of an error's response, whatever the protocol's body: `Retry-After` (429, 503),
+    `WWW-Authenticate` (401 and 403 from the gate), `Allow` (405)."""
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    challenge = getattr(exc, "challenge", None)
+    if challenge:
+        headers["WWW-Authenticate"] = challenge
+    allow = getattr(exc, "allow", None)
+    if allow:
+        headers["Allow"] = allow
+    return headers
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -29,13 +87,8 @@ def error_body(exc: ModelMoraError) -> ErrorBody:
 
 
 def error_response(exc: ModelMoraError) -> Response:
-    headers = {}
-    if exc.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    challenge = getattr(exc, "challenge", None)
-    if challenge:  # 401 and 403 from the gate
-        headers["WWW-Authenticate"] = challenge
-    return json_response(error_body(exc), exc.http_status, headers)
+    """Our error shape: `{"error": {"code", "message", "field"}}` (the native API's `ErrorEncoder`)."""
+    return json_response(error_body(exc), exc.http_status, refusal_headers(exc))
 
 
 def unexpected(path: str, exc: BaseException, trace_id: str | None = None) -> Response:
@@ -51,10 +104,10 @@ async def _handle_error(request: HTTPRequest, exc: Exception) -> Response:
 
 
 async def _handle_http_error(request: HTTPRequest, exc: Exception) -> Response:
-    status = getattr(exc, "status_code", 404)
-    code = "not_found" if status == 404 else "method_not_allowed"
-    msg = "no such endpoint" if status == 404 else f"method {request.method} is not allowed here"
-    return json_response(ErrorBody(ErrorDetail(code, msg)), status, getattr(exc, "headers", None))
+    if getattr(exc, "status_code", 404) == 405:
+        allow = (getattr(exc, "headers", None) or {}).get("Allow", "")
+        return error_response(MethodNotAllowed(f"method {request.method} is not allowed here", allow=allow))
+    return error_response(EndpointNotFound("no such endpoint"))
 
 
 async def _handle_unexpected(request: HTTPRequest, exc: Exception) -> Response:
