@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             "mm", "install", "/models/minilm", "--id", MODEL, "--task", "txt2embed",
             check=False, timeout=600,
         )  # fmt: skip
-        if checks.record("mm install into the volume", install.returncode == 0, install.stderr.strip()[-300:]):
+        detail = "" if install.returncode == 0 else install.stderr.strip()[-300:]
+        if checks.record("mm install into the volume", install.returncode == 0, detail):
             serve_and_check(podman, image, volume, checks)
         small_shm_refuses(podman, image, volume, checks)
     finally:
