@@ -203,7 +203,7 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     return dot / ((sum(x * x for x in a) ** 0.5) * (sum(y * y for y in b) ** 0.5))
 
 
-def serve_and_check(podman: Podman, image: str, volume: str, checks: Checks) -> None:
+def serve_and_check(podman: Podman, image: str, volume: str, checks: Checks, env: list[str]) -> None:
     import httpx
 
     port, grpc_port = free_port(), free_port()
@@ -211,7 +211,7 @@ def serve_and_check(podman: Podman, image: str, volume: str, checks: Checks) -> 
     podman.run(
         "run", "-d", "--name", name, "--network", "host", "--shm-size", "1g", "--read-only", *ULIMITS,
         "-e", "MODELMORA_HOST=127.0.0.1", "-e", f"MODELMORA_PORT={port}", "-e", f"MODELMORA_GRPC_PORT={grpc_port}",
-        "-e", "MODELMORA_TORCH_THREADS=2", "-v", f"{volume}:/data", image,
+        "-e", "MODELMORA_TORCH_THREADS=2", *env, "-v", f"{volume}:/data", image,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + HEALTHY_WITHIN_S
@@ -252,13 +252,13 @@ def serve_and_check(podman: Podman, image: str, volume: str, checks: Checks) -> 
         podman.run("rm", "--force", name, check=False)
 
 
-def small_shm_refuses(podman: Podman, image: str, volume: str, checks: Checks) -> None:
+def small_shm_refuses(podman: Podman, image: str, volume: str, checks: Checks, env: list[str]) -> None:
     """With the engine's 64 MB /dev/shm the server must refuse to start in one clear line."""
     name = f"mm-image-test-shm-{os.getpid()}"
     podman.run(
         "run", "-d", "--name", name, "--network", "host", "--shm-size", "64m", *ULIMITS,
         "-e", "MODELMORA_HOST=127.0.0.1", "-e", f"MODELMORA_PORT={free_port()}",
-        "-e", f"MODELMORA_GRPC_PORT={free_port()}", "-v", f"{volume}:/data", image,
+        "-e", f"MODELMORA_GRPC_PORT={free_port()}", *env, "-v", f"{volume}:/data", image,
     )  # fmt: skip
     try:
         try:
@@ -284,11 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-index-url", default=None, help="torch's CPU index (default: the Dockerfile's)")
     parser.add_argument("--ca-file", default=None, help="CA bundle for the build's TLS")
     parser.add_argument("--no-build", action="store_true", help="test the image already tagged")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="a server setting for every run (repeatable)"
+    )
     args = parser.parse_args(argv)
     args.tag = args.tag or f"localhost/modelmora:{args.variant}"
     podman = Podman()
     image = args.tag if args.no_build else build(podman, args)
 
+    env = [item for setting in args.env for item in ("-e", setting)]
     checks = Checks()
     volume = f"mm-image-test-{os.getpid()}"
     podman.run("volume", "create", volume)
@@ -301,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         detail = "" if install.returncode == 0 else install.stderr.strip()[-300:]
         if checks.record("mm install into the volume", install.returncode == 0, detail):
-            serve_and_check(podman, image, volume, checks)
-        small_shm_refuses(podman, image, volume, checks)
+            serve_and_check(podman, image, volume, checks, env)
+        small_shm_refuses(podman, image, volume, checks, env)
     finally:
         podman.run("volume", "rm", "--force", volume, check=False)
     size = int(podman.run("image", "inspect", image, "--format", "{{.Size}}").stdout.strip())

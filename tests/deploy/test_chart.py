@@ -164,6 +164,12 @@ def test_tls_without_its_files_is_refused_at_render() -> None:
         render({"tls": {"enabled": True}})
 
 
+@pytest.mark.parametrize(("key", "hint"), [("port", "ports.http"), ("shutdown_grace_s", "shutdownGraceSeconds")])
+def test_settings_the_chart_derives_are_refused_under_config(key: str, hint: str) -> None:
+    with pytest.raises(helm.HelmError, match=f"config.{key}: set {hint}"):
+        render({"config": {key: 1}})
+
+
 def test_an_unknown_setting_under_config_is_caught_by_the_servers_own_check() -> None:
     from modelmora.config import ConfigError, load_settings
 
