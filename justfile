@@ -56,3 +56,8 @@ proto:
 schema:
     python -c "import json; from modelmora.api import openapi; open('schema/openapi.json', 'w').write(json.dumps(openapi.document(), indent=2, sort_keys=True) + '\n')"
     python -m modelmora.registry.schemas schema
+
+# Build deploy/Dockerfile with podman and run the image: non-root user, health check, a MiniLM embedding
+# from a mounted volume, a 64 MB /dev/shm refused (slow: it installs torch into the image; not in `test`).
+image-test *ARGS:
+    python deploy/image_test.py {{ARGS}}
