@@ -67,8 +67,10 @@ PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
 _LOCK_ID = 0x6D6D726567  # the advisory lock migrations run under
 _MODEL_COLUMNS = "id, task, source, active_version, settings, created_at, metadata, updated_at, active_pinned"
 _VERSION_COLUMNS = "model_id, version, path, revision, files, size_bytes, created_at"
-# SQLSTATE classes of a database that cannot serve now: connection (08), insufficient resources
-# (53), operator intervention (57); read-only transaction (25006), missing privilege (42501).
+# A connection the server closed (a restart, pg_terminate_backend) fails the call that finds it
+# (asyncpg's pool then replaces it). SQLSTATE classes of a database that cannot serve now:
+# connection (08), insufficient resources (53), operator intervention (57); read-only transaction
+# (25006), missing privilege (42501).
 _UNAVAILABLE = re.compile(r"^(08|53|57)|^25006$|^42501$")
 _metadata_decoder = msgspec.json.Decoder(ModelMetadata)
 
@@ -79,7 +81,7 @@ def _redact(url: str) -> str:
 
 
 def _unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError)):
+    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)):
         return True
     return isinstance(exc, asyncpg.PostgresError) and bool(_UNAVAILABLE.match(str(exc.sqlstate or "")))
 

@@ -208,6 +208,8 @@ def download_hf(
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(blob, target)
         done += f.size
+        if progress:  # a file taken from the cache reported nothing
+            progress(done, total)
     return commit
 
 

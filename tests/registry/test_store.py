@@ -277,3 +277,38 @@ def test_other_registry_urls_are_refused(tmp_path: Path) -> None:
     default = open_store("", tmp_path)
     assert isinstance(default, SQLiteStore)
     default.close()
+
+
+def test_postgres_connections_cut_by_the_server_are_a_clear_error_then_reconnected(
+    pg_registry_url: str, tmp_path: Path
+) -> None:
+    import asyncio
+
+    import asyncpg
+
+    store = open_store(pg_registry_url, tmp_path)
+    store.add_version("m", "txt2embed", "org/m", version("1.0.0"))
+    database = pg_registry_url.rsplit("/", 1)[1]
+
+    async def terminate() -> None:
+        conn = await asyncpg.connect(pg_registry_url)
+        try:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                database,
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(terminate())
+    outcomes = []
+    try:
+        for _ in range(3):  # the pool's dead connection fails one call at most, then is replaced
+            try:
+                outcomes.append(store.get("m") is not None)
+            except StorageUnavailable as exc:
+                assert f"/{database} cannot be read or written now: " in exc.message
+                outcomes.append(False)
+    finally:
+        store.close()
+    assert outcomes[-1] and outcomes.count(False) <= 1
