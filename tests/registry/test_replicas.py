@@ -11,10 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
+from pgdb import pg_registry_url
 
 from modelmora.registry import install, open_store
 
 from serverproc import ServerProcess
+
+__all__ = ("pg_registry_url",)  # fixtures, used by name
 
 
 @pytest.fixture

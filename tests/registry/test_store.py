@@ -9,12 +9,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pgdb import pg_registry_url
 
 from modelmora.config import ConfigError
 from modelmora.errors import RegistryError, StorageUnavailable
 from modelmora.registry import ModelMetadata, ModelStore, SQLiteStore, VersionRecord, install, open_store, uninstall
 
 Opener = Callable[[], ModelStore]
+
+__all__ = ("pg_registry_url",)  # fixtures, used by name
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

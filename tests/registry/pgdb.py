@@ -1,4 +1,5 @@
-"""Registry fixtures: a fresh PostgreSQL database per test, through MODELMORA_TEST_PG_DSN."""
+"""A fresh PostgreSQL database per test, through MODELMORA_TEST_PG_DSN: the `pg_registry_url` fixture
+(import it by name where it is used)."""
 
 from __future__ import annotations
 
