@@ -180,7 +180,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     database_connect_retry_s: Positive = 1.0
     """The wait after the first failed connection; doubled after each later one."""
     registry_url: str = ""
-    """Empty: SQLite file `$MODELMORA_HOME/registry.sqlite3`."""
+    """Empty: SQLite file `$MODELMORA_HOME/registry.sqlite3`; `sqlite:///PATH`, another SQLite file;
+    `postgresql://user:pass@host/db`, PostgreSQL, which several servers share (it may be the
+    database_url's database)."""
     max_download_bytes: Count = 64 * 2**30
     """Largest file a model source may download (an archive, a model file)."""
     max_unpacked_bytes: Count = 256 * 2**30

@@ -27,6 +27,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from .api import create_app, job_result_body
 from .config import ConfigError, Settings
+from .errors import StorageUnavailable
 from .httpserver import HttpListener, current_backend
 from .ipc import segments
 from .jobs import JobRunner, JobStore, open_job_store, redact_url
@@ -218,9 +219,14 @@ async def serve(
     home = settings.home_path
     try:
         home.mkdir(parents=True, exist_ok=True)
-        store = open_store(settings.registry_url, home)
+        attempts, retry_s = settings.database_connect_attempts, settings.database_connect_retry_s
+        store = await anyio.to_thread.run_sync(
+            lambda: open_store(settings.registry_url, home, connect_attempts=attempts, connect_retry_s=retry_s)
+        )
+    except StorageUnavailable as exc:  # PostgreSQL: the message names the URL without credentials
+        raise StartupError(exc.message) from None
     except (OSError, sqlite3.Error, ValueError, ConfigError) as exc:
-        where = settings.registry_url or str(home)
+        where = redact_url(settings.registry_url) if settings.registry_url else str(home)
         raise StartupError(f"cannot open the registry {where}: {_reason(exc)}") from None
     grpc_port = settings.effective_grpc_port(current_backend())
     try:

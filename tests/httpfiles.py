@@ -19,11 +19,12 @@ __all__ = ("Files", "files", "model_files", "targz")
 
 class Files:
     """A file server over a dict of bytes: ETag, Range (with If-Range), conditional GET; `cut[path] = n`
-    closes the next response to `path` after n bytes."""
+    closes the next response to `path` after n bytes (every response while `path` is in `cut_always`)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.cut: dict[str, int] = {}
+        self.cut_always: set[str] = set()
         self.requests: list[tuple[str, dict[str, str]]] = []
         files = self
 
@@ -54,7 +55,7 @@ class Files:
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 self.end_headers()
-                cut = files.cut.pop(self.path, None)
+                cut = files.cut.get(self.path) if self.path in files.cut_always else files.cut.pop(self.path, None)
                 self.wfile.write(body[start:] if cut is None else body[start : start + cut])
                 if cut is not None:
                     self.close_connection = True

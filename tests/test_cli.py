@@ -294,9 +294,9 @@ def test_an_unsupported_registry_url_is_one_line(
     monkeypatch: pytest.MonkeyPatch,
     args: list[str],
 ) -> None:
-    monkeypatch.setenv("MODELMORA_REGISTRY_URL", "postgresql://db/modelmora")
+    monkeypatch.setenv("MODELMORA_REGISTRY_URL", "mysql://user:secret@db/modelmora")
     line = _one_line_error(capsys, monkeypatch, *[a.format(src=st_dir) for a in args])
-    assert "cannot open the registry postgresql://db/modelmora: unsupported registry_url" in line
+    assert "cannot open the registry mysql://***@db/modelmora: unsupported registry_url" in line
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: a[0])

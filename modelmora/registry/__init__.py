@@ -1,5 +1,6 @@
 """The model registry (what is installed), installation from sources, metadata and versions."""
 
+import re
 from pathlib import Path
 
 from ..config import ConfigError
@@ -74,17 +75,28 @@ __all__ = (
 )
 
 
-def open_store(registry_url: str, home: Path) -> ModelStore:
-    """Open the registry named by `registry_url` (empty: SQLite under `home`).
+def open_store(registry_url: str, home: Path, *, connect_attempts: int = 1, connect_retry_s: float = 1.0) -> ModelStore:
+    """Open the registry named by `registry_url`: empty, SQLite under `home`; `sqlite:///PATH`, that
+    SQLite file; `postgresql://...` (or `postgres://`), PostgreSQL, which several servers share.
+
+    Args:
+        connect_attempts: PostgreSQL: connections tried before an unreachable database is an error.
+        connect_retry_s: the wait after the first failed connection, doubled after each later one.
 
     Raises:
-        ConfigError: a `registry_url` we cannot open (only `sqlite:///PATH` for now).
-        OSError, sqlite3.Error: the file or its folder cannot be created, opened or read.
+        ConfigError: a `registry_url` of another kind.
+        OSError, sqlite3.Error: the SQLite file or its folder cannot be created, opened or read.
+        StorageUnavailable: the PostgreSQL database cannot be reached, refuses, or cannot be migrated.
     """
     if not registry_url:
         return SQLiteStore(home / "registry.sqlite3")
     if registry_url.startswith("sqlite:///"):
         return SQLiteStore(Path(registry_url.removeprefix("sqlite:///")))
+    if registry_url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore  # asyncpg: imported only when used
+
+        return PostgresStore(registry_url, attempts=connect_attempts, retry_s=connect_retry_s)
+    shown = re.sub(r"//[^@/]*@", "//***@", registry_url)  # no credentials in messages
     raise ConfigError(
-        f"cannot open the registry {registry_url}: unsupported registry_url (only sqlite:///PATH for now)"
+        f"cannot open the registry {shown}: unsupported registry_url (sqlite:///PATH or postgresql://...)"
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
@@ -22,6 +22,8 @@ from .cache import DownloadCache
 __all__ = ("fetch_url",)
 
 _CHUNK = 1 << 20
+RESUME_TRIES = 3
+"""Tries of one download whose connection drops midway (each must bring more bytes)."""
 
 
 def _hash_file(path: Path) -> hashlib._Hash:
@@ -41,6 +43,7 @@ def fetch_url(
     expect_sha256: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     transport: httpx.BaseTransport | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[Path, str]:
     """The cached file of `url`'s content and its SHA-256, downloading what is needed.
 
@@ -49,11 +52,13 @@ def fetch_url(
         timeout_s: give up when the server sends nothing for this long.
         expect_sha256: the content wanted (a lock file's pin): served from the cache when there,
             and a download with another SHA-256 is refused.
+        headers: more request headers (a token: dropped when redirected to another host).
 
     Raises:
         ModelNotFound: the server answers 404 or 410.
-        SourceError: the server cannot be reached, refuses, or the download is cut short (the
-            bytes so far are kept: the next attempt resumes).
+        SourceError: the server cannot be reached, refuses, or the download is cut short again
+            and again (a dropped connection is resumed at once, up to `RESUME_TRIES` tries that each
+            bring more bytes; the bytes so far are kept: the next attempt resumes).
         PayloadTooLarge: the file is larger than `max_bytes`.
         ChecksumMismatch: the content differs from `expect_sha256`.
     """
@@ -61,7 +66,35 @@ def fetch_url(
         cache.touch(url, expect_sha256)
         return cached, expect_sha256
     part, meta = cache.partial_paths(url)
-    headers = {"Accept-Encoding": "identity"}
+    for attempt in range(1, RESUME_TRIES + 1):
+        had = part.stat().st_size if part.is_file() else 0
+        try:
+            return _fetch_once(
+                url, cache, part, meta, max_bytes, timeout_s, expect_sha256, progress, transport, headers
+            )
+        except httpx.HTTPError as exc:
+            done = part.stat().st_size if part.is_file() else 0
+            if isinstance(exc, httpx.TransportError) and done > had and attempt < RESUME_TRIES:
+                continue  # the connection dropped midway: resume from what came
+            cut = f" after {done} bytes (run the install again to resume)" if done else ""
+            raise SourceError(f"downloading {url} failed{cut}: {type(exc).__name__}: {exc}", field="source") from None
+    raise AssertionError("unreachable")
+
+
+def _fetch_once(
+    url: str,
+    cache: DownloadCache,
+    part: Path,
+    meta: Path,
+    max_bytes: int,
+    timeout_s: float,
+    expect_sha256: str | None,
+    progress: Callable[[int, int], None] | None,
+    transport: httpx.BaseTransport | None,
+    extra_headers: Mapping[str, str] | None,
+) -> tuple[Path, str]:
+    """One request: the whole file, the rest of a partial download, or "not modified"."""
+    headers = {**(extra_headers or {}), "Accept-Encoding": "identity"}
     known = cache.validators(url)
     if known is not None and expect_sha256 in (None, known[0]):
         if known[1]:
@@ -81,16 +114,11 @@ def fetch_url(
         else:
             have = 0
     timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0))
-    try:
-        with (
-            httpx.Client(follow_redirects=True, timeout=timeout, transport=transport) as client,
-            client.stream("GET", url, headers=headers) as response,
-        ):
-            return _receive(url, response, cache, part, meta, have, max_bytes, expect_sha256, known, progress)
-    except httpx.HTTPError as exc:
-        done = part.stat().st_size if part.is_file() else 0
-        cut = f" after {done} bytes (run the install again to resume)" if done else ""
-        raise SourceError(f"downloading {url} failed{cut}: {type(exc).__name__}: {exc}", field="source") from None
+    with (
+        httpx.Client(follow_redirects=True, timeout=timeout, transport=transport) as client,
+        client.stream("GET", url, headers=headers) as response,
+    ):
+        return _receive(url, response, cache, part, meta, have, max_bytes, expect_sha256, known, progress)
 
 
 def _receive(

@@ -22,10 +22,10 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_cached_repo_tree, snapshot_download
+from huggingface_hub import HfApi, constants, get_cached_repo_tree, hf_hub_url, snapshot_download
 
 # Private parts of huggingface_hub (as of 2.4), used by `_check_complete` to check
 # that `snapshot_download` really fetched every file; revisit on upgrades.
@@ -43,10 +43,20 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils._headers import build_hf_headers
 from huggingface_hub.utils._paths import filter_repo_objects
 from huggingface_hub.utils.tqdm import tqdm as _HfTqdm
 
-__all__ = ("HubError", "HubErrorKind", "download_snapshot", "list_repo_files")
+__all__ = (
+    "HubError",
+    "HubErrorKind",
+    "RepoFile",
+    "download_snapshot",
+    "file_request",
+    "filter_files",
+    "list_repo_files",
+    "repo_files",
+)
 
 HubErrorKind = Literal["not_found", "unauthorized", "network", "revision_not_found"]
 """Why a Hub operation failed.
@@ -207,6 +217,54 @@ def list_repo_files(
         if info.siblings is not None:
             return sorted(sibling.rfilename for sibling in info.siblings)
         return sorted(api.list_repo_files(repo_id, revision=info.sha or revision))
+
+
+class RepoFile(NamedTuple):
+    """A file of a repo at one commit."""
+
+    path: str
+    size: int
+    sha256: str | None
+    """The content's SHA-256, for files stored in LFS (the Hub lists it); None for the others."""
+
+
+def repo_files(
+    repo_id: str, *, revision: str | None = None, endpoint: str | None = None, token: str | None = None
+) -> tuple[str, list[RepoFile]]:
+    """The commit `revision` resolves to, and every file of that commit, in one request.
+
+    Raises:
+        HubError: as `download_snapshot`'s.
+    """
+    api = HfApi(endpoint=endpoint, token=token)
+    with _hub_errors(repo_id, revision, endpoint):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    if info.sha is None or not _COMMIT_RE.fullmatch(info.sha):
+        raise HubError(
+            "network",
+            f"the Hub at {_endpoint(endpoint)} gave no commit sha for {_repo_at(repo_id, revision)}",
+            repo_id=repo_id,
+            revision=revision,
+        )
+    files = [RepoFile(s.rfilename, s.size or 0, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
+    return info.sha, sorted(files)
+
+
+def filter_files(
+    files: list[RepoFile], *, allow_patterns: list[str] | None = None, ignore_patterns: list[str] | None = None
+) -> list[RepoFile]:
+    """The files that pass the patterns, as `download_snapshot` filters them."""
+    return list(
+        filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns, key=lambda f: f.path)
+    )
+
+
+def file_request(
+    repo_id: str, path: str, commit: str, *, endpoint: str | None = None, token: str | None = None
+) -> tuple[str, dict[str, str]]:
+    """The URL of a file of a repo at a commit, and the headers to send (the token, which an HTTP
+    client drops when the Hub redirects to its CDN)."""
+    return hf_hub_url(repo_id, path, revision=commit, endpoint=endpoint), build_hf_headers(token=token)
 
 
 def _check_complete(

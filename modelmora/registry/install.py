@@ -159,6 +159,8 @@ def install(
             the catalog takes its task, id, revision, metadata (`metadata` over it) and settings.
         revision: the revision wanted (a lock file's pin): a Hugging Face commit, or the SHA-256 of
             an HTTP source's file (served from the download cache when it holds it).
+        progress: called with (bytes done, bytes total) while the files are copied or downloaded.
+        hf_progress: report a Hugging Face download to `progress` too.
         limits: download and archive limits (default: `SourceLimits()`).
         s3: endpoint, region and credentials of `s3://` sources (the `[s3]` settings).
 
@@ -237,7 +239,7 @@ def install(
         else:
             cache, limits = DownloadCache.under(home), limits or SourceLimits()
             if plan.kind == "hf":
-                fetched = download_hf(plan, staging, hf_progress)
+                fetched = download_hf(plan, staging, cache, limits, progress=progress if hf_progress else None)
             elif plan.kind == "s3":
                 fetched = fetch_s3_source(plan, staging, cache, limits, s3 or S3Settings(), progress=progress)
                 if revision and fetched != revision:

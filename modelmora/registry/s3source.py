@@ -5,7 +5,8 @@ prefix is a file of the model, at its path below the prefix) or `s3://bucket/key
 The endpoint, region, credentials and addressing style are the `[s3]` settings' (empty
 credentials: the standard AWS chain). Objects go through the download cache (`cache.py`) under
 their `s3://` URL: an object whose ETag is unchanged is not downloaded again, and an interrupted
-download resumes (a ranged GET that must match the ETag). aiobotocore runs on asyncio: the fetch
+download resumes (a ranged GET that must match the ETag): at once when a connection drops midway,
+else on the next install. aiobotocore runs on asyncio: the fetch
 runs its own asyncio loop (installs run in a thread of their own, or in the CLI).
 """
 
@@ -29,6 +30,8 @@ __all__ = ("S3Object", "fetch_s3", "split_s3_url")
 S3Object = tuple[str, int, str]
 """(key, size in bytes, ETag) of one object."""
 _CHUNK = 1 << 20
+RESUME_TRIES = 3
+"""Tries of one object whose download is cut midway (each must bring more bytes)."""
 
 
 def split_s3_url(url: str) -> tuple[str, str]:
@@ -164,8 +167,44 @@ async def _fetch(
         fetched = []
         for obj in objects:
             rel = safe_member_path(obj[0].removeprefix(base), f"the object {obj[0]} of {url}").as_posix()
-            fetched.append((rel, await _download(client, bucket, obj, cache, advance)))
+            fetched.append((rel, await _download_resuming(client, bucket, obj, cache, advance)))
         return fetched
+
+
+async def _download_resuming(
+    client: Any, bucket: str, obj: S3Object, cache: DownloadCache, progress: Callable[[int], None]
+) -> Path:
+    """`_download`, resumed (a ranged GET) when the connection drops midway, as long as each try
+    brings more bytes (at most `RESUME_TRIES` tries).
+
+    Raises:
+        SourceError: still cut short: the bytes so far stay in the cache for the next install.
+    """
+    url = f"s3://{bucket}/{obj[0]}"
+    part, _ = cache.partial_paths(url)
+    for attempt in range(1, RESUME_TRIES + 1):
+        had = part.stat().st_size if part.is_file() else 0
+        reported = 0
+
+        def counted(n: int) -> None:
+            nonlocal reported
+            reported += n
+            progress(n)
+
+        try:
+            return await _download(client, bucket, obj, cache, counted)
+        except Exception as exc:
+            have = part.stat().st_size if part.is_file() else 0
+            if _status(exc) is not None or have <= had:  # an answer of S3's, or nothing came: no resume
+                raise
+            progress(-reported)  # the next try reports the bytes kept again
+            if attempt == RESUME_TRIES:
+                raise SourceError(
+                    f"downloading {url} was cut short after {have} of {obj[1]} bytes ({type(exc).__name__}):"
+                    " run the install again to resume",
+                    field="source",
+                ) from None
+    raise AssertionError("unreachable")
 
 
 def fetch_s3(
@@ -184,8 +223,8 @@ def fetch_s3(
 
     Raises:
         ModelNotFound: no object at or under the URL, or no such bucket.
-        SourceError: S3 cannot be reached, refuses access, or the download is cut short (resumed
-            on the next attempt).
+        SourceError: S3 cannot be reached, refuses access, or the download is cut short again and
+            again (a cut is resumed at once; what came is kept, and the next attempt resumes it).
         PayloadTooLarge: more objects or bytes than allowed.
         InvalidInput: an object key that would land outside the model folder.
     """
@@ -194,7 +233,7 @@ def fetch_s3(
             lambda: _fetch(url, settings, cache, max_bytes=max_bytes, max_objects=max_objects, progress=progress),
             backend="asyncio",
         )
-    except (InvalidInput, ModelNotFound, PayloadTooLarge):
+    except (InvalidInput, ModelNotFound, PayloadTooLarge, SourceError):
         raise
     except Exception as exc:
         status = _status(exc)

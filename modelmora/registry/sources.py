@@ -2,8 +2,9 @@
 
 A source is a local directory (`/...`, `./...`, `../...`, `~...`, `file://...`), an HTTP(S)
 URL of an archive (tar, tar.gz/bz2/xz, zip: unpacked safely, `archive.py`) or of a single file,
-or a Hugging Face repo `org/name[@revision]`. HTTP downloads go through the download cache
-(`cache.py`, `fetch.py`); Hugging Face downloads fetch only the files the task's loader needs.
+or a Hugging Face repo `org/name[@revision]`. HTTP, S3 and Hugging Face downloads go through the
+download cache (`cache.py`, `fetch.py`), which resumes a download cut short; Hugging Face downloads
+fetch only the files the task's loader needs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..config import S3Settings, Settings
 from ..errors import InvalidInput, ModelNotFound, SourceError
-from .archive import ArchiveLimits, is_archive, unpack
+from .archive import ArchiveLimits, is_archive, safe_member_path, unpack
 from .cache import DownloadCache
 from .fetch import fetch_url
 
@@ -151,25 +152,65 @@ def copy_tree(src: Path, dst: Path, progress: Progress | None) -> None:
                     progress(done, total)
 
 
-def download_hf(plan: InstallPlan, dest: Path, progress: bool) -> str:
-    """Fetch the files the task's loader needs from a Hugging Face repo; the commit fetched."""
-    from .hf import HubError, download_snapshot, list_repo_files  # huggingface_hub is slow to import
+def download_hf(
+    plan: InstallPlan,
+    dest: Path,
+    cache: DownloadCache,
+    limits: SourceLimits,
+    *,
+    progress: Progress | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Fetch the files the task's loader needs from a Hugging Face repo at one commit; the commit.
+
+    Each file goes through the download cache (`fetch.fetch_url`): a file stored in LFS is known by
+    its SHA-256 (reused from the cache when there, checked when downloaded), and a download cut
+    short resumes with `Range` (at once, else on the next install) instead of starting over.
+    `endpoint`: the Hub's URL (None: `HF_ENDPOINT`, else huggingface.co).
+
+    Raises:
+        ModelNotFound: no such repo, revision or file.
+        SourceError: the Hub cannot be reached, refuses, or a download stays cut short.
+        ChecksumMismatch, PayloadTooLarge: see `fetch.fetch_url`.
+    """
+    from .hf import HubError, file_request, filter_files, repo_files  # huggingface_hub is slow to import
 
     try:
-        remote = list_repo_files(plan.location, revision=plan.revision)
-        has_st = any(f.endswith(".safetensors") for f in remote)
-        return download_snapshot(
-            plan.location,
-            dest,
-            revision=plan.revision,
-            allow_patterns=_HF_ALLOW + ([] if has_st else ["*.bin", "*/*.bin"]),
-            ignore_patterns=_HF_IGNORE if has_st else _HF_IGNORE_WITH_BIN,
-            progress=progress,
-        )
+        commit, every = repo_files(plan.location, revision=plan.revision, endpoint=endpoint)
     except HubError as exc:
         if exc.kind in ("not_found", "revision_not_found"):
             raise ModelNotFound(str(exc), field="source") from exc
         raise SourceError(str(exc), field="source") from exc
+    has_st = any(f.path.endswith(".safetensors") for f in every)
+    files = filter_files(
+        every,
+        allow_patterns=_HF_ALLOW + ([] if has_st else ["*.bin", "*/*.bin"]),
+        ignore_patterns=_HF_IGNORE if has_st else _HF_IGNORE_WITH_BIN,
+    )
+    total, done = sum(f.size for f in files), 0
+    for f in files:
+        url, headers = file_request(plan.location, f.path, commit, endpoint=endpoint)
+
+        def step(got: int, _size: int, before: int = done) -> None:
+            if progress:
+                progress(before + got, max(total, before + got))
+
+        blob, _ = fetch_url(
+            url,
+            cache,
+            max_bytes=limits.max_download_bytes,
+            timeout_s=limits.timeout_s,
+            expect_sha256=f.sha256,
+            progress=step,
+            headers=headers,
+        )
+        target = dest / safe_member_path(f.path, f"the file {f.path} of {plan.location}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(blob, target)
+        done += f.size
+        if progress:  # a file taken from the cache reported nothing
+            progress(done, total)
+    return commit
 
 
 def fetch_http(

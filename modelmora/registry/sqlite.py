@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from ..errors import RegistryError
 from .metadata import ModelMetadata
 from .store import ModelRecord, ModelStore, VersionRecord
 
@@ -162,19 +163,24 @@ class SQLiteStore(ModelStore):
                 (model_id, task, source, record.version, now, meta, now),
             )
             verb = "INSERT OR REPLACE" if replace else "INSERT"
-            self._db.execute(
-                f"{verb} INTO versions (model_id, version, path, revision, files, size_bytes, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    model_id,
-                    record.version,
-                    record.path,
-                    record.revision,
-                    json.dumps(record.files),
-                    record.size_bytes,
-                    record.created_at or now,
-                ),
-            )
+            try:
+                self._db.execute(
+                    f"{verb} INTO versions (model_id, version, path, revision, files, size_bytes, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        model_id,
+                        record.version,
+                        record.path,
+                        record.revision,
+                        json.dumps(record.files),
+                        record.size_bytes,
+                        record.created_at or now,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise RegistryError(
+                    f"model {model_id!r} version {record.version} is already installed (use --force to reinstall)"
+                ) from None
             self._db.execute("UPDATE models SET updated_at = ? WHERE id = ?", (now, model_id))
             if metadata is not None:
                 self._db.execute("UPDATE models SET metadata = ? WHERE id = ?", (meta, model_id))

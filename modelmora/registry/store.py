@@ -1,7 +1,7 @@
 """The model registry's records and its one interface, `ModelStore`: what is installed, in which
 versions, from where, with which metadata and settings.
 
-Backends (SQLite here, `sqlite.py`; PostgreSQL next) implement the synchronous methods; the
+Backends (SQLite, `sqlite.py`; PostgreSQL, `postgres.py`) implement the synchronous methods; the
 CLI calls them directly, the server calls the `a*` variants, which run the same code in a worker
 thread through anyio, so that the event loop never blocks (works on asyncio and trio). A backend
 may override the `a*` variants with native async calls.
@@ -78,7 +78,7 @@ class ModelStore:
         """Insert a model (its first version becomes the active one) or add a version to it.
 
         Args:
-            replace: overwrite that version if it exists (else it is an error of the backend).
+            replace: overwrite that version if it exists (else `RegistryError`).
             metadata: the model's metadata (None: an existing model keeps its own).
             activate: the new version becomes the active one.
         """

@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import re
 import shutil
 import tarfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
 from aiobotocore.session import get_session  # type: ignore[import-untyped]
 from botocore.config import Config  # type: ignore[import-untyped]
+from cutproxy import CutProxy
 from test_cli import home, run_cli, st_dir
 
 from modelmora.registry import DownloadCache, SQLiteStore
@@ -148,3 +153,78 @@ def test_s3_errors_are_one_line(
     monkeypatch.setenv("MODELMORA_S3__SECRET_ACCESS_KEY", "wrong")
     line = cli_error(capsys, monkeypatch, "install", f"s3://{bucket}/x", "--task", "txt2embed")
     assert "S3 refused access" in line
+
+
+BIG = 3 * 2**20
+
+
+def _ranges(proxy: CutProxy, key: str) -> list[int]:
+    """The start of every ranged GET of `key` that went through the proxy."""
+    starts = []
+    for head in proxy.requests:
+        if head.startswith("get ") and key in head.split("\r\n", 1)[0]:
+            found = re.search(r"\r\nrange: bytes=(\d+)-", head)
+            starts += [int(found[1])] if found else []
+    return starts
+
+
+@pytest.fixture
+def cut_s3(seaweed: SeaweedS3, s3_env: dict[str, Any], monkeypatch: MP) -> Iterator[CutProxy]:
+    """A proxy in front of the S3 server, which the installs use."""
+    parts = urlsplit(seaweed.endpoint_url)
+    with CutProxy((parts.hostname or "127.0.0.1", parts.port or 80)) as proxy:
+        monkeypatch.setenv("MODELMORA_S3__ENDPOINT_URL", proxy.url)
+        yield proxy
+
+
+def test_a_download_cut_midway_resumes_where_it_stopped(
+    home: Path, st_dir: Path, seaweed: SeaweedS3, s3_env: dict[str, Any], cut_s3: CutProxy, capsys: Cap, monkeypatch: MP
+) -> None:
+    bucket, big = s3_env["bucket"], os.urandom(BIG)
+    put_objects(seaweed, bucket, {**{f"m/{k}": v for k, v in files_of(st_dir).items()}, "m/big.bin": big})
+    cut_s3.cut("m/big.bin", 2**20)
+
+    assert "installed m 1.0.0" in cli(capsys, monkeypatch, "install", f"s3://{bucket}/m", "--id", "m")
+
+    assert cut_s3.cuts_done == 1
+    [start] = _ranges(cut_s3, "m/big.bin")  # one ranged GET, from what the cut connection brought
+    assert 0 < start <= 2**20
+    rec = SQLiteStore(home / "registry.sqlite3").get("m")
+    assert rec is not None and rec.versions[0].files["big.bin"] == hashlib.sha256(big).hexdigest()
+    assert (Path(rec.versions[0].path) / "big.bin").read_bytes() == big
+
+
+def test_an_install_that_failed_midway_resumes_on_the_next_attempt(
+    home: Path, st_dir: Path, seaweed: SeaweedS3, s3_env: dict[str, Any], cut_s3: CutProxy, capsys: Cap, monkeypatch: MP
+) -> None:
+    bucket, big = s3_env["bucket"], os.urandom(BIG)
+    put_objects(seaweed, bucket, {**{f"m/{k}": v for k, v in files_of(st_dir).items()}, "m/big.bin": big})
+    cut_s3.cut("m/big.bin", 2**18, times=100)  # every try is cut: the install fails
+
+    line = cli_error(capsys, monkeypatch, "install", f"s3://{bucket}/m", "--id", "m")
+    assert f"s3://{bucket}/m/big.bin" in line and "run the install again to resume" in line
+    part = DownloadCache.under(home).partial_bytes()
+    assert 0 < part < BIG
+    cut_s3.disarm()
+    before = len(_ranges(cut_s3, "m/big.bin"))
+
+    assert "installed m 1.0.0" in cli(capsys, monkeypatch, "install", f"s3://{bucket}/m", "--id", "m")
+    assert _ranges(cut_s3, "m/big.bin")[before:] == [part]  # from where the last try stopped
+    rec = SQLiteStore(home / "registry.sqlite3").get("m")
+    assert rec is not None and (Path(rec.versions[0].path) / "big.bin").read_bytes() == big
+    assert DownloadCache.under(home).partial_bytes() == 0
+
+
+def test_a_changed_object_is_not_spliced_onto_a_partial_download(
+    home: Path, st_dir: Path, seaweed: SeaweedS3, s3_env: dict[str, Any], cut_s3: CutProxy, capsys: Cap, monkeypatch: MP
+) -> None:
+    bucket, old, new = s3_env["bucket"], os.urandom(BIG), os.urandom(BIG)
+    put_objects(seaweed, bucket, {**{f"m/{k}": v for k, v in files_of(st_dir).items()}, "m/big.bin": old})
+    cut_s3.cut("m/big.bin", 2**18, times=100)
+    cli_error(capsys, monkeypatch, "install", f"s3://{bucket}/m", "--id", "m")
+    cut_s3.disarm()
+    put_objects(seaweed, bucket, {"m/big.bin": new})  # another ETag: the partial bytes are stale
+
+    cli(capsys, monkeypatch, "install", f"s3://{bucket}/m", "--id", "m")
+    rec = SQLiteStore(home / "registry.sqlite3").get("m")
+    assert rec is not None and (Path(rec.versions[0].path) / "big.bin").read_bytes() == new
