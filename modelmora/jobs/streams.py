@@ -62,8 +62,10 @@ class RedisDispatch:
     """
 
     def __init__(self, url: str, prefix: str, *, claim_idle_s: float, consumer: str | None = None) -> None:
+        # a call fails fast while Redis is away (the runner polls the store meanwhile); a pooled
+        # connection Redis closed (it restarted) is tried once more on a fresh one
         self.redis: Any = redis.asyncio.Redis.from_url(
-            url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0)
+            url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1)
         )
         self.prefix = prefix
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,7 @@ def _env() -> dict[str, str]:
     return {
         "MODELMORA_PIPELINES__TXT2EMBED": "worker_pipelines:Echo",
         "MODELMORA_ZYGOTE_PRELOAD": "numpy",
-        "MODELMORA_JOB_CONCURRENCY": "16",
+        "MODELMORA_JOB_CONCURRENCY": "4",
         "MODELMORA_GRPC_PORT": "0",
         "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p),
     }
@@ -86,13 +87,17 @@ def test_sigkill_while_jobs_run_loses_none(
     texts: dict[str, str] = {}
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as client:
-            for i in range(JOBS):
-                text = f"job-{i}"
-                # each job sleeps 20 ms in the worker, so that the kill finds some running
-                body = {"input_data": {"text": ["__sleep__0.02", text]}}
+
+            def submit(i: int) -> tuple[str, str]:
+                # 0.2 s each, 4 at a time: submitted (8 at a time) faster than they run, so that the
+                # kill finds some queued or running even on a busy machine
+                body = {"input_data": {"text": ["__sleep__0.2", f"job-{i}"]}}
                 r = client.post("/api/v1/infer/echo/async", json=body)
                 assert r.status_code == 202, r.text
-                texts[r.json()["job_id"]] = text
+                return r.json()["job_id"], f"job-{i}"
+
+            with ThreadPoolExecutor(8) as pool:
+                texts.update(pool.map(submit, range(JOBS)))
         deadline = time.monotonic() + SAFETY_NET_S
         while _completed(srv) < JOBS // 10:
             assert time.monotonic() < deadline, srv.log.read_text()
