@@ -175,6 +175,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     database_url: str = ""
     """Where async jobs are kept: empty, SQLite `$MODELMORA_HOME/jobs.sqlite3`; `postgresql://user:pass@host/db`,
     PostgreSQL (asyncio backend only; several servers may share it). The registry stays in `registry_url`."""
+    redis_url: str = ""
+    """Servers sharing a PostgreSQL `database_url` pass queued jobs to each other through Redis Streams
+    (`redis://host:6379/0`; asyncio backend only); empty: each polls the database."""
     database_connect_attempts: Count = 5
     """Connections tried at start before a database that does not answer stops the server."""
     database_connect_retry_s: Positive = 1.0

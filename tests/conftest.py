@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from pgserver import delete_keys, fresh_database, shared_redis_url
 
 from modelmora.api import create_app
 from modelmora.config import Settings, load_settings
@@ -125,6 +127,52 @@ async def running_app(settings: Settings, store: SQLiteStore, scheduler: Schedul
         tg.cancel_scope.cancel()
     store.close()
     assert segments.our_segments(scheduler.instance_id) == []
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """The URL of a fresh database in the PostgreSQL MODELMORA_TEST_PG_DSN names, dropped afterwards
+    (skipped without it, unless MODELMORA_REQUIRE_SERVICES=1)."""
+    db = fresh_database()
+    try:
+        yield db.url
+    finally:
+        db.drop()
+
+
+@pytest.fixture
+def pg_url(anyio_backend: str) -> Iterator[str]:
+    """`pg_database` for an in-process test: asyncpg runs on asyncio only (skipped on trio)."""
+    if anyio_backend != "asyncio":
+        pytest.skip("asyncpg runs on asyncio only")
+    db = fresh_database()
+    try:
+        yield db.url
+    finally:
+        db.drop()
+
+
+@dataclass
+class RedisUnderTest:
+    """The Redis MODELMORA_TEST_REDIS_URL names, and this test's key prefix (its keys are deleted
+    afterwards; a test may add more prefixes to `cleanup`)."""
+
+    url: str
+    prefix: str
+    cleanup: list[str]
+
+
+@pytest.fixture
+def test_redis() -> Iterator[RedisUnderTest]:
+    """The shared Redis with a fresh key prefix (skipped without it, unless MODELMORA_REQUIRE_SERVICES=1)."""
+    url = shared_redis_url()
+    prefix = f"mmtest:{uuid.uuid4().hex}:"
+    redis = RedisUnderTest(url, prefix, [prefix])
+    try:
+        yield redis
+    finally:
+        for p in redis.cleanup:
+            delete_keys(url, p)
 
 
 @pytest.fixture(autouse=True)

@@ -17,8 +17,8 @@ import anyio
 import asyncpg
 import msgspec
 
-from ..errors import IdempotencyConflict
 from .record import JobError, JobPage, JobRecord, JobRequest, JobStatus
+from .store import idempotent
 
 __all__ = ("PG_MIGRATIONS", "PG_SCHEMA_VERSION", "PostgresJobStore")
 
@@ -58,6 +58,12 @@ PG_MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE mm_jobs ADD COLUMN lease_until DOUBLE PRECISION NOT NULL DEFAULT 0;
     """,
+    """
+    ALTER TABLE mm_jobs ADD COLUMN owner TEXT;
+    CREATE INDEX mm_jobs_owner ON mm_jobs (owner, created_at);
+    CREATE TABLE mm_jobs_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO mm_jobs_meta (name, value) VALUES ('namespace', md5(random()::text || clock_timestamp()::text));
+    """,
 )
 """`PG_MIGRATIONS[n]` takes the jobs schema from version n to n + 1 (append; never edit a shipped one)."""
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
@@ -65,7 +71,7 @@ _LOCK_ID = 0x6D6D6A6F62  # the advisory lock migrations run under
 _PENDING = "callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END"
 _COLUMNS = (
     "id, model_id, status, request, priority, created_at, updated_at, started_at, finished_at, expires_at,"
-    " attempts, not_before, progress, error, idempotency_key, callback_url, callback_state, callback_attempts,"
+    " attempts, not_before, progress, error, idempotency_key, callback_url, callback_state, callback_attempts, owner,"
     " EXISTS (SELECT 1 FROM mm_job_results r WHERE r.job_id = mm_jobs.id) AS has_result"
 )
 _request_decoder = msgspec.json.Decoder(JobRequest)
@@ -94,6 +100,7 @@ def _record(row: Any) -> JobRecord:
         callback_url=row["callback_url"],
         callback_state=row["callback_state"],
         callback_attempts=row["callback_attempts"],
+        owner=row["owner"],
     )
 
 
@@ -102,6 +109,9 @@ class PostgresJobStore:
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
+        self.namespace = ""
+        """A random id made when the schema was created: the Redis keys of the servers sharing
+        this database start with it (`redis_url`), whatever host name each one reaches it by."""
 
     @classmethod
     async def open(cls, url: str, *, attempts: int = 5, retry_s: float = 1.0) -> PostgresJobStore:
@@ -122,6 +132,7 @@ class PostgresJobStore:
         store = cls(pool)
         try:
             await store._migrate()
+            store.namespace = await pool.fetchval("SELECT value FROM mm_jobs_meta WHERE name = 'namespace'")
         except BaseException:
             await pool.close()
             raise
@@ -155,6 +166,7 @@ class PostgresJobStore:
         ttl_s: float,
         idempotency_key: str | None = None,
         callback_url: str | None = None,
+        owner: str | None = None,
     ) -> tuple[JobRecord, bool]:
         body = _encoder.encode(request)
         now = time.time()
@@ -162,7 +174,7 @@ class PostgresJobStore:
         async with self._pool.acquire() as conn, conn.transaction():
             inserted = await conn.fetchval(
                 "INSERT INTO mm_jobs (id, model_id, status, request, priority, created_at, updated_at, expires_at,"
-                " idempotency_key, callback_url) VALUES ($1, $2, 'queued', $3, $4, $5, $5, $6, $7, $8)"
+                " idempotency_key, callback_url, owner) VALUES ($1, $2, 'queued', $3, $4, $5, $5, $6, $7, $8, $9)"
                 " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
                 job_id,
                 model_id,
@@ -172,16 +184,14 @@ class PostgresJobStore:
                 now + ttl_s,
                 idempotency_key,
                 callback_url,
+                owner,
             )
             if inserted is None:  # the key names a job already
+                assert idempotency_key is not None
                 old_id = await conn.fetchval("SELECT id FROM mm_jobs WHERE idempotency_key = $1", idempotency_key)
                 old = await self._get(conn, old_id)
                 assert old is not None
-                if old.model_id != model_id or old.request != request or old.callback_url != callback_url:
-                    raise IdempotencyConflict(
-                        f"the Idempotency-Key {idempotency_key!r} already names job {old.id} with another request"
-                    )
-                return old, False
+                return idempotent(old, idempotency_key, model_id, request, callback_url, owner), False
             rec = await self._get(conn, job_id)
         assert rec is not None
         return rec, True
@@ -191,10 +201,16 @@ class PostgresJobStore:
             return await self._get(conn, job_id)
 
     async def list(
-        self, *, model_id: str | None = None, status: JobStatus | None = None, limit: int = 100, offset: int = 0
+        self,
+        *,
+        model_id: str | None = None,
+        status: JobStatus | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        owner: str | None = None,
     ) -> JobPage:
         where, args = [], []
-        for column, value in (("model_id", model_id), ("status", status)):
+        for column, value in (("model_id", model_id), ("status", status), ("owner", owner)):
             if value is not None:
                 args.append(value)
                 where.append(f"{column} = ${len(args)}")
@@ -242,6 +258,20 @@ class PostgresJobStore:
                 [r["id"] for r in ids],
             )
         return [_record(r) for r in rows]
+
+    async def claim_job(self, job_id: str, now: float, lease_s: float) -> JobRecord | None:
+        wall = time.time()
+        async with self._pool.acquire() as conn, conn.transaction():
+            done = await conn.fetchval(
+                "UPDATE mm_jobs SET status = 'running', attempts = attempts + 1, started_at = $1, updated_at = $1,"
+                " lease_until = $2 WHERE id = $3 AND not_before <= $4"
+                " AND (status = 'queued' OR (status = 'running' AND lease_until < $4)) RETURNING id",
+                wall,
+                wall + lease_s,
+                job_id,
+                now,
+            )
+            return None if done is None else await self._get(conn, job_id)
 
     async def next_due(self) -> float | None:
         value = await self._pool.fetchval("SELECT min(not_before) FROM mm_jobs WHERE status = 'queued'")

@@ -63,6 +63,8 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     callback_state: str | None = None
     """pending (to deliver), delivered, or failed (attempts ran out); None without a callback_url."""
     callback_attempts: int = 0
+    owner: str | None = None
+    """The identity (token name) that submitted it: only it, or an admin, sees the job."""
 
 
 class JobPage(msgspec.Struct, frozen=True):

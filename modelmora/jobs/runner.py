@@ -10,6 +10,11 @@ records its outcome.
 - At start, jobs left `running` by a server that stopped (or was killed) run again; the store
   keeps at most one result per job, whichever run finishes first being the one stored.
 - Every `job_sweep_interval_s`, jobs past `job_ttl_s` are expired or deleted with their results.
+- With `redis_url` (servers sharing a PostgreSQL store), queued jobs reach the servers through
+  Redis Streams (`streams`); the store is still polled, less often, so that a job whose news was
+  lost (Redis down or restarted) still runs, and everything runs from the store while Redis is away.
+- Jobs belong to the identity that submitted them: another identity is told they do not exist,
+  unless it has the admin scope.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import anyio.abc
@@ -27,13 +32,18 @@ import structlog
 from ..config import Settings
 from ..errors import ModelMoraError, StorageUnavailable
 from ..observability import TraceContext
+from ..security import ANONYMOUS, Identity, Scope
 from ..service import InferCall, InferenceService, InferResult, Priority
 from ..tasks import TaskType
 from .callbacks import CallbackSender, check_callback_url
+from .feed import JobFeed
 from .record import JobError, JobRecord, JobRequest
 from .store import JobStore
 
-__all__ = ("JobRunner", "backoff_s", "stored")
+if TYPE_CHECKING:
+    from .streams import RedisDispatch
+
+__all__ = ("JobRunner", "backoff_s", "sees", "stored")
 
 T = TypeVar("T")
 
@@ -48,9 +58,17 @@ STORE_RETRY_S = 1.0
 CALLBACK_BATCH = 16
 """Callbacks delivered at once."""
 CALLBACK_RETRY_MAX_S = 300.0
+DISPATCH_POLL_S = 0.1
+"""With Redis: how often an idle runner looks at the job streams."""
 
 Encode = Callable[[InferResult, JobRequest], bytes]
 """Turns a finished job's result into the bytes stored as its result record."""
+
+
+def sees(identity: Identity, rec: JobRecord) -> bool:
+    """Whether `identity` may see the job: its owner, or an admin (every caller while
+    authentication is off)."""
+    return rec.owner == identity.name or identity.may(Scope.ADMIN)
 
 
 def backoff_s(attempts: int, base_s: float, cap_s: float) -> float:
@@ -61,7 +79,14 @@ def backoff_s(attempts: int, base_s: float, cap_s: float) -> float:
 class JobRunner:
     """Submits, runs, cancels and sweeps async jobs over a job store and the inference core."""
 
-    def __init__(self, settings: Settings, store: JobStore, service: InferenceService, encode: Encode) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        service: InferenceService,
+        encode: Encode,
+        dispatch: RedisDispatch | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.service = service
@@ -72,6 +97,9 @@ class JobRunner:
         self._callback_wake = anyio.Event()
         self.sender = CallbackSender(settings)
         self.metrics = service.metrics
+        self.feed = JobFeed(settings, store, service, self._wake_up, dispatch)
+        """Where jobs come from: the store, and the job streams (`redis_url`: made from the
+        settings when the runner starts, unless a dispatch is given)."""
 
     def call(self, model_id: str, request: JobRequest, protocol: str, trace: TraceContext | None = None) -> InferCall:
         """The inference call a job makes."""
@@ -96,9 +124,11 @@ class JobRunner:
         idempotency_key: str | None = None,
         callback_url: str | None = None,
         trace: TraceContext | None = None,
+        identity: Identity = ANONYMOUS,
     ) -> tuple[JobRecord, bool]:
-        """Validate the call as the sync call would, then store the job (committed before this
-        returns); returns the job and whether it is new (False: an `idempotency_key` named it).
+        """Validate the call as the sync call would, then store the job as `identity`'s (committed
+        before this returns; then announced on its model's stream); returns the job and whether it
+        is new (False: an `idempotency_key` named it).
 
         Raises:
             ModelMoraError: the call is refused (unknown model, invalid input...), or
@@ -114,21 +144,41 @@ class JobRunner:
                 ttl_s=self.settings.job_ttl_s,
                 idempotency_key=idempotency_key,
                 callback_url=callback_url,
+                owner=identity.name,
             )
         )
         if created:
             self.metrics.jobs.labels(model_id, "submitted").inc()
+            await self.feed.publish(rec)
             self._wake.set()
         return rec, created
 
-    async def cancel(self, job_id: str) -> JobRecord | None:
+    async def find(self, job_id: str, identity: Identity = ANONYMOUS) -> JobRecord | None:
+        """The job, None when unknown or not `identity`'s to see (the same answer: ids never leak).
+
+        Raises:
+            StorageUnavailable: the store cannot be read now.
+        """
+        rec = await stored(self.store.get(job_id))
+        return rec if rec is not None and sees(identity, rec) else None
+
+    async def cancel(self, job_id: str, identity: Identity = ANONYMOUS) -> JobRecord | None:
         """Cancel a queued or running job (a running one's request is withdrawn); returns the job as
-        it now is, None when unknown."""
+        it now is, None when unknown (or not `identity`'s)."""
+        if await self.find(job_id, identity) is None:
+            return None
         rec = await stored(self.store.cancel(job_id, time.time(), self.settings.job_ttl_s))
         scope = self._running.get(job_id)
         if scope is not None and rec is not None and rec.status == "cancelled":
             scope.cancel()
         return rec
+
+    def _wake_up(self) -> None:
+        self._wake.set()
+
+    def owner_filter(self, identity: Identity) -> str | None:
+        """The owner a listing is limited to: None (every job) for an admin."""
+        return None if identity.may(Scope.ADMIN) else identity.name
 
     def statistics(self) -> dict[str, int]:
         return {"running": len(self._running), "concurrency": self.concurrency}
@@ -140,6 +190,14 @@ class JobRunner:
             if requeued:
                 log.info("jobs_requeued", count=requeued)
                 self.metrics.jobs.labels("", "requeued").inc(requeued)
+        async with contextlib.AsyncExitStack() as stack:
+            if self.feed.dispatch is None and self.settings.redis_url:
+                from .opening import open_dispatch
+
+                self.feed.dispatch = await stack.enter_async_context(open_dispatch(self.settings, self.store))
+            await self._loop(task_status)
+
+    async def _loop(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._sweeper)
             tg.start_soon(self._callbacks)
@@ -150,7 +208,7 @@ class JobRunner:
                 claimed: list[JobRecord] = []
                 if free > 0:
                     try:
-                        claimed = await self._claim(free)
+                        claimed = await self.feed.claim(free, self._running)
                     except Exception as exc:
                         log.error("jobs_claim_failed", exc_info=exc)
                         await anyio.sleep(STORE_RETRY_S)
@@ -163,19 +221,11 @@ class JobRunner:
                         continue
                 await self._idle(free > 0)
 
-    async def _claim(self, free: int) -> list[JobRecord]:
-        """Claim up to `free` jobs; a server sharing its store prefers the models it holds loaded
-        (`job_warm_wait_s`), so that a cluster does not cold-load a model on every server."""
-        wait_s = self.settings.job_warm_wait_s
-        if not self.store.shared or wait_s <= 0:
-            return await self.store.claim(time.time(), free, self.settings.job_lease_s)
-        warm = self.service.warm_models()
-        return await self.store.claim(time.time(), free, self.settings.job_lease_s, prefer=warm, cold_after_s=wait_s)
-
     async def _idle(self, room: bool) -> None:
-        """Sleep until a job is submitted or ends, or a retry falls due (at most `IDLE_POLL_S`)."""
-        delay = IDLE_POLL_S
-        if room:
+        """Sleep until a job is submitted or ends, or a retry falls due (at most `IDLE_POLL_S`);
+        reading the job streams, at most `DISPATCH_POLL_S`."""
+        delay = DISPATCH_POLL_S if self.feed.streaming else IDLE_POLL_S
+        if room and not self.feed.streaming:
             try:
                 due = await self.store.next_due()
             except Exception:
@@ -187,15 +237,19 @@ class JobRunner:
         self._wake = anyio.Event()
 
     async def _run_job(self, job: JobRecord, scope: anyio.CancelScope) -> None:
+        settled = False
         try:
             with scope:
-                await self._attempt(job)
+                settled = await self._attempt(job)
+            settled = settled or scope.cancelled_caught  # cancelled by `cancel`: the store says so
         finally:
             self._running.pop(job.id, None)
             self._wake.set()
             self._callback_wake.set()
+        await self.feed.ended(job.id, settled=settled)  # its entry acknowledged once the outcome is stored
 
-    async def _attempt(self, job: JobRecord) -> None:
+    async def _attempt(self, job: JobRecord) -> bool:
+        """Run the job once and store its outcome; False when the outcome could not be stored."""
         ttl_s = self.settings.job_ttl_s
         try:
             result = await self._infer(job)
@@ -206,20 +260,18 @@ class JobRunner:
                 wait_s = backoff_s(job.attempts, self.settings.job_retry_base_s, self.settings.job_retry_max_s)
                 log.info("job_retry", job=job.id, attempts=job.attempts, code=exc.code, wait_s=wait_s)
                 self.metrics.jobs.labels(job.model_id, "retried").inc()
-                await self._write(lambda: self.store.retry(job.id, error, time.time() + wait_s))
-            else:
-                log.info("job_failed", job=job.id, attempts=job.attempts, code=exc.code)
-                self.metrics.jobs.labels(job.model_id, "failed").inc()
-                await self._write(lambda: self.store.fail(job.id, error, time.time(), ttl_s))
-            return
+                return await self._write(lambda: self.store.retry(job.id, error, time.time() + wait_s))
+            log.info("job_failed", job=job.id, attempts=job.attempts, code=exc.code)
+            self.metrics.jobs.labels(job.model_id, "failed").inc()
+            return await self._write(lambda: self.store.fail(job.id, error, time.time(), ttl_s))
         except Exception as exc:
             log.error("job_error", job=job.id, exc_info=exc)
             error = JobError("internal_error", f"internal error running job {job.id}")
             self.metrics.jobs.labels(job.model_id, "failed").inc()
-            await self._write(lambda: self.store.fail(job.id, error, time.time(), ttl_s))
-            return
-        await self._write(lambda: self.store.complete(job.id, body, time.time(), ttl_s))
+            return await self._write(lambda: self.store.fail(job.id, error, time.time(), ttl_s))
+        stored_ok = await self._write(lambda: self.store.complete(job.id, body, time.time(), ttl_s))
         self.metrics.jobs.labels(job.model_id, "completed").inc()
+        return stored_ok
 
     async def _infer(self, job: JobRecord) -> InferResult:
         """Run the job's call; a task that reports steps (txt2img) runs as a stream, its progress
@@ -242,17 +294,19 @@ class JobRunner:
             await stream.aclose()  # cancelled: the request leaves its queue, or its batch stops
         raise AssertionError("the stream ended without a result")  # pragma: no cover
 
-    async def _write(self, write: Callable[[], Awaitable[object]]) -> None:
+    async def _write(self, write: Callable[[], Awaitable[object]]) -> bool:
         """Record an outcome, retrying while the store is unreachable (a job whose outcome could not
-        be written stays running in the store and runs again at the next start)."""
+        be written stays running in the store and runs again at the next start, or once its lease
+        expired); False when it could not be written."""
         for attempt in range(1, 6):
             try:
                 await write()
-                return
+                return True
             except Exception as exc:
                 log.warning("job_store_write_failed", attempt=attempt, exc_info=exc)
                 await anyio.sleep(STORE_RETRY_S * attempt)
         log.error("job_outcome_lost_until_restart")
+        return False
 
     async def _callbacks(self) -> None:
         """Deliver the callbacks that are due, concurrently; sleep until a job ends (or a second)."""
@@ -283,11 +337,12 @@ class JobRunner:
         await self._write(lambda: self.store.callback_attempted(job.id, delivered=delivered, retry_at=retry_at))
 
     async def _leases(self) -> None:
-        """Renew the leases of the jobs running here every third of `job_lease_s`, and re-queue
-        running jobs whose lease expired (their server died)."""
+        """Renew the leases of the jobs running here (and their stream entries) every third of
+        `job_lease_s`, and re-queue running jobs whose lease expired (their server died)."""
         lease_s = self.settings.job_lease_s
         while True:
             await anyio.sleep(lease_s / 3)
+            await self.feed.renew()
             try:
                 if self._running:
                     await self.store.renew(list(self._running), time.time() + lease_s)

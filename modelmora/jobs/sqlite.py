@@ -19,93 +19,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio.to_thread
-import msgspec
 
-from ..errors import IdempotencyConflict
 from .record import JobError, JobPage, JobRecord, JobRequest, JobStatus
+from .sqlite_schema import COLUMNS, MIGRATIONS, PENDING, SCHEMA_VERSION, encoder, record
+from .store import idempotent
 
 __all__ = ("MIGRATIONS", "SCHEMA_VERSION", "SQLiteJobStore")
 
 T = TypeVar("T")
-
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE jobs (
-        id TEXT PRIMARY KEY,
-        model_id TEXT NOT NULL,
-        status TEXT NOT NULL,
-        request BLOB NOT NULL,
-        priority INTEGER NOT NULL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        expires_at REAL NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        not_before REAL NOT NULL DEFAULT 0,
-        progress REAL,
-        error BLOB,
-        idempotency_key TEXT UNIQUE,
-        callback_url TEXT
-    );
-    CREATE INDEX jobs_queue ON jobs (status, priority, created_at);
-    CREATE INDEX jobs_expiry ON jobs (expires_at);
-    CREATE INDEX jobs_model ON jobs (model_id, created_at);
-    CREATE TABLE job_results (
-        job_id TEXT PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE,
-        body BLOB NOT NULL,
-        created_at REAL NOT NULL
-    );
-    """,
-    """
-    ALTER TABLE jobs ADD COLUMN callback_state TEXT;
-    ALTER TABLE jobs ADD COLUMN callback_attempts INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE jobs ADD COLUMN callback_next REAL NOT NULL DEFAULT 0;
-    CREATE INDEX jobs_callbacks ON jobs (callback_state, callback_next);
-    """,
-    """
-    ALTER TABLE jobs ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
-    """,
-)
-"""`MIGRATIONS[n]` takes the schema from version n to n + 1 (append; never edit a shipped one)."""
-SCHEMA_VERSION = len(MIGRATIONS)
-_PENDING = "callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END"
-"""A job reaching a final status has its callback (if any) to deliver."""
-
-_COLUMNS = (
-    "id, model_id, status, request, priority, created_at, updated_at, started_at, finished_at, expires_at,"
-    " attempts, not_before, progress, error, idempotency_key, callback_url, callback_state, callback_attempts,"
-    " EXISTS (SELECT 1 FROM job_results r WHERE r.job_id = jobs.id)"
-)
-_request_decoder = msgspec.json.Decoder(JobRequest)
-_error_decoder = msgspec.json.Decoder(JobError)
-_encoder = msgspec.json.Encoder()
-
-
-def _record(row: tuple[Any, ...]) -> JobRecord:
-    (jid, model, status, request, priority, created, updated, started, finished, expires) = row[:10]
-    attempts, not_before, progress, error, key, callback, cb_state, cb_attempts, has_result = row[10:]
-    return JobRecord(
-        id=jid,
-        model_id=model,
-        status=status,
-        request=_request_decoder.decode(request),
-        priority=priority,
-        created_at=created,
-        updated_at=updated,
-        started_at=started,
-        finished_at=finished,
-        expires_at=expires,
-        attempts=attempts,
-        not_before=not_before,
-        progress=progress,
-        error=None if error is None else _error_decoder.decode(error),
-        has_result=bool(has_result),
-        idempotency_key=key,
-        callback_url=callback,
-        callback_state=cb_state,
-        callback_attempts=cb_attempts,
-    )
 
 
 class SQLiteJobStore:
@@ -155,8 +76,8 @@ class SQLiteJobStore:
         return await anyio.to_thread.run_sync(fn, *args)
 
     def _get(self, job_id: str) -> JobRecord | None:
-        row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else _record(row)
+        row = self._db.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else record(row)
 
     # -- the interface --------------------------------------------------------------------------
 
@@ -168,30 +89,27 @@ class SQLiteJobStore:
         ttl_s: float,
         idempotency_key: str | None = None,
         callback_url: str | None = None,
+        owner: str | None = None,
     ) -> tuple[JobRecord, bool]:
-        return await self._run(self._create, model_id, request, ttl_s, idempotency_key, callback_url)
+        return await self._run(self._create, model_id, request, ttl_s, idempotency_key, callback_url, owner)
 
     def _create(
-        self, model_id: str, request: JobRequest, ttl_s: float, key: str | None, callback: str | None
+        self, model_id: str, request: JobRequest, ttl_s: float, key: str | None, callback: str | None, owner: str | None
     ) -> tuple[JobRecord, bool]:
-        body = _encoder.encode(request)
+        body = encoder.encode(request)
         with self._write():
             if key is not None:
                 row = self._db.execute("SELECT id FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
                 if row is not None:
                     old = self._get(row[0])
                     assert old is not None
-                    if old.model_id != model_id or old.request != request or old.callback_url != callback:
-                        raise IdempotencyConflict(
-                            f"the Idempotency-Key {key!r} already names job {old.id} with another request"
-                        )
-                    return old, False
+                    return idempotent(old, key, model_id, request, callback, owner), False
             now = _now()
             job_id = uuid.uuid4().hex
             self._db.execute(
                 "INSERT INTO jobs (id, model_id, status, request, priority, created_at, updated_at, expires_at,"
-                " idempotency_key, callback_url) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, model_id, body, request.priority, now, now, now + ttl_s, key, callback),
+                " idempotency_key, callback_url, owner) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, model_id, body, request.priority, now, now, now + ttl_s, key, callback, owner),
             )
             rec = self._get(job_id)
         assert rec is not None
@@ -205,26 +123,30 @@ class SQLiteJobStore:
             return self._get(job_id)
 
     async def list(
-        self, *, model_id: str | None = None, status: JobStatus | None = None, limit: int = 100, offset: int = 0
+        self,
+        *,
+        model_id: str | None = None,
+        status: JobStatus | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        owner: str | None = None,
     ) -> JobPage:
-        return await self._run(self._list, model_id, status, limit, offset)
+        return await self._run(self._list, {"model_id": model_id, "status": status, "owner": owner}, limit, offset)
 
-    def _list(self, model_id: str | None, status: str | None, limit: int, offset: int) -> JobPage:
+    def _list(self, filters: dict[str, str | None], limit: int, offset: int) -> JobPage:
         where, args = [], []
-        if model_id is not None:
-            where.append("model_id = ?")
-            args.append(model_id)
-        if status is not None:
-            where.append("status = ?")
-            args.append(status)
+        for column, value in filters.items():
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
         cond = f" WHERE {' AND '.join(where)}" if where else ""
         with self._lock:
             total = self._db.execute(f"SELECT count(*) FROM jobs{cond}", args).fetchone()[0]
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM jobs{cond} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+                f"SELECT {COLUMNS} FROM jobs{cond} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
                 (*args, limit, offset),
             ).fetchall()
-        return JobPage([_record(r) for r in rows], total)
+        return JobPage([record(r) for r in rows], total)
 
     shared = False
     """One server per file: at start, what it left running runs again at once (`requeue_running`)."""
@@ -270,6 +192,20 @@ class SQLiteJobStore:
                 out.append(rec)
         return out
 
+    async def claim_job(self, job_id: str, now: float, lease_s: float) -> JobRecord | None:
+        return await self._run(self._claim_job, job_id, now, lease_s)
+
+    def _claim_job(self, job_id: str, now: float, lease_s: float) -> JobRecord | None:
+        wall = _now()
+        with self._write():
+            cur = self._db.execute(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?, updated_at = ?,"
+                " lease_until = ? WHERE id = ? AND not_before <= ?"
+                " AND (status = 'queued' OR (status = 'running' AND lease_until < ?))",
+                (wall, wall, wall + lease_s, job_id, now, now),
+            )
+            return self._get(job_id) if cur.rowcount else None
+
     async def next_due(self) -> float | None:
         return await self._run(self._next_due)
 
@@ -285,7 +221,7 @@ class SQLiteJobStore:
         with self._write():
             cur = self._db.execute(
                 "UPDATE jobs SET status = 'completed', finished_at = ?, updated_at = ?, expires_at = ?,"
-                f" progress = 1.0, error = NULL, {_PENDING}"
+                f" progress = 1.0, error = NULL, {PENDING}"
                 " WHERE id = ? AND status = 'running'",
                 (now, now, now + ttl_s, job_id),
             )
@@ -304,7 +240,7 @@ class SQLiteJobStore:
             cur = self._db.execute(
                 "UPDATE jobs SET status = 'queued', not_before = ?, error = ?, updated_at = ?"
                 " WHERE id = ? AND status = 'running'",
-                (not_before, _encoder.encode(error), _now(), job_id),
+                (not_before, encoder.encode(error), _now(), job_id),
             )
         return cur.rowcount > 0
 
@@ -315,9 +251,9 @@ class SQLiteJobStore:
         with self._write():
             cur = self._db.execute(
                 "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, updated_at = ?, expires_at = ?,"
-                f"{_PENDING}"
+                f"{PENDING}"
                 " WHERE id = ? AND status = 'running'",
-                (_encoder.encode(error), now, now, now + ttl_s, job_id),
+                (encoder.encode(error), now, now, now + ttl_s, job_id),
             )
         return cur.rowcount > 0
 
@@ -335,7 +271,7 @@ class SQLiteJobStore:
         with self._write():
             self._db.execute(
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?, updated_at = ?, expires_at = ?,"
-                f"{_PENDING}"
+                f"{PENDING}"
                 " WHERE id = ? AND status IN ('queued', 'running')",
                 (now, now, now + ttl_s, job_id),
             )
@@ -388,7 +324,7 @@ class SQLiteJobStore:
         with self._write():
             expired = self._db.execute(
                 "UPDATE jobs SET status = 'expired', finished_at = ?, updated_at = ?, expires_at = ?,"
-                f"{_PENDING}"
+                f"{PENDING}"
                 " WHERE status = 'queued' AND expires_at <= ?",
                 (now, now, now + ttl_s, now),
             ).rowcount
@@ -403,11 +339,11 @@ class SQLiteJobStore:
     def _due_callbacks(self, now: float, limit: int) -> builtins.list[JobRecord]:
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE callback_state = 'pending' AND callback_next <= ?"
+                f"SELECT {COLUMNS} FROM jobs WHERE callback_state = 'pending' AND callback_next <= ?"
                 " ORDER BY callback_next LIMIT ?",
                 (now, limit),
             ).fetchall()
-        return [_record(r) for r in rows]
+        return [record(r) for r in rows]
 
     async def callback_attempted(self, job_id: str, *, delivered: bool, retry_at: float | None) -> None:
         await self._run(self._callback_attempted, job_id, delivered, retry_at)

@@ -12,9 +12,26 @@ from __future__ import annotations
 import builtins
 from typing import Protocol
 
+from ..errors import IdempotencyConflict
 from .record import JobError, JobPage, JobRecord, JobRequest, JobStatus
 
-__all__ = ("JobStore",)
+__all__ = ("JobStore", "idempotent")
+
+
+def idempotent(
+    old: JobRecord, key: str, model_id: str, request: JobRequest, callback_url: str | None, owner: str | None
+) -> JobRecord:
+    """The job an `Idempotency-Key` already names, when the new submit repeats it.
+
+    Raises:
+        IdempotencyConflict: another request, or another owner's key (its job is not named: ids
+            never leak between identities).
+    """
+    if old.owner != owner:
+        raise IdempotencyConflict(f"the Idempotency-Key {key!r} is already in use: choose another")
+    if old.model_id != model_id or old.request != request or old.callback_url != callback_url:
+        raise IdempotencyConflict(f"the Idempotency-Key {key!r} already names job {old.id} with another request")
+    return old
 
 
 class JobStore(Protocol):
@@ -28,9 +45,11 @@ class JobStore(Protocol):
         ttl_s: float,
         idempotency_key: str | None = None,
         callback_url: str | None = None,
+        owner: str | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Store a new queued job; returns it and True. With an `idempotency_key` already used for
-        the same model and request, returns that job and False.
+        """Store a new queued job of `owner` (the submitting identity); returns it and True. With an
+        `idempotency_key` the same owner already used for the same model and request, returns that
+        job and False.
 
         Raises:
             IdempotencyConflict: the key was used for another request.
@@ -40,9 +59,15 @@ class JobStore(Protocol):
     async def get(self, job_id: str) -> JobRecord | None: ...
 
     async def list(
-        self, *, model_id: str | None = None, status: JobStatus | None = None, limit: int = 100, offset: int = 0
+        self,
+        *,
+        model_id: str | None = None,
+        status: JobStatus | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        owner: str | None = None,
     ) -> JobPage:
-        """Jobs, newest first."""
+        """Jobs, newest first (of `owner` alone, when given)."""
         ...
 
     shared: bool
@@ -62,6 +87,12 @@ class JobStore(Protocol):
         attempt each, leased for `lease_s`; highest priority first, then oldest. With `prefer` (the
         models this server holds loaded), a job of another model is taken only once it was
         submitted `cold_after_s` ago."""
+        ...
+
+    async def claim_job(self, job_id: str, now: float, lease_s: float) -> JobRecord | None:
+        """Move one job to running (an attempt counted, leased for `lease_s`) if it is queued and due,
+        or running on a lease that expired before `now` (its server died); None otherwise (running
+        elsewhere, finished, waiting for a retry, unknown)."""
         ...
 
     async def renew(self, job_ids: builtins.list[str], until: float) -> None:

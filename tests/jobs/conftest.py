@@ -3,8 +3,7 @@ and the runner running."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from pgserver import PgCluster, available
 
 from modelmora.api import create_app, job_result_body
 from modelmora.ipc import segments
@@ -69,26 +67,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "answers(*statuses): the callback receiver's answers, in order (the last repeats)"
     )
-
-
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
-    """One PostgreSQL cluster for the session (skipped where PostgreSQL is not installed)."""
-    if not available():
-        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed")
-    cluster = PgCluster().start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-def pg_url(pg_cluster: PgCluster, anyio_backend: str) -> str:
-    """A fresh database in the session's cluster (asyncpg: asyncio only)."""
-    if anyio_backend != "asyncio":
-        pytest.skip("asyncpg runs on asyncio only")
-    return pg_cluster.create_database(f"t_{uuid.uuid4().hex[:12]}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -53,3 +53,18 @@ def test_database_url_needs_asyncio(tmp_path: Path) -> None:
 def test_redact_url() -> None:
     assert redact_url("postgresql://u:p@h:1/d") == "postgresql://***@h:1/d"
     assert redact_url("postgresql://h/d") == "postgresql://h/d"
+
+
+@pytest.mark.parametrize(
+    ("database_url", "redis_url", "message"),
+    [
+        ("", "redis://127.0.0.1:6379/0", "redis_url shares jobs between servers sharing a PostgreSQL database_url"),
+        ("postgresql://db/x", "http://127.0.0.1:6379", "redis_url must be a redis:// or rediss:// URL"),
+    ],
+)
+async def test_a_redis_url_the_server_cannot_use_stops_the_start(
+    tmp_path: Path, database_url: str, redis_url: str, message: str
+) -> None:
+    settings = make_settings(tmp_path / "home", database_url=database_url, redis_url=redis_url, port=0, grpc_port=0)
+    with pytest.raises(StartupError, match=message):
+        await serve(settings)

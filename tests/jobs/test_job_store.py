@@ -173,9 +173,9 @@ async def test_an_older_schema_is_migrated_with_its_jobs(tmp_path: Path) -> None
     db.commit()
     db.close()
     s = SQLiteJobStore(path)
-    assert s.schema_version == SCHEMA_VERSION == 3
+    assert s.schema_version == SCHEMA_VERSION == 4
     rec = await s.get("old")
-    assert rec is not None and rec.request == REQ and rec.callback_state is None
+    assert rec is not None and rec.request == REQ and rec.callback_state is None and rec.owner is None
     (claimed,) = await s.claim(time.time(), 1)
     assert await s.complete(claimed.id, b"{}", time.time(), 60)
     assert (await s.due_callbacks(time.time(), 5)) == []  # no callback_url: nothing to deliver

@@ -22,6 +22,7 @@ from ..._proto.modelmora import v1
 from ...errors import InvalidInput, JobNotFinished, JobNotFound
 from ...jobs import TERMINAL, JobRecord, JobRequest, JobRunner, stored
 from ...results import absolute_url
+from ...security import Identity
 from .calls import Calls
 from .decode import decode_call, parameters_name
 from .encode import task_type
@@ -146,8 +147,8 @@ class JobServicer:
             _PATH + "GetJobResult": Handler(self.get_result, Cardinality.UNARY_UNARY, v1.JobId, v1.InferResponse),
         }
 
-    async def _job(self, job_id: str) -> JobRecord:
-        rec = await stored(self.runner.store.get(job_id))
+    async def _job(self, job_id: str, identity: Identity) -> JobRecord:
+        rec = await self.runner.find(job_id, identity)  # another identity's job: NOT_FOUND, as an unknown one
         if rec is None:
             raise JobNotFound(f"job {job_id!r} does not exist (or was swept after job_ttl_s)", field="job_id")
         return rec
@@ -169,31 +170,32 @@ class JobServicer:
                 idempotency_key=key,
                 callback_url=msg.callback_url or None,
                 trace=call.trace,
+                identity=context.identity,
             )
             await stream.send_message(
                 v1.JobReference(job_id=rec.id, status=v1.JobStatus[rec.status.upper()], created=created)
             )
 
     async def get_job(self, stream: Stream[v1.JobId, v1.Job]) -> None:
-        async with self.calls.guard(stream, "GetJob"):  # type: ignore[arg-type]
+        async with self.calls.guard(stream, "GetJob") as context:  # type: ignore[arg-type]
             msg = await stream.recv_message()
             assert msg is not None
-            await stream.send_message(job_message(await self._job(msg.job_id)))
+            await stream.send_message(job_message(await self._job(msg.job_id, context.identity)))
 
     async def cancel_job(self, stream: Stream[v1.JobId, v1.Job]) -> None:
-        async with self.calls.guard(stream, "CancelJob"):  # type: ignore[arg-type]
+        async with self.calls.guard(stream, "CancelJob") as context:  # type: ignore[arg-type]
             msg = await stream.recv_message()
             assert msg is not None
-            rec = await self.runner.cancel(msg.job_id)
+            rec = await self.runner.cancel(msg.job_id, context.identity)
             if rec is None:
                 raise JobNotFound(f"job {msg.job_id!r} does not exist (or was swept after job_ttl_s)", field="job_id")
             await stream.send_message(job_message(rec))
 
     async def watch_job(self, stream: Stream[v1.JobId, v1.Job]) -> None:
-        async with self.calls.guard(stream, "WatchJob"):  # type: ignore[arg-type]
+        async with self.calls.guard(stream, "WatchJob") as context:  # type: ignore[arg-type]
             msg = await stream.recv_message()
             assert msg is not None
-            rec = await self._job(msg.job_id)
+            rec = await self._job(msg.job_id, context.identity)
             seen = None
             while True:
                 state = (rec.status, rec.attempts, rec.progress)
@@ -203,13 +205,13 @@ class JobServicer:
                 if rec.status in TERMINAL:
                     return
                 await anyio.sleep(WATCH_POLL_S)
-                rec = await self._job(msg.job_id)
+                rec = await self._job(msg.job_id, context.identity)
 
     async def get_result(self, stream: Stream[v1.JobId, v1.InferResponse]) -> None:
-        async with self.calls.guard(stream, "GetJobResult"):  # type: ignore[arg-type]
+        async with self.calls.guard(stream, "GetJobResult") as context:  # type: ignore[arg-type]
             msg = await stream.recv_message()
             assert msg is not None
-            rec = await self._job(msg.job_id)
+            rec = await self._job(msg.job_id, context.identity)
             body = await stored(self.runner.store.result(rec.id)) if rec.status == "completed" else None
             if body is None:
                 raise JobNotFinished(f"job {rec.id!r} is {rec.status}: it has no result", status=rec.status)

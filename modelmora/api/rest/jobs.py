@@ -16,6 +16,7 @@ from ...errors import InvalidInput, JobNotFinished, JobNotFound
 from ...jobs import JobRecord, JobRequest, JobRunner, JobStatus, stored
 from ...observability import incoming
 from ...results import absolute_url
+from ...security import ANONYMOUS, Identity
 from ...service import InferResult, Priority
 from ..job_schemas import AsyncInferRequest, JobAccepted, JobList, job_info
 from .body import decode, read_body
@@ -31,6 +32,14 @@ _STATUSES = ("queued", "running", "completed", "failed", "cancelled", "expired")
 _decoder = msgspec.json.Decoder(AsyncInferRequest)
 _body_decoder = msgspec.json.Decoder(dict[str, Any])
 _encoder = msgspec.json.Encoder()
+_IDENTITY_KEY = "modelmora.identity"
+"""Where the gate leaves the caller's `Identity` in the ASGI scope (the REST app's key)."""
+
+
+def _identity(request: HTTPRequest) -> Identity:
+    """The caller, as the gate admitted it (`ANONYMOUS` while authentication is off)."""
+    identity: Identity = request.scope.get(_IDENTITY_KEY, ANONYMOUS)
+    return identity
 
 
 def job_result_body(result: InferResult, request: JobRequest) -> bytes:
@@ -65,8 +74,8 @@ def job_routes(
     `public_url`: the base of result URLs, else `base_url(scope)`, this server's as the connection
     reached it)."""
 
-    async def job(job_id: str) -> JobRecord:
-        rec = await stored(runner.store.get(job_id))
+    async def job(job_id: str, identity: Identity) -> JobRecord:
+        rec = await runner.find(job_id, identity)  # another identity's job: 404, as an unknown one
         if rec is None:
             raise JobNotFound(f"job {job_id!r} does not exist (or was swept after job_ttl_s)")
         return rec
@@ -87,7 +96,13 @@ def job_routes(
         )
         trace = incoming(request.headers.get("traceparent"), request.headers.get("tracestate"))
         rec, created = await runner.submit(
-            model_id, job_request, protocol="rest", idempotency_key=key, callback_url=env.callback_url, trace=trace
+            model_id,
+            job_request,
+            protocol="rest",
+            idempotency_key=key,
+            callback_url=env.callback_url,
+            trace=trace,
+            identity=_identity(request),
         )
         headers = {"Location": f"/api/v1/jobs/{rec.id}"}
         return json_response(JobAccepted(rec.id, rec.status), 202 if created else 200, headers)
@@ -95,15 +110,15 @@ def job_routes(
     async def get_job(request: HTTPRequest) -> Response:
         job_id = request.path_params["job_id"]
         if request.method == "DELETE":
-            rec = await runner.cancel(job_id)
+            rec = await runner.cancel(job_id, _identity(request))
             if rec is None:
                 raise JobNotFound(f"job {job_id!r} does not exist (or was swept after job_ttl_s)")
             return json_response(job_info(rec))
-        return json_response(job_info(await job(job_id)))
+        return json_response(job_info(await job(job_id, _identity(request))))
 
     async def result(request: HTTPRequest) -> Response:
         job_id = request.path_params["job_id"]
-        rec = await job(job_id)
+        rec = await job(job_id, _identity(request))
         body = await stored(runner.store.result(job_id)) if rec.status == "completed" else None
         if body is None:
             raise JobNotFinished(f"job {job_id!r} is {rec.status}: it has no result", status=rec.status)
@@ -119,6 +134,7 @@ def job_routes(
                 status=_status(status),
                 limit=_page_arg(request, "limit", 100, MAX_JOB_PAGE),
                 offset=_page_arg(request, "offset", 0, 2**31),
+                owner=runner.owner_filter(_identity(request)),
             )
         )
         return json_response(JobList([job_info(r) for r in page.jobs], page.total))
