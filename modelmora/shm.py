@@ -104,7 +104,11 @@ def check_shm_room(settings: Settings, preloaded: int = 0, directory: Path = SHM
     if room is None or needed <= room.free:
         return
     workers = workers_at_once(preloaded)
-    why = f"{preloaded} preloaded models and one reloading" if preloaded > 1 else "a model and its reload's new worker"
+    why = (
+        f"{preloaded} preloaded models and one reloading"
+        if preloaded > 1
+        else "a model and the new worker of its reload"
+    )
     suggest = 1 << max(6, math.ceil(math.log2(needed / _MiB + 1)))  # MiB, a power of two with room to spare
     raise ShmShortage(
         f"{directory} has {_mib(room.free)} free ({room.free} bytes, of {_mib(room.total)}) but the server needs"

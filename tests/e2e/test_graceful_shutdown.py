@@ -162,9 +162,9 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tmp_path:
         late = httpx.post(f"{srv.url}/api/v1/infer/echo", json={"input_data": {"text": "late"}}, timeout=30)
         assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
         assert late.headers["retry-after"] == "1"
-        with Client(f"127.0.0.1:{srv.grpc_port}", retry=RetryPolicy(max_attempts=1)) as client:
-            with pytest.raises(UnavailableError, match="shutting down"):
-                client.embed("echo", ["late"], timeout=30)
+        client = Client(f"127.0.0.1:{srv.grpc_port}", retry=RetryPolicy(max_attempts=1))
+        with client, pytest.raises(UnavailableError, match="shutting down"):
+            client.embed("echo", ["late"], timeout=30)
         assert srv.proc.poll() is None and all(r is None for r in load.rest), "the drain did not wait"
         gate.touch()
         load.join()
