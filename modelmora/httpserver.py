@@ -21,10 +21,10 @@ marks the listening socket inheritable (so the zygote and every worker held the 
   body was read) is acknowledged and the stream reset with NO_ERROR (RFC 9113 section 8.1), where
   Hypercorn raised KeyError and dropped the connection with every other stream on it;
 - draining (`serve`'s `shutdown` returned): the open connections finish their running requests and
-  close (idle ones at once); connections accepted meanwhile are answered by `draining_app` (503
-  `shutting_down`, `/health/ready` 503, `/health/live` 200), so that probes and late clients get an
-  answer rather than a refused connection, until `closing` returns; what is left when `forced`
-  returns is cancelled.
+  close (idle ones at once); connections accepted meanwhile are answered by
+  `shutdown.draining_app` (503 `shutting_down`, `/health/ready` 503, `/health/live` 200), so that
+  probes and late clients get an answer rather than a refused connection, until `closing`
+  returns; what is left when `forced` returns is cancelled.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.typing import AppWrapper
 from hypercorn.utils import wrap_app
 
-__all__ = ("REFUSAL", "HttpListener", "current_backend", "draining_app")
+from .shutdown import draining_app
+
+__all__ = ("REFUSAL", "HttpListener", "current_backend")
 
 log = structlog.get_logger("modelmora.http")
 
@@ -62,16 +64,6 @@ REFUSAL = (
     b"connection: close\r\ncontent-length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY
 )
 """What a connection beyond the cap receives before it is closed."""
-
-_SHUTTING_DOWN_BODY = msgspec.json.encode(
-    {"error": {"code": "shutting_down", "message": "the server is shutting down; retry (another replica)"}}
-)
-_READY_BODY = msgspec.json.encode({"status": "unavailable", "reason": "the server is shutting down"})
-_LIVE_BODY = msgspec.json.encode({"status": "ok"})
-_LIVE_PATHS = frozenset({"/health/live", "/v2/health/live"})
-_READY_PATHS = frozenset({"/health/ready", "/v2/health/ready"})
-_DRAIN_READ_LIMIT = 1 << 16
-"""Request body bytes `draining_app` reads before answering (so that closing sends FIN, not RST)."""
 
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _TRANSIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN, errno.EINTR})
@@ -91,33 +83,6 @@ def _refuse(conn: socket.socket) -> None:
             conn.shutdown(socket.SHUT_WR)
     finally:
         conn.close()
-
-
-async def draining_app(scope: Any, receive: Any, send: Any) -> None:
-    """What a connection accepted while the server drains is answered: `/health/live` 200,
-    `/health/ready` 503, anything else 503 `shutting_down` with `Retry-After: 1` (the request's
-    body read first, up to a limit)."""
-    if scope["type"] != "http":
-        return
-    path = scope.get("path", "")
-    if path in _LIVE_PATHS:
-        status, body = 200, _LIVE_BODY
-    else:
-        status, body = 503, _READY_BODY if path in _READY_PATHS else _SHUTTING_DOWN_BODY
-    read, more = 0, True
-    while more and read <= _DRAIN_READ_LIMIT:
-        message = await receive()
-        if message["type"] != "http.request":
-            return  # the client went away
-        read += len(message.get("body", b""))
-        more = bool(message.get("more_body", False))
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 503:
-        headers.append((b"retry-after", b"1"))
-    if str(scope.get("http_version", "1.1")).startswith("1"):
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class HttpListener:

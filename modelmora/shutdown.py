@@ -4,7 +4,7 @@ starts a drain; a second one, or the end of `shutdown_grace_s`, forces the stop.
 Draining, in this order:
 
 1. Readiness turns 503: the HTTP listener keeps accepting, but a connection accepted from now on
-   is answered by `httpserver.draining_app` (`/health/ready` 503, `/health/live` 200, anything
+   is answered by `draining_app` (`/health/ready` 503, `/health/live` 200, anything
    else 503 `shutting_down` with `Retry-After`), so that a load balancer's probe and a late client
    get an answer rather than a refused connection. gRPC calls started from now get UNAVAILABLE.
 2. No new request is taken: keep-alive connections close once their running requests are
@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
+import msgspec
 import structlog
 
 if TYPE_CHECKING:
@@ -33,12 +34,21 @@ if TYPE_CHECKING:
     from .jobs import JobRunner
     from .scheduler import Scheduler
 
-__all__ = ("FORCED_ANSWER_S", "Shutdown", "drain", "kill_workers_when_forced")
+__all__ = ("FORCED_ANSWER_S", "Shutdown", "drain", "draining_app", "kill_workers_when_forced")
 
 log = structlog.get_logger("modelmora.server")
 
 FORCED_ANSWER_S = 1.0
 """When the stop is forced: how long connections may take to send the 503 of requests cut short."""
+_SHUTTING_DOWN_BODY = msgspec.json.encode(
+    {"error": {"code": "shutting_down", "message": "the server is shutting down; retry (another replica)"}}
+)
+_READY_BODY = msgspec.json.encode({"status": "unavailable", "reason": "the server is shutting down"})
+_LIVE_BODY = msgspec.json.encode({"status": "ok"})
+_LIVE_PATHS = frozenset({"/health/live", "/v2/health/live"})
+_READY_PATHS = frozenset({"/health/ready", "/v2/health/ready"})
+_DRAIN_READ_LIMIT = 1 << 16
+"""Request body bytes `draining_app` reads before answering (so that closing sends FIN, not RST)."""
 
 
 class Shutdown:
@@ -103,6 +113,33 @@ class Shutdown:
             tg.start_soon(all_of)
             tg.start_soon(forced)
         return idle
+
+
+async def draining_app(scope: Any, receive: Any, send: Any) -> None:
+    """What a connection accepted while the server drains is answered: `/health/live` 200,
+    `/health/ready` 503, anything else 503 `shutting_down` with `Retry-After: 1` (the request's
+    body read first, up to a limit)."""
+    if scope["type"] != "http":
+        return
+    path = scope.get("path", "")
+    if path in _LIVE_PATHS:
+        status, body = 200, _LIVE_BODY
+    else:
+        status, body = 503, _READY_BODY if path in _READY_PATHS else _SHUTTING_DOWN_BODY
+    read, more = 0, True
+    while more and read <= _DRAIN_READ_LIMIT:
+        message = await receive()
+        if message["type"] != "http.request":
+            return  # the client went away
+        read += len(message.get("body", b""))
+        more = bool(message.get("more_body", False))
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    if str(scope.get("http_version", "1.1")).startswith("1"):
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def drain(
