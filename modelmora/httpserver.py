@@ -19,7 +19,12 @@ marks the listening socket inheritable (so the zygote and every worker held the 
   connection runs), within `config.ssl_handshake_timeout`; the context is read at each accept;
 - on HTTP/2, request body data that arrives for a stream already answered (413 before the whole
   body was read) is acknowledged and the stream reset with NO_ERROR (RFC 9113 section 8.1), where
-  Hypercorn raised KeyError and dropped the connection with every other stream on it.
+  Hypercorn raised KeyError and dropped the connection with every other stream on it;
+- draining (`serve`'s `shutdown` returned): the open connections finish their running requests and
+  close (idle ones at once); connections accepted meanwhile are answered by
+  `shutdown.draining_app` (503 `shutting_down`, `/health/ready` 503, `/health/live` 200), so that
+  probes and late clients get an answer rather than a refused connection, until `closing`
+  returns; what is left when `forced` returns is cancelled.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from hypercorn.config import Config
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.typing import AppWrapper
 from hypercorn.utils import wrap_app
+
+from .shutdown import draining_app
 
 __all__ = ("REFUSAL", "HttpListener", "current_backend")
 
@@ -86,6 +93,7 @@ class HttpListener:
         self, app: Any, config: Config, sock: socket.socket, *, limit: int, ssl: SSLContext | None = None
     ) -> None:
         self.app: AppWrapper = wrap_app(app, config.wsgi_max_body_size, "asgi")
+        self.draining_app: AppWrapper = wrap_app(draining_app, config.wsgi_max_body_size, "asgi")
         self.config = config
         self.sock = sock
         self.limit = limit
@@ -94,8 +102,13 @@ class HttpListener:
         self.accepted = 0
         self.refused = 0
         self.accept_errors = 0
+        self.draining = False
+        self.serving = 0
+        """Open connections accepted before the drain began (those that run requests of `app`)."""
         self._context: Any = None
-        self._drained: anyio.Event | None = None
+        self._drain_context: Any = None
+        self._served = anyio.Event()
+        self._drained = anyio.Event()
 
     def statistics(self) -> dict[str, int]:
         """Open connections, the cap, and totals since start."""
@@ -107,21 +120,42 @@ class HttpListener:
             "accept_errors": self.accept_errors,
         }
 
-    async def serve(self, shutdown: Callable[[], Awaitable[None]]) -> None:
-        """Accept until `shutdown` returns; then close idle connections, give running ones
-        `config.graceful_timeout` seconds, and cancel what is left."""
+    async def wait_served(self) -> None:
+        """Return once the drain has begun and every connection accepted before it has ended."""
+        await self._served.wait()
+
+    async def serve(
+        self,
+        shutdown: Callable[[], Awaitable[object]],
+        *,
+        closing: Callable[[], Awaitable[object]] | None = None,
+        forced: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        """Accept until `shutdown` returns; then drain: idle connections close, running ones close
+        once their requests are answered, and connections accepted from then on get `draining_app`.
+        Accepting stops when `closing` returns (default: `wait_served`); the connections left are
+        cancelled when `forced` returns (default: `config.graceful_timeout` seconds after `shutdown`).
+        """
         self._context = _worker_context()
         self.sock.setblocking(False)
         async with anyio.create_task_group() as connections:
             async with anyio.create_task_group() as front:
                 front.start_soon(self._accept_forever, connections)
                 await shutdown()
+                stop_at_once = forced or functools.partial(
+                    anyio.sleep_until, anyio.current_time() + self.config.graceful_timeout
+                )
+                self._drain_context = _worker_context()  # not terminated: its requests get read
+                await self._context.terminated.set()
+                self.draining = True
+                if not self.serving:
+                    self._served.set()
+                await _first(closing or self.wait_served, stop_at_once)
                 front.cancel_scope.cancel()
-            await self._context.terminated.set()
-            self._drained = anyio.Event()
-            if self.open:
-                with anyio.move_on_after(self.config.graceful_timeout):
-                    await self._drained.wait()
+            await self._drain_context.terminated.set()
+            if not self.open:
+                self._drained.set()
+            await _first(self._drained.wait, stop_at_once)
             connections.cancel_scope.cancel()
 
     async def _accept_forever(self, connections: anyio.abc.TaskGroup) -> None:
@@ -150,21 +184,41 @@ class HttpListener:
                 continue
             self.accepted += 1
             self.open += 1
-            connections.start_soon(self._connection, conn)
+            serving = not self.draining
+            if serving:
+                self.serving += 1
+            connections.start_soon(self._connection, conn, serving)
 
-    async def _connection(self, conn: socket.socket) -> None:
+    async def _connection(self, conn: socket.socket, serving: bool) -> None:
+        app, context = (self.app, self._context) if serving else (self.draining_app, self._drain_context)
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if _asyncio_running():
-                await _serve_asyncio(self.app, self.config, self._context, conn, self.ssl)
+                await _serve_asyncio(app, self.config, context, conn, self.ssl)
             else:
-                await _serve_trio(self.app, self.config, self._context, conn, self.ssl)
+                await _serve_trio(app, self.config, context, conn, self.ssl)
         except OSError:
             conn.close()
         finally:
             self.open -= 1
-            if not self.open and self._drained is not None:
+            if serving:
+                self.serving -= 1
+            if self.draining and not self.serving:
+                self._served.set()
+            if not self.open and self._drain_context is not None and self._drain_context.terminated.is_set():
                 self._drained.set()
+
+
+async def _first(main: Callable[[], Awaitable[object]], stopper: Callable[[], Awaitable[object]]) -> None:
+    """Wait until `main` or `stopper` returns, whichever first."""
+    async with anyio.create_task_group() as tg:
+
+        async def run(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(run, main)
+        tg.start_soon(run, stopper)
 
 
 def _asyncio_running() -> bool:

@@ -3,7 +3,8 @@ listener (`httpserver`: Hypercorn's HTTP/1.1 and HTTP/2 cleartext on one port, b
 loop with its connection cap) and the gRPC listener (`api.grpc`, on `grpc_port`), both over the one
 inference core, inside the zygote's owner (`ZygoteLauncher.running`), which so outlives every worker
 it forked. Runs on asyncio by default, on trio with `backend = "trio"` (without gRPC: grpclib is
-asyncio only). A failure to start is one `StartupError` line (`mm serve` exits 2)."""
+asyncio only). A failure to start is one `StartupError` line (`mm serve` exits 2), a /dev/shm too
+small for the rings included (`shm`). SIGTERM or SIGINT drains and stops (`shutdown`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import functools
 import gc
 import os
 import resource
-import signal
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
@@ -38,6 +38,8 @@ from .results import open_result_store
 from .scheduler import Scheduler
 from .security import Gate, Reloadable, ServerTls, TlsError, TokenError, check_exposure, follow_files
 from .service import InferenceService
+from .shm import ShmShortage, check_store_shm
+from .shutdown import Shutdown, drain, kill_workers_when_forced
 from .tasks import task_info
 
 if TYPE_CHECKING:
@@ -212,10 +214,6 @@ async def serve(
         log.info("removed_stale_segments", count=len(removed))
     check_backend(settings, current_backend())
     gate, tls = _edge_security(settings)
-    try:
-        segments.ensure_ring_room(settings.request_ring_mb, settings.response_ring_mb)
-    except segments.SharedMemoryExhausted as exc:
-        raise StartupError(str(exc)) from None
     home = settings.home_path
     try:
         home.mkdir(parents=True, exist_ok=True)
@@ -230,6 +228,10 @@ async def serve(
         raise StartupError(f"cannot open the registry {where}: {_reason(exc)}") from None
     grpc_port = settings.effective_grpc_port(current_backend())
     try:
+        try:
+            await check_store_shm(settings, store)
+        except ShmShortage as exc:
+            raise StartupError(str(exc)) from None
         sock = sock or bind_socket(settings.host, settings.port)
         if grpc_port and grpc_sock is None:
             grpc_sock = bind_socket(settings.host, grpc_port)
@@ -283,7 +285,7 @@ async def _serve(
     config.keep_alive_timeout = settings.keep_alive_timeout_s
     config.ssl_handshake_timeout = settings.tls.handshake_timeout_s
     limit = connection_limit(settings)
-    stop = stop or anyio.Event()
+    shutdown = Shutdown(settings.shutdown_grace_s, stop)
     async with contextlib.AsyncExitStack() as stack:
         try:
             results = await stack.enter_async_context(open_result_store(settings))
@@ -292,6 +294,9 @@ async def _serve(
         jobs = await stack.enter_async_context(_job_store(settings))
         spans = await stack.enter_async_context(_span_export(settings.otlp_endpoint))
         await stack.enter_async_context(_owned(launcher))
+        watch = await stack.enter_async_context(anyio.create_task_group())  # until the workers are gone
+        stack.callback(watch.cancel_scope.cancel)
+        watch.start_soon(shutdown.watch)
         tg = await stack.enter_async_context(anyio.create_task_group())
         service = InferenceService(settings, store, scheduler, results)
         service.record.spans = spans
@@ -303,9 +308,7 @@ async def _serve(
         await service.preload()  # starts the loads; requests are accepted meanwhile
         background = anyio.CancelScope()  # tasks that end with the HTTP server
         reloadable: list[Reloadable] = [r for r in (gate, tls) if r is not None and r.watched_paths()]
-        tg.start_soon(
-            _background, background, functools.partial(_signals, stop), service.run, runner.run, _follow(reloadable)
-        )
+        tg.start_soon(_background, background, service.run, runner.run, _follow(reloadable))
         warning = check_exposure(settings, tls=tls is not None, auth=gate.enabled)
         if warning is not None:
             event, _, advice = warning.partition(": ")
@@ -323,13 +326,22 @@ async def _serve(
         )
         task_status.started(port)
         # In a task group of its own: the connections' tasks end before the scheduler stops.
-        async with anyio.create_task_group() as http:
+        async with anyio.create_task_group() as edges:
+            cut = anyio.Event()
             if grpc is not None:
-                await http.start(grpc.serve, stop.wait, name="grpc")
-            http.start_soon(listener.serve, stop.wait, name="http")
+                await edges.start(functools.partial(grpc.serve, shutdown.draining.wait, forced=cut.wait), name="grpc")
+            serve_http = functools.partial(listener.serve, shutdown.draining.wait, closing=cut.wait, forced=cut.wait)
+            edges.start_soon(serve_http, name="http")
+
+            def stop_now() -> None:
+                background.cancel()
+                scheduler.close()
+
+            await drain(shutdown, listener, grpc, runner, stop_now=stop_now, cut=cut)
         log.info("stopping", **listener.statistics())
         background.cancel()
         scheduler.close()
+        watch.start_soon(kill_workers_when_forced, shutdown, scheduler)
 
 
 def _grpc_listener(
@@ -434,13 +446,6 @@ async def _background(scope: anyio.CancelScope, *tasks: Callable[[], Coroutine[A
         async with anyio.create_task_group() as tg:
             for task in tasks:
                 tg.start_soon(task)
-
-
-async def _signals(stop: anyio.Event) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            stop.set()
-            return
 
 
 def run(settings: Settings, *, backend: str | None = None) -> None:

@@ -63,6 +63,9 @@ class Echo:
                 raise InputError("this text is refused", f"$.input_data.text[{i}]")
             if t.startswith("__sleep__"):
                 time.sleep(float(t.removeprefix("__sleep__")))
+            if t.startswith("__until__"):  # held until the test creates the file named after it
+                while not os.path.exists(t.removeprefix("__until__")):
+                    time.sleep(0.01)
             if t.startswith("__steps__"):  # a long job in 0.1 s steps, cancellable between steps
                 for _ in range(int(t.removeprefix("__steps__"))):
                     cancel.check()

@@ -9,6 +9,10 @@ records its outcome.
   stops it between steps), as when a REST client goes away; its outcome is never stored.
 - At start, jobs left `running` by a server that stopped (or was killed) run again; the store
   keeps at most one result per job, whichever run finishes first being the one stored.
+- A stopping server drains (`drain`): it claims nothing more, so queued jobs stay queued for
+  another server or the next start, and lets running jobs finish; the jobs still running when the
+  runner is cancelled are put back in the queue at once (their runs are cut, as if the server had
+  died, without waiting for their leases to expire).
 - Every `job_sweep_interval_s`, jobs past `job_ttl_s` are expired or deleted with their results.
 - With `redis_url` (servers sharing a PostgreSQL store), queued jobs reach the servers through
   Redis Streams (`streams`); the store is still polled, less often, so that a job whose news was
@@ -60,6 +64,9 @@ CALLBACK_BATCH = 16
 CALLBACK_RETRY_MAX_S = 300.0
 DISPATCH_POLL_S = 0.1
 """With Redis: how often an idle runner looks at the job streams."""
+RELEASE_TIMEOUT_S = 5.0
+"""How long a cancelled runner tries to put its interrupted jobs back in the queue (they run again
+anyway once their leases expire, or at the next start)."""
 
 Encode = Callable[[InferResult, JobRequest], bytes]
 """Turns a finished job's result into the bytes stored as its result record."""
@@ -93,6 +100,10 @@ class JobRunner:
         self.encode = encode
         self.concurrency = settings.job_concurrency
         self._running: dict[str, anyio.CancelScope] = {}
+        self._interrupted: list[str] = []
+        self._draining = False
+        self._idle_now = anyio.Event()
+        self._idle_now.set()
         self._wake = anyio.Event()
         self._callback_wake = anyio.Event()
         self.sender = CallbackSender(settings)
@@ -183,6 +194,15 @@ class JobRunner:
     def statistics(self) -> dict[str, int]:
         return {"running": len(self._running), "concurrency": self.concurrency}
 
+    def drain(self) -> None:
+        """Claim no more jobs (the server is stopping); the running ones go on."""
+        self._draining = True
+        self._wake.set()
+
+    async def wait_idle(self) -> None:
+        """Return when no job runs here."""
+        await self._idle_now.wait()
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Re-queue what a previous run left running, then run jobs until cancelled."""
         if not self.store.shared:  # ours alone: what we left running runs again now
@@ -195,7 +215,12 @@ class JobRunner:
                 from .opening import open_dispatch
 
                 self.feed.dispatch = await stack.enter_async_context(open_dispatch(self.settings, self.store))
-            await self._loop(task_status)
+            try:
+                await self._loop(task_status)
+            finally:
+                if self._interrupted:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+                        await self._release()
 
     async def _loop(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
@@ -204,7 +229,7 @@ class JobRunner:
             tg.start_soon(self._leases)
             task_status.started()
             while True:
-                free = self.concurrency - len(self._running)
+                free = 0 if self._draining else self.concurrency - len(self._running)
                 claimed: list[JobRecord] = []
                 if free > 0:
                     try:
@@ -216,6 +241,8 @@ class JobRunner:
                     for job in claimed:
                         scope = anyio.CancelScope()
                         self._running[job.id] = scope
+                        if self._idle_now.is_set():
+                            self._idle_now = anyio.Event()
                         tg.start_soon(self._run_job, job, scope)
                     if len(claimed) == free:
                         continue
@@ -236,14 +263,32 @@ class JobRunner:
             await self._wake.wait()
         self._wake = anyio.Event()
 
+    async def _release(self) -> None:
+        """Put the jobs whose runs were cut by the runner's cancellation back in the queue."""
+        ids, self._interrupted = self._interrupted, []
+        try:
+            await self.store.renew(ids, time.time() - 1)  # their leases end now
+            requeued = await self.store.requeue_expired(time.time())
+        except Exception as exc:
+            log.warning("jobs_release_failed", count=len(ids), exc_info=exc)
+            return
+        log.info("jobs_released", count=len(ids), requeued=requeued)
+        self.metrics.jobs.labels("", "requeued").inc(requeued)
+
     async def _run_job(self, job: JobRecord, scope: anyio.CancelScope) -> None:
         settled = False
+        ended = False
         try:
             with scope:
                 settled = await self._attempt(job)
+            ended = True  # or cancelled by its client (`cancel`)
             settled = settled or scope.cancelled_caught  # cancelled by `cancel`: the store says so
         finally:
+            if not ended:
+                self._interrupted.append(job.id)
             self._running.pop(job.id, None)
+            if not self._running:
+                self._idle_now.set()
             self._wake.set()
             self._callback_wake.set()
         await self.feed.ended(job.id, settled=settled)  # its entry acknowledged once the outcome is stored

@@ -289,6 +289,12 @@ class WorkerHandle(WorkerChannel):
             device=reply.device,
         )
 
+    def kill(self) -> None:
+        """End the worker now (SIGKILL), as a stop rather than a crash (a forced server stop): its
+        batches fail, and the stop that follows (`open`'s exit) finds it gone."""
+        self._stopping = True
+        self.process.kill()
+
     async def _stop(self, grace_s: float) -> None:
         """Ask the worker to exit, SIGKILL it after `grace_s`, wait for it, fail what it held.
 

@@ -131,9 +131,12 @@ class GrpcListener:
         self,
         until: Callable[[], Awaitable[object]],
         *,
+        forced: Callable[[], Awaitable[object]] | None = None,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until `until()` returns (or this task is cancelled), then stop gracefully."""
+        """Serve until `until()` returns (or this task is cancelled), then stop gracefully: calls
+        started from then on get UNAVAILABLE, running ones end or are cancelled when `forced()`
+        returns (default: after `shutdown_grace_s`)."""
         server = Server(self.handlers, codec=LimitedCodec(self.service.settings.grpc_max_message_bytes))
         await server.start(sock=self.sock, ssl=self.ssl)
         task_status.started()
@@ -142,8 +145,17 @@ class GrpcListener:
         finally:
             with anyio.CancelScope(shield=True):
                 self.calls.closing = True
-                with anyio.move_on_after(self.service.settings.shutdown_grace_s):
-                    await self.calls.wait_idle()
+                async with anyio.create_task_group() as drain:
+                    drain.start_soon(_cancel_after, drain.cancel_scope, self.calls.wait_idle)
+                    if forced is not None:
+                        drain.start_soon(_cancel_after, drain.cancel_scope, forced)
+                    else:
+                        drain.cancel_scope.deadline = anyio.current_time() + self.service.settings.shutdown_grace_s
                 log.info("grpc_stopping", running_calls=self.calls.running)
                 server.close()
                 await server.wait_closed()
+
+
+async def _cancel_after(scope: anyio.CancelScope, wait: Callable[[], Awaitable[object]]) -> None:
+    await wait()
+    scope.cancel()
