@@ -73,6 +73,19 @@ def test_model_files_are_hard_links_to_the_cache(
     assert (Path(v.path) / "model.safetensors").read_bytes() == weights  # the model keeps its copy
 
 
+def test_prune_keeps_the_files_installed_versions_use(home: Path, hub: FakeHub, capsys: Cap, monkeypatch: MP) -> None:
+    cli(capsys, monkeypatch, "install", REPO)
+    v = SQLiteStore(home / "registry.sqlite3").get("tiny-st").versions[0]  # type: ignore[union-attr]
+    kept = blobs(home)
+    assert kept == set(v.files.values())
+
+    assert "removed 0 files" in cli(capsys, monkeypatch, "cache", "prune")
+    assert blobs(home) == kept
+    cli(capsys, monkeypatch, "uninstall", "tiny-st")
+    assert f"removed {len(kept)} files" in cli(capsys, monkeypatch, "cache", "prune")
+    assert not blobs(home)
+
+
 def test_a_model_file_changed_in_place_is_not_reused_from_the_cache(
     home: Path, hub: FakeHub, st_dir: Path, capsys: Cap, monkeypatch: MP
 ) -> None:
