@@ -114,7 +114,10 @@ def install_from_lock(
     console.print(f"{path}: " + "; ".join(parts), highlight=False)
 
 
-cache_app = cyclopts.App(name="cache", help="The download cache: archives and files fetched from URLs, by content.")
+cache_app = cyclopts.App(
+    name="cache",
+    help="The download cache: archives and files fetched from URLs, S3 and Hugging Face, by content.",
+)
 
 
 @cache_app.command(name="list")
@@ -159,7 +162,8 @@ def cache_prune(
     config: Path | None = None,
     home: Path | None = None,
 ) -> None:
-    """Remove cached downloads that no installed version came from, and unfinished downloads.
+    """Remove cached downloads that no installed version uses (neither its source's content nor one
+    of its files), and unfinished downloads.
 
     Parameters
     ----------
@@ -171,6 +175,12 @@ def cache_prune(
     settings = settings_for(config, home)
     keep: set[str] = set()
     if not all_:
-        keep = {v.revision for rec in open_registry(settings).list() for v in rec.versions if v.revision}
+        for rec in open_registry(settings).list():
+            for v in rec.versions:
+                # An archive is cached by the version's revision; a Hugging Face or S3 file, or a
+                # single downloaded file, by its own SHA-256.
+                keep.update(v.files.values())
+                if v.revision:
+                    keep.add(v.revision)
     removed, freed = DownloadCache.under(settings.home_path).prune(keep)
     console.print(f"removed {removed} files, {freed / 2**20:.1f} MiB")

@@ -6,10 +6,16 @@
 - `index.json`: URL -> the blob it last served, with the validators (ETag, Last-Modified) that
   let the next fetch ask "changed since?" and reuse the blob when it did not.
 - `partial/<key>.part` (+ `.json`): a download cut short, resumed from where it stopped.
+- `stamps.json`: the size and modification time of each blob as stored, so a blob changed in place
+  since (through a model folder's hard link to it, `place`) is dropped instead of reused.
+
+A model's files are hard links to the blobs when both are on one file system (`place`), so they
+are stored once; removing either name (an uninstall, a prune) leaves the other intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ("CacheEntry", "DownloadCache")
+__all__ = ("CacheEntry", "DownloadCache", "place")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +61,32 @@ class DownloadCache:
     # -- blobs ------------------------------------------------------------------------------
 
     def blob(self, sha256: str) -> Path | None:
-        """The cached file with this SHA-256, if any."""
+        """The cached file with this SHA-256, if any. A blob written to since it was stored (in
+        place, through a model folder's hard link) no longer has that content: it is dropped."""
         path = self.blobs / sha256
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        stamp = self._stamps().get(sha256)
+        if stamp is not None and stamp != [st.st_size, st.st_mtime_ns]:
+            path.unlink(missing_ok=True)  # the model folder keeps its (changed) file
+            return None
         return path if path.is_file() else None
 
     def add(self, part: Path, sha256: str, url: str, *, etag: str = "", last_modified: str = "") -> Path:
-        """Move a finished download into the cache under its SHA-256, and record what served it."""
+        """Move a finished download into the cache under its SHA-256, and record what served it.
+        A blob already there is kept (the model files linked to it stay linked)."""
         self.blobs.mkdir(parents=True, exist_ok=True)
         path = self.blobs / sha256
-        os.replace(part, path)
+        if self.blob(sha256) is not None:
+            part.unlink(missing_ok=True)
+        else:
+            os.replace(part, path)
+            st = path.stat()
+            stamps = self._stamps()
+            stamps[sha256] = [st.st_size, st.st_mtime_ns]
+            self._write_json(self._stamps_path(), stamps)
         self._record(url, _Fetched(sha256, etag, last_modified, time.time()))
         return path
 
@@ -99,10 +122,24 @@ class DownloadCache:
         return out
 
     def _write_index(self, index: dict[str, _Fetched]) -> None:
+        self._write_json(self._index_path(), {url: asdict(e) for url, e in sorted(index.items())})
+
+    def _write_json(self, path: Path, data: object) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._index_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps({url: asdict(e) for url, e in sorted(index.items())}, indent=1))
-        os.replace(tmp, self._index_path())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    def _stamps_path(self) -> Path:
+        return self.root / "stamps.json"
+
+    def _stamps(self) -> dict[str, list[int]]:
+        """SHA-256 -> [size, mtime in ns] of each blob as stored."""
+        try:
+            raw = json.loads(self._stamps_path().read_text())
+        except (OSError, ValueError):
+            return {}
+        return raw if isinstance(raw, dict) else {}
 
     def _record(self, url: str, fetched: _Fetched) -> None:
         index = self._index()
@@ -145,8 +182,22 @@ class DownloadCache:
         index = {u: e for u, e in self._index().items() if self.blob(e.sha256) is not None}
         if self.root.is_dir():
             self._write_index(index)
+            stamps = {sha: stamp for sha, stamp in self._stamps().items() if (self.blobs / sha).is_file()}
+            self._write_json(self._stamps_path(), stamps)
         if self.partial.is_dir():
             freed += self.partial_bytes()
             removed += len(list(self.partial.glob("*.part")))
             shutil.rmtree(self.partial, ignore_errors=True)
         return removed, freed
+
+
+def place(blob: Path, target: Path) -> None:
+    """Put a cached blob's content at `target`: a hard link when both are on one file system (one
+    copy on disk; removing either name leaves the other), else a copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    try:
+        os.link(blob, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copyfile(blob, target)

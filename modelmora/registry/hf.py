@@ -1,13 +1,11 @@
-"""Fetch model repos from the Hugging Face Hub (or a mirror) into plain directories.
+"""What the registry asks the Hugging Face Hub (or a mirror), through `huggingface_hub`:
 
-A thin layer over `huggingface_hub` that
-
-* downloads a filtered snapshot into a directory of ordinary files (no symlinks into
-  the Hub cache) and reports its commit, so the registry can pin what it stores;
-* turns the many ways a download can fail into one exception, `HubError`, whose
-  `kind` tells the caller what to tell the user;
-* never leaves `huggingface_hub`'s bookkeeping folder (`.cache/huggingface`) in the
-  destination, where it would pass for model files.
+* the commit a revision resolves to and the files of that commit, with their sizes and the
+  SHA-256 of those stored in LFS (`repo_files`), filtered by patterns (`filter_files`);
+* the URL and headers of one file (`file_request`): the download itself goes through the
+  download cache (`sources.download_hf`, `fetch.py`), which resumes and reuses;
+* one exception, `HubError`, for the many ways a request can fail, whose `kind` tells the
+  caller what to tell the user.
 
 The endpoint defaults to `huggingface_hub`'s own: `HF_ENDPOINT` as it was when
 `huggingface_hub` was first imported, else `https://huggingface.co`. With
@@ -19,19 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple, get_args
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_cached_repo_tree, hf_hub_url, snapshot_download
-
-# Private parts of huggingface_hub (as of 2.4), used by `_check_complete` to check
-# that `snapshot_download` really fetched every file; revisit on upgrades.
-from huggingface_hub._local_folder import read_download_metadata
+from huggingface_hub import HfApi, constants, hf_hub_url
 from huggingface_hub.errors import (
-    CachedRepoTreeNotFoundError,
     DisabledRepoError,
     FileMetadataError,
     GatedRepoError,
@@ -45,16 +36,13 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils._headers import build_hf_headers
 from huggingface_hub.utils._paths import filter_repo_objects
-from huggingface_hub.utils.tqdm import tqdm as _HfTqdm
 
 __all__ = (
     "HubError",
     "HubErrorKind",
     "RepoFile",
-    "download_snapshot",
     "file_request",
     "filter_files",
-    "list_repo_files",
     "repo_files",
 )
 
@@ -67,12 +55,10 @@ HubErrorKind = Literal["not_found", "unauthorized", "network", "revision_not_fou
   disabled repo.
 * `revision_not_found`: the repo exists, the branch, tag or commit does not.
 * `network`: the Hub could not be reached or misbehaved: connection refused,
-  timeout, HTTP 5xx, offline mode, an endpoint that is not a Hub, a download cut
-  short.
+  timeout, HTTP 5xx, offline mode, an endpoint that is not a Hub.
 """
 
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
-_METADATA_DIR = Path(".cache") / "huggingface"
 
 
 class HubError(Exception):
@@ -100,125 +86,6 @@ class HubError(Exception):
         self.revision = revision
 
 
-class _SilentTqdm(_HfTqdm):
-    """`huggingface_hub`'s progress bar, always disabled: mutes one call only."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["disable"] = True
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-
-
-def download_snapshot(
-    repo_id: str,
-    dest: Path,
-    *,
-    revision: str | None = None,
-    allow_patterns: list[str] | None = None,
-    ignore_patterns: list[str] | None = None,
-    endpoint: str | None = None,
-    token: str | None = None,
-    progress: bool = True,
-) -> str:
-    """Download the files of a model repo into `dest`; return their commit.
-
-    The revision is resolved to a commit first, then each file of that commit that
-    passes the patterns is fetched (eight at a time) to `dest` / its repo path, as a
-    regular file. A file already in `dest` is kept if the Hub shows it is current
-    (LFS files are compared by sha256, small files are fetched again); a file in the
-    local Hub cache is copied from there. Files in `dest` that the repo does not have
-    are left alone: `dest` should be empty or hold an earlier download of the repo.
-
-    Args:
-        repo_id: `namespace/name` of a model repo.
-        dest: Destination directory, created if missing.
-        revision: Branch, tag or commit; the repo's default branch if None.
-        allow_patterns: Only fetch files matching one of these `fnmatch` patterns,
-            applied to the repo path (`"*.json"` also matches `"1_Pooling/x.json"`).
-        ignore_patterns: Do not fetch files matching one of these patterns.
-        endpoint: Hub base URL; `huggingface_hub`'s default if None.
-        token: Bearer token; the locally saved one (or `HF_TOKEN`) if None.
-        progress: Show `huggingface_hub`'s progress bars (on a terminal). False
-            mutes them for this call only; `HF_HUB_DISABLE_PROGRESS_BARS=1` in the
-            environment mutes them always.
-
-    Returns:
-        The 40-hex commit sha the files were downloaded from.
-
-    Raises:
-        HubError: The repo or revision does not exist or is not accessible, or the
-            Hub could not be reached, possibly midway: `dest` then holds only part
-            of the files.
-        OSError: A local file system error, e.g. disk full or permission denied.
-    """
-    api = HfApi(endpoint=endpoint, token=token)
-    with _hub_errors(repo_id, revision, endpoint):
-        commit = api.model_info(repo_id, revision=revision).sha
-        if commit is None or not _COMMIT_RE.fullmatch(commit):
-            raise HubError(
-                "network",
-                f"the Hub at {_endpoint(endpoint)} gave no commit sha for {_repo_at(repo_id, revision)}",
-                repo_id=repo_id,
-                revision=revision,
-            )
-        dest.mkdir(parents=True, exist_ok=True)
-        try:
-            # Asking for the commit, not the branch, pins every file to the commit
-            # resolved above even if the branch moves during the download.
-            snapshot_download(
-                repo_id,
-                revision=commit,
-                local_dir=dest,
-                allow_patterns=allow_patterns,
-                ignore_patterns=ignore_patterns,
-                endpoint=endpoint,
-                token=token,
-                tqdm_class=None if progress else _SilentTqdm,
-            )
-            _check_complete(
-                repo_id,
-                dest,
-                commit,
-                revision=revision,
-                allow_patterns=allow_patterns,
-                ignore_patterns=ignore_patterns,
-            )
-        finally:
-            _remove_download_metadata(dest)
-    return commit
-
-
-def list_repo_files(
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    endpoint: str | None = None,
-    token: str | None = None,
-) -> list[str]:
-    """List the files of a model repo, e.g. to choose download patterns.
-
-    Args:
-        repo_id: `namespace/name` of a model repo.
-        revision: Branch, tag or commit; the repo's default branch if None.
-        endpoint: Hub base URL; `huggingface_hub`'s default if None.
-        token: Bearer token; the locally saved one (or `HF_TOKEN`) if None.
-
-    Returns:
-        The repo paths of all files, `/`-separated and sorted; folders are implied.
-
-    Raises:
-        HubError: The repo or revision does not exist or is not accessible, or the
-            Hub could not be reached.
-    """
-    api = HfApi(endpoint=endpoint, token=token)
-    with _hub_errors(repo_id, revision, endpoint):
-        # The model info lists every file in one request, which fails at once when
-        # the Hub is down (tree listings are retried with back-off for ~30 s).
-        info = api.model_info(repo_id, revision=revision)
-        if info.siblings is not None:
-            return sorted(sibling.rfilename for sibling in info.siblings)
-        return sorted(api.list_repo_files(repo_id, revision=info.sha or revision))
-
-
 class RepoFile(NamedTuple):
     """A file of a repo at one commit."""
 
@@ -234,7 +101,8 @@ def repo_files(
     """The commit `revision` resolves to, and every file of that commit, in one request.
 
     Raises:
-        HubError: as `download_snapshot`'s.
+        HubError: The repo or revision does not exist or is not accessible, or the Hub could not
+            be reached.
     """
     api = HfApi(endpoint=endpoint, token=token)
     with _hub_errors(repo_id, revision, endpoint):
@@ -253,7 +121,8 @@ def repo_files(
 def filter_files(
     files: list[RepoFile], *, allow_patterns: list[str] | None = None, ignore_patterns: list[str] | None = None
 ) -> list[RepoFile]:
-    """The files that pass the patterns, as `download_snapshot` filters them."""
+    """The files that pass the patterns: `fnmatch` patterns on the repo path (`"*.json"` also
+    matches `"1_Pooling/x.json"`); none allowed means all."""
     return list(
         filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns, key=lambda f: f.path)
     )
@@ -265,62 +134,6 @@ def file_request(
     """The URL of a file of a repo at a commit, and the headers to send (the token, which an HTTP
     client drops when the Hub redirects to its CDN)."""
     return hf_hub_url(repo_id, path, revision=commit, endpoint=endpoint), build_hf_headers(token=token)
-
-
-def _check_complete(
-    repo_id: str,
-    dest: Path,
-    commit: str,
-    *,
-    revision: str | None,
-    allow_patterns: list[str] | None,
-    ignore_patterns: list[str] | None,
-) -> None:
-    """Fail unless this download checked every wanted file of `commit` with the Hub.
-
-    When a request fails midway, `snapshot_download` does not raise if `dest` already
-    holds the file (or anything, for the file listing): it logs a warning and keeps
-    what is there, which may be stale. The metadata it writes under
-    `dest/.cache/huggingface` records the commit each file was checked against, and
-    the file listing it caches there tells which files were wanted. Both are removed
-    after each call, so whatever is there on entry comes from a call that was killed
-    and is still accurate.
-    """
-    try:
-        tree = get_cached_repo_tree(repo_id, revision=commit, local_dir=dest)
-    except CachedRepoTreeNotFoundError:
-        what = "the file list"
-    else:
-        wanted = filter_repo_objects(
-            [entry.path for entry in tree],
-            allow_patterns=allow_patterns,
-            ignore_patterns=ignore_patterns,
-        )
-        missing = [path for path in wanted if not _checked(dest, path, commit)]
-        if not missing:
-            return
-        what = f"{len(missing)} file(s) ({', '.join(missing[:3])})"
-    raise HubError(
-        "network",
-        f"could not download {what} of {_repo_at(repo_id, revision)}: the Hub "
-        "failed during the download (see the warnings logged by huggingface_hub)",
-        repo_id=repo_id,
-        revision=revision,
-    )
-
-
-def _checked(dest: Path, path: str, commit: str) -> bool:
-    """Whether `dest/path` was checked against the Hub at `commit`, and not changed."""
-    metadata = read_download_metadata(dest, path)
-    return metadata is not None and metadata.commit_hash == commit
-
-
-def _remove_download_metadata(dest: Path) -> None:
-    """Delete `dest/.cache/huggingface`, and `dest/.cache` if that leaves it empty."""
-    shutil.rmtree(dest / _METADATA_DIR, ignore_errors=True)
-    # `.cache` may be absent, or hold files of the repo itself.
-    with contextlib.suppress(OSError):
-        (dest / _METADATA_DIR.parent).rmdir()
 
 
 @contextlib.contextmanager

@@ -4,14 +4,14 @@ A source is a local directory (`/...`, `./...`, `../...`, `~...`, `file://...`),
 URL of an archive (tar, tar.gz/bz2/xz, zip: unpacked safely, `archive.py`) or of a single file,
 or a Hugging Face repo `org/name[@revision]`. HTTP, S3 and Hugging Face downloads go through the
 download cache (`cache.py`, `fetch.py`), which resumes a download cut short; Hugging Face downloads
-fetch only the files the task's loader needs.
+fetch only the files the task's loader needs. A downloaded model file is a hard link to its cached
+blob (`cache.place`), stored once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 from ..config import S3Settings, Settings
 from ..errors import InvalidInput, ModelNotFound, SourceError
 from .archive import ArchiveLimits, is_archive, safe_member_path, unpack
-from .cache import DownloadCache
+from .cache import DownloadCache, place
 from .fetch import fetch_url
 
 __all__ = (
@@ -165,7 +165,8 @@ def download_hf(
 
     Each file goes through the download cache (`fetch.fetch_url`): a file stored in LFS is known by
     its SHA-256 (reused from the cache when there, checked when downloaded), and a download cut
-    short resumes with `Range` (at once, else on the next install) instead of starting over.
+    short resumes with `Range` (at once, else on the next install) instead of starting over. Each
+    file in `dest` is a hard link to its blob where the file system allows (`cache.place`).
     `endpoint`: the Hub's URL (None: `HF_ENDPOINT`, else huggingface.co).
 
     Raises:
@@ -204,9 +205,7 @@ def download_hf(
             progress=step,
             headers=headers,
         )
-        target = dest / safe_member_path(f.path, f"the file {f.path} of {plan.location}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(blob, target)
+        place(blob, dest / safe_member_path(f.path, f"the file {f.path} of {plan.location}"))
         done += f.size
         if progress:  # a file taken from the cache reported nothing
             progress(done, total)
@@ -243,11 +242,7 @@ def fetch_http(
         archive_limits = ArchiveLimits(limits.max_archive_members, limits.max_unpacked_bytes)
         unpack(blob, dest, archive_limits, what=f"the archive at {plan.location}")
     else:
-        name = PurePosixPath(unquote(urlsplit(plan.location).path)).name
-        target = dest / name
-        with blob.open("rb") as fin, target.open("wb") as fout:
-            while chunk := fin.read(4 << 20):
-                fout.write(chunk)
+        place(blob, dest / PurePosixPath(unquote(urlsplit(plan.location).path)).name)
     return digest
 
 
@@ -283,9 +278,7 @@ def fetch_s3_source(
         unpack(fetched[0][1], dest, archive_limits, what=f"the archive at {plan.location}")
         return fetched[0][1].name
     for rel, blob in fetched:
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(blob, target)
+        place(blob, dest / rel)
     if len(fetched) == 1 and not plan.location.endswith("/"):
         return fetched[0][1].name
     listing = "".join(f"{rel}\t{blob.name}\n" for rel, blob in sorted(fetched))
