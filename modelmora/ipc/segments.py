@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
-from .ring import ShmRing
-
 __all__ = (
     "PREFIX",
     "SHM_DIR",
@@ -38,7 +36,6 @@ __all__ = (
     "attach",
     "close",
     "create",
-    "ensure_ring_room",
     "ensure_room",
     "new_instance_id",
     "our_segments",
@@ -111,20 +108,6 @@ def ensure_room(nbytes: int, what: str = "a shared-memory segment", *, hint: str
         f" {what} needs {_mib(needed)} ({needed} bytes){hint}",
         needed=needed,
         free=room.free,
-    )
-
-
-def ensure_ring_room(request_ring_mb: int, response_ring_mb: int) -> None:
-    """Raise `SharedMemoryExhausted` unless /dev/shm can hold one worker's rings now.
-
-    Called at server start with the `request_ring_mb` and `response_ring_mb` settings: a
-    server that could not start a single worker refuses to start, in one line.
-    """
-    nbytes = ShmRing.region_size(max(0, request_ring_mb) << 20) + ShmRing.region_size(max(0, response_ring_mb) << 20)
-    ensure_room(
-        nbytes,
-        f"one worker's rings (request_ring_mb = {request_ring_mb}, response_ring_mb = {response_ring_mb})",
-        hint=f": lower these settings or give {SHM_DIR} more room (e.g. docker run --shm-size)",
     )
 
 

@@ -203,7 +203,8 @@ class Metrics:
         self.jobs = CounterFamily(
             "modelmora_jobs",
             "Async job events: submitted, completed, failed, retried (a transient failure), requeued"
-            " (left running by a server that stopped, or whose lease expired).",
+            " (left running by a server that stopped, or whose lease expired), reclaimed (a dead server's"
+            " Redis Streams entry taken over).",
             ("model", "event"),
             r,
         )

@@ -81,26 +81,6 @@ def test_a_segment_larger_than_the_room_left_raises_instead_of_sigbus() -> None:
     assert out["left"] == [out["first"]]  # the refused segments were unlinked
 
 
-def test_a_full_shm_refuses_a_server_s_rings_in_one_message() -> None:
-    proc = _run_with_small_shm(
-        "4m",
-        """
-        from modelmora.ipc import segments
-
-        segments.ensure_ring_room(1, 1)
-        try:
-            segments.ensure_ring_room(4, 1)
-        except segments.SharedMemoryExhausted as exc:
-            print(exc)
-        """,
-    )
-    assert proc.returncode == 0, proc.stderr
-    line = proc.stdout.strip()
-    assert "\n" not in line
-    assert "/dev/shm has 4.0 MiB free of 4.0 MiB" in line
-    assert "request_ring_mb = 4, response_ring_mb = 1" in line
-
-
 def test_a_new_segment_is_backed_by_memory_at_once(instance_id: str) -> None:
     shm = segments.create(instance_id, "t", 2 * MiB + 5)
     try:
