@@ -8,8 +8,6 @@ requests and stops its running ones, exactly as a REST disconnect does.
 
 from __future__ import annotations
 
-import uuid
-
 import anyio
 import structlog
 from grpclib.const import Cardinality, Handler
@@ -17,9 +15,9 @@ from grpclib.server import Stream
 
 from ..._proto.modelmora import v1
 from ...errors import InvalidInput, ModelMoraError, RateLimited
-from ...security import Identity, Permit
+from ...security import Permit
 from ...service import InferenceService, InferResult
-from .calls import Calls
+from .calls import CallContext, Calls
 from .decode import decode_call, parameters_name
 from .encode import event_message, infer_response
 from .errors import error_message
@@ -54,7 +52,7 @@ class InferenceServicer:
             assert req is not None  # grpclib: a unary call has its message
             context.parameters = parameters_name(req)
             result = await self.service.infer(
-                decode_call(req, stream.deadline, metadata=stream.metadata, identity=context.identity)
+                decode_call(req, stream.deadline, identity=context.identity, trace=context.trace)
             )
             await stream.send_message(infer_response(result, req.request_id, self.base_url))
 
@@ -63,7 +61,7 @@ class InferenceServicer:
             req = await stream.recv_message()
             assert req is not None
             context.parameters = parameters_name(req)
-            call = decode_call(req, stream.deadline, stream=True, metadata=stream.metadata, identity=context.identity)
+            call = decode_call(req, stream.deadline, stream=True, identity=context.identity, trace=context.trace)
             events = await self.service.open_stream(call)
             try:
                 async for item in events:
@@ -77,7 +75,8 @@ class InferenceServicer:
 
     async def infer_stream(self, stream: Stream[v1.InferRequest, v1.InferStreamResponse]) -> None:
         """Requests run concurrently as they arrive; each answer goes out when ready (one writer at
-        a time). A request id still in flight on this stream is refused, so each is answered once."""
+        a time). A request id still in flight on this stream is refused, so each is answered once.
+        Every request of the stream belongs to the call's trace."""
         async with self.calls.guard(stream, "InferStream") as context:  # type: ignore[arg-type]
             sending = anyio.Lock()
             in_flight: set[str] = set()
@@ -92,7 +91,7 @@ class InferenceServicer:
             async def run(req: v1.InferRequest) -> None:
                 rid = req.request_id
                 try:
-                    response = await self._one(req, stream, context.identity)
+                    response = await self._one(req, stream, context)
                     await answer(response)
                 finally:
                     in_flight.discard(rid)
@@ -113,7 +112,7 @@ class InferenceServicer:
                         tg.start_soon(run, req)
 
     async def _one(
-        self, req: v1.InferRequest, stream: Stream[v1.InferRequest, v1.InferStreamResponse], identity: Identity
+        self, req: v1.InferRequest, stream: Stream[v1.InferRequest, v1.InferStreamResponse], context: CallContext
     ) -> v1.InferStreamResponse:
         """One request of an InferStream: its answer, or its error (the stream goes on)."""
         rid = req.request_id
@@ -121,13 +120,13 @@ class InferenceServicer:
         try:
             parameters = parameters_name(req)
             result = await self.service.infer(
-                decode_call(req, stream.deadline, metadata=stream.metadata, identity=identity)
+                decode_call(req, stream.deadline, identity=context.identity, trace=context.trace)
             )
             return v1.InferStreamResponse(request_id=rid, response=infer_response(result, rid, self.base_url))
         except ModelMoraError as exc:
             return v1.InferStreamResponse(request_id=rid, error=error_message(exc, parameters))
         except Exception as exc:
-            trace_id = uuid.uuid4().hex
+            trace_id = context.trace.trace_id
             log.error("unhandled_error", trace_id=trace_id, method="InferStream", exc_info=exc)
             error = v1.Error(status=13, code="internal_error", message=f"internal error (trace id {trace_id})")
             return v1.InferStreamResponse(request_id=rid, error=error)
