@@ -8,6 +8,8 @@ requests and stops its running ones, exactly as a REST disconnect does.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import anyio
 import structlog
 from grpclib.const import Cardinality, Handler
@@ -21,6 +23,7 @@ from .calls import CallContext, Calls
 from .decode import decode_call, parameters_name
 from .encode import event_message, infer_response
 from .errors import error_message
+from .wire import infer_response_bytes, infer_stream_answer_bytes
 
 __all__ = ("InferenceServicer",)
 
@@ -54,7 +57,7 @@ class InferenceServicer:
             result = await self.service.infer(
                 decode_call(req, stream.deadline, identity=context.identity, trace=context.trace)
             )
-            await stream.send_message(infer_response(result, req.request_id, self.base_url))
+            await stream.send_message(cast(Any, infer_response_bytes(result, req.request_id, self.base_url)))
 
     async def generate(self, stream: Stream[v1.InferRequest, v1.GenerateEvent]) -> None:
         async with self.calls.guard(stream, "Generate") as context:  # type: ignore[arg-type]
@@ -81,9 +84,9 @@ class InferenceServicer:
             sending = anyio.Lock()
             in_flight: set[str] = set()
 
-            async def answer(response: v1.InferStreamResponse) -> None:
+            async def answer(response: v1.InferStreamResponse | bytes) -> None:
                 async with sending:
-                    await stream.send_message(response)
+                    await stream.send_message(cast(Any, response))  # a message, or one encoded already
 
             async def refuse(req: v1.InferRequest, exc: ModelMoraError) -> None:
                 await answer(v1.InferStreamResponse(request_id=req.request_id, error=error_message(exc)))
@@ -113,8 +116,8 @@ class InferenceServicer:
 
     async def _one(
         self, req: v1.InferRequest, stream: Stream[v1.InferRequest, v1.InferStreamResponse], context: CallContext
-    ) -> v1.InferStreamResponse:
-        """One request of an InferStream: its answer, or its error (the stream goes on)."""
+    ) -> v1.InferStreamResponse | bytes:
+        """One request of an InferStream: its answer (encoded), or its error (the stream goes on)."""
         rid = req.request_id
         parameters = None
         try:
@@ -122,7 +125,7 @@ class InferenceServicer:
             result = await self.service.infer(
                 decode_call(req, stream.deadline, identity=context.identity, trace=context.trace)
             )
-            return v1.InferStreamResponse(request_id=rid, response=infer_response(result, rid, self.base_url))
+            return infer_stream_answer_bytes(result, rid, self.base_url)
         except ModelMoraError as exc:
             return v1.InferStreamResponse(request_id=rid, error=error_message(exc, parameters))
         except Exception as exc:
