@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import hpack
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ from modelmora._proto.modelmora import v1
 from modelmora.api.grpc import (
     CoalescingTransport,
     LimitedCodec,
+    TraceEncoder,
     infer_response,
     infer_response_bytes,
     infer_stream_answer_bytes,
@@ -91,3 +93,14 @@ async def test_one_loop_turn_writes_once() -> None:
     assert sink.writes[2:] == [b"last"] and sink.closed
     await asyncio.sleep(0)
     assert len(sink.writes) == 3  # the scheduled flush finds nothing left
+
+
+def test_traceparent_is_never_indexed_nor_huffman_coded() -> None:
+    encoder = TraceEncoder()
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    block = encoder.encode([("grpc-status", "0"), ("traceparent", traceparent)])
+    assert traceparent.encode() in block  # the literal text, not Huffman-coded
+    assert [name for name, _ in encoder.header_table.dynamic_entries] == [b"grpc-status"]  # not indexed
+    decoded = hpack.Decoder().decode(block)
+    assert decoded == [("grpc-status", "0"), ("traceparent", traceparent)]
+    assert not decoded[1].indexable  # sent as never indexed

@@ -11,7 +11,13 @@ from .inference import InferenceServicer
 from .jobs import WATCH_POLL_S, JobServicer, job_message, job_request, stored_response
 from .models import ManagementServicer, RegistryServicer
 from .server import GrpcListener, LimitedCodec, descriptors
-from .wire import CoalescingProtocol, CoalescingTransport, infer_response_bytes, infer_stream_answer_bytes
+from .wire import (
+    CoalescingProtocol,
+    CoalescingTransport,
+    TraceEncoder,
+    infer_response_bytes,
+    infer_stream_answer_bytes,
+)
 
 __all__ = (
     "MODEL_PREFIX",
@@ -29,6 +35,7 @@ __all__ = (
     "LimitedCodec",
     "ManagementServicer",
     "RegistryServicer",
+    "TraceEncoder",
     "call_trace",
     "current_permit",
     "decode_call",

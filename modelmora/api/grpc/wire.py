@@ -4,7 +4,10 @@ grpclib writes each HTTP/2 frame group to the socket as soon as it is made: a un
 three writes (headers, data, trailers), plus the flow-control window updates for its request,
 each a system call. `CoalescingTransport` gathers the writes made during one turn of the event
 loop and sends them in one: the answers of a batch, which complete together, leave in a single
-write. `CoalescingProtocol` puts it under grpclib's HTTP/2 protocol (`Server._protocol_factory`).
+write. `CoalescingProtocol` puts it under grpclib's HTTP/2 protocol (`Server._protocol_factory`),
+and has its header compression send `traceparent` (new in every call's trailers) as a literal that
+is never indexed and not Huffman-coded (`TraceEncoder`): indexed, each would evict a table entry
+that the next answers reuse, and coding it costs more CPU than the few bytes it saves.
 
 `infer_response_bytes` encodes the answer to a request straight to protobuf for embeddings (packed
 float32 rows: the common case and the largest message), the bytes betterproto2 would make, without
@@ -17,12 +20,19 @@ import asyncio
 import struct
 from typing import Any
 
+import hpack
 from grpclib.protocol import H2Protocol
 
 from ...service import Embeddings, InferResult
 from .encode import infer_response, task_type
 
-__all__ = ("CoalescingProtocol", "CoalescingTransport", "infer_response_bytes", "infer_stream_answer_bytes")
+__all__ = (
+    "CoalescingProtocol",
+    "CoalescingTransport",
+    "TraceEncoder",
+    "infer_response_bytes",
+    "infer_stream_answer_bytes",
+)
 
 _DOUBLE = struct.Struct("<d")
 
@@ -59,12 +69,22 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+class TraceEncoder(hpack.Encoder):
+    """HPACK's encoder, with `traceparent` a literal never indexed and not Huffman-coded."""
+
+    def add(self, to_add: tuple[bytes, bytes], sensitive: bool, huffman: bool = False) -> bytes:
+        if to_add[0] == b"traceparent":
+            return super().add(to_add, True, False)
+        return super().add(to_add, sensitive, huffman)
+
+
 class CoalescingProtocol(H2Protocol):
-    """grpclib's server-side HTTP/2 protocol over a `CoalescingTransport`."""
+    """grpclib's server-side HTTP/2 protocol over a `CoalescingTransport`, with a `TraceEncoder`."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         wrapped = CoalescingTransport(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
         super().connection_made(wrapped)  # type: ignore[arg-type]
+        self.connection._connection.encoder = TraceEncoder()  # before any header block is encoded
 
 
 def _varint(n: int) -> bytes:
