@@ -162,7 +162,10 @@ class StreamAnswer:
 def _answer(message: v1.InferStreamResponse) -> StreamAnswer:
     if message.error is not None:
         e = message.error
-        status = Status(e.status) if e.status in Status._value2member_map_ else Status.UNKNOWN
+        try:
+            status = Status(e.status)
+        except ValueError:
+            status = Status.UNKNOWN
         error = error_for(status, e.message, code=e.code or None, field=e.field or None, retry_after_s=e.retry_after_s)
         return StreamAnswer(message.request_id, None, error)
     if message.response is None:

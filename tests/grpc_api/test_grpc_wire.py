@@ -1,10 +1,10 @@
 """The listener's hot path without a server: answers encoded straight to protobuf are the bytes
 betterproto2 makes of the same message, and the coalescing transport sends one loop turn's
-writes as one."""
+corked writes as one."""
 
 from __future__ import annotations
 
-import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import hpack
@@ -16,6 +16,7 @@ from modelmora.api.grpc import (
     CoalescingTransport,
     LimitedCodec,
     TraceEncoder,
+    corked,
     infer_response,
     infer_response_bytes,
     infer_stream_answer_bytes,
@@ -75,24 +76,26 @@ class _Sink:
         return f"info {name}"
 
 
-@pytest.mark.anyio
-async def test_one_loop_turn_writes_once() -> None:
+def test_corked_writes_go_out_as_one() -> None:
     sink = _Sink()
-    transport = CoalescingTransport(sink, asyncio.get_running_loop())  # type: ignore[arg-type]
-    for chunk in (b"headers", b"", b"data", b"trailers"):
-        transport.write(chunk)
-    assert sink.writes == []  # nothing until the turn ends
-    await asyncio.sleep(0)
-    assert sink.writes == [b"headersdatatrailers"]
-    transport.write(b"next")
-    await asyncio.sleep(0)
-    assert sink.writes[1:] == [b"next"]
+    transport = CoalescingTransport(sink)  # type: ignore[arg-type]
+    transport.write(b"now")
+    assert sink.writes == [b"now"]  # uncorked: at once
+    stream = SimpleNamespace(_stream=SimpleNamespace(_transport=transport))  # a grpclib server stream's shape
+    with corked(stream):
+        for chunk in (b"headers", b"", b"data"):
+            transport.write(chunk)
+        with corked(stream):
+            transport.write(b"trailers")
+        assert sink.writes == [b"now"]  # still corked
+    assert sink.writes == [b"now", b"headersdatatrailers"]
     assert transport.get_extra_info("peername") == "info peername"  # the rest is the transport's
+    transport.cork()
     transport.write(b"last")
     transport.close()  # what was gathered goes out first
     assert sink.writes[2:] == [b"last"] and sink.closed
-    await asyncio.sleep(0)
-    assert len(sink.writes) == 3  # the scheduled flush finds nothing left
+    with corked(SimpleNamespace()):  # not over our transport: nothing to do
+        pass
 
 
 def test_traceparent_is_never_indexed_nor_huffman_coded() -> None:

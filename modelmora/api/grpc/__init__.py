@@ -15,6 +15,7 @@ from .wire import (
     CoalescingProtocol,
     CoalescingTransport,
     TraceEncoder,
+    corked,
     infer_response_bytes,
     infer_stream_answer_bytes,
 )
@@ -37,6 +38,7 @@ __all__ = (
     "RegistryServicer",
     "TraceEncoder",
     "call_trace",
+    "corked",
     "current_permit",
     "decode_call",
     "descriptors",

@@ -18,6 +18,7 @@ import anyio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
+from h2.exceptions import StreamClosedError
 
 from ...errors import ModelMoraError
 from ...observability import TraceContext, incoming, reset_current, set_current
@@ -44,6 +45,13 @@ class CallContext:
     trace: TraceContext
     permit: Permit | None = None
     parameters: str | None = None
+    finished: bool = False
+    """The handler sent the trailers itself (`finish`)."""
+
+    async def finish(self, stream: Stream[Any, Any]) -> None:
+        """End the call now with OK and the trace (instead of when the handler returns)."""
+        await stream.send_trailing_metadata(metadata={"traceparent": self.trace.traceparent})
+        self.finished = True
 
     @property
     def identity(self) -> Identity:
@@ -85,7 +93,11 @@ class Calls:
         token = set_current(context.trace)
         try:
             yield context
-            await stream.send_trailing_metadata(metadata={"traceparent": context.trace.traceparent})
+            try:
+                if not context.finished:
+                    await context.finish(stream)
+            except StreamClosedError:
+                return  # the client reset the stream as it ended: nobody to tell
         except Exception as exc:
             found = single(exc)
             if isinstance(found, GRPCError | StreamTerminatedError):  # grpclib's own, and a gone client

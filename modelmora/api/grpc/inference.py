@@ -23,7 +23,7 @@ from .calls import CallContext, Calls
 from .decode import decode_call, parameters_name
 from .encode import event_message, infer_response
 from .errors import error_message
-from .wire import infer_response_bytes, infer_stream_answer_bytes
+from .wire import corked, infer_response_bytes, infer_stream_answer_bytes
 
 __all__ = ("InferenceServicer",)
 
@@ -57,7 +57,10 @@ class InferenceServicer:
             result = await self.service.infer(
                 decode_call(req, stream.deadline, identity=context.identity, trace=context.trace)
             )
-            await stream.send_message(cast(Any, infer_response_bytes(result, req.request_id, self.base_url)))
+            answer = infer_response_bytes(result, req.request_id, self.base_url)
+            with corked(stream):  # headers, answer and trailers in one write
+                await stream.send_message(cast(Any, answer))
+                await context.finish(stream)
 
     async def generate(self, stream: Stream[v1.InferRequest, v1.GenerateEvent]) -> None:
         async with self.calls.guard(stream, "Generate") as context:  # type: ignore[arg-type]

@@ -1,13 +1,14 @@
 """The gRPC listener's hot path below the servicers: fewer socket writes, cheaper answers.
 
 grpclib writes each HTTP/2 frame group to the socket as soon as it is made: a unary answer costs
-three writes (headers, data, trailers), plus the flow-control window updates for its request,
-each a system call. `CoalescingTransport` gathers the writes made during one turn of the event
-loop and sends them in one: the answers of a batch, which complete together, leave in a single
-write. `CoalescingProtocol` puts it under grpclib's HTTP/2 protocol (`Server._protocol_factory`),
-and has its header compression send `traceparent` (new in every call's trailers) as a literal that
-is never indexed and not Huffman-coded (`TraceEncoder`): indexed, each would evict a table entry
-that the next answers reuse, and coding it costs more CPU than the few bytes it saves.
+three writes (headers, data, trailers), each a system call. `CoalescingTransport` can be corked
+(`corked(stream)`): the writes made meanwhile go out as one when it is uncorked, at once (deferring
+them to the end of the loop turn instead added a loop turn of latency to every call). The Infer
+handler sends its answer and trailers corked. `CoalescingProtocol` puts the transport under
+grpclib's HTTP/2 protocol (`Server._protocol_factory`), and has its header compression send
+`traceparent` (new in every call's trailers) as a literal that is never indexed and not
+Huffman-coded (`TraceEncoder`): indexed, each would evict a table entry that the next answers
+reuse, and coding it costs more CPU than the few bytes it saves.
 
 `infer_response_bytes` encodes the answer to a request straight to protobuf for embeddings (packed
 float32 rows: the common case and the largest message), the bytes betterproto2 would make, without
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import hpack
@@ -28,6 +31,7 @@ from .encode import infer_response, task_type
 
 __all__ = (
     "CoalescingProtocol",
+    "corked",
     "CoalescingTransport",
     "TraceEncoder",
     "infer_response_bytes",
@@ -38,28 +42,36 @@ _DOUBLE = struct.Struct("<d")
 
 
 class CoalescingTransport:
-    """A transport whose writes within one event-loop turn go to `transport` as one write (at the
-    end of the turn); everything else is the wrapped transport's."""
+    """A transport that gathers writes while corked and sends them as one write when uncorked;
+    everything else is the wrapped transport's."""
 
-    __slots__ = ("_chunks", "_loop", "_transport")
+    __slots__ = ("_chunks", "_corks", "_transport")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
-        self._loop = loop
         self._chunks: list[bytes] = []
+        self._corks = 0
 
     def write(self, data: bytes) -> None:
-        if not data:
-            return
-        if not self._chunks:
-            self._loop.call_soon(self.flush)
-        self._chunks.append(data)
+        if self._corks:
+            self._chunks.append(data)
+        elif data:
+            self._transport.write(data)
+
+    def cork(self) -> None:
+        self._corks += 1
+
+    def uncork(self) -> None:
+        self._corks -= 1
+        if not self._corks:
+            self.flush()
 
     def flush(self) -> None:
         """Write what was gathered now."""
         chunks, self._chunks = self._chunks, []
-        if chunks and not self._transport.is_closing():
-            self._transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        data = b"".join(chunks)
+        if data and not self._transport.is_closing():
+            self._transport.write(data)
 
     def close(self) -> None:
         self.flush()
@@ -67,6 +79,21 @@ class CoalescingTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+@contextmanager
+def corked(stream: Any) -> Iterator[None]:
+    """The writes of `stream`'s connection within the block go out as one (a grpclib server stream
+    not over a `CoalescingTransport`: as they come)."""
+    transport = getattr(getattr(stream, "_stream", None), "_transport", None)
+    if not isinstance(transport, CoalescingTransport):
+        yield
+        return
+    transport.cork()
+    try:
+        yield
+    finally:
+        transport.uncork()
 
 
 class TraceEncoder(hpack.Encoder):
@@ -82,7 +109,7 @@ class CoalescingProtocol(H2Protocol):
     """grpclib's server-side HTTP/2 protocol over a `CoalescingTransport`, with a `TraceEncoder`."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        wrapped = CoalescingTransport(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+        wrapped = CoalescingTransport(transport)  # type: ignore[arg-type]
         super().connection_made(wrapped)  # type: ignore[arg-type]
         self.connection._connection.encoder = TraceEncoder()  # before any header block is encoded
 
