@@ -27,6 +27,17 @@ Python asyncio on uvloop, closed loop, its own CPU time measured (process time) 
         [--grpc-channels 1] [--payload-seconds 10 (0: none)] [--payload-concurrency 1] [--image-side 1672]
         [--idle-below 10] [--no-write]
 
+3. With `--echo-requests N` instead (nothing else runs, nothing is written): the supervisor's CPU
+   per request of each protocol's own path, with the light Echo pipeline (tests/worker_pipelines.py:
+   no model, a spawned worker), N requests per run at the first `--concurrency`, each protocol and
+   server in turn over `--rounds` rounds (the order flips each round); with `--baseline-src DIR`, a
+   second server runs another build's source tree (e.g. `git archive <commit> modelmora workers`
+   unpacked) in this environment, for before/after figures from one run. CPU is the supervisor
+   process's user + system time from /proc/PID/stat around each run; the load generator is
+   grpcio (pre-encoded request bytes) and raw HTTP/1.1, so that it takes little of the 2 cores.
+
+    uv run python bench/bench_grpc.py --echo-requests 3000 --concurrency 64 --rounds 4 [--baseline-src DIR]
+
 The machine is assumed otherwise idle: each run waits for it to be (< `--idle-below` % busy; 100:
 do not wait), and reports what other processes used.
 """
@@ -40,6 +51,7 @@ import io
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,7 +75,7 @@ from bench_throughput import MODEL, SENTENCE, wait_idle
 
 from modelmora._proto.modelmora import v1
 
-from serverproc import ServerProcess, mm
+from serverproc import ServerProcess, free_port, mm
 
 HEADING = "## gRPC vs REST: embeddings and 8 MB image payloads"
 CLIP = "tiny-clip"
@@ -488,6 +500,109 @@ def findings(
 
 
 # ---------------------------------------------------------------------------------------------
+# the request path alone: supervisor CPU per request with the Echo pipeline
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def echo_server(tmp: Path, label: str, source: str | None) -> ServerProcess:
+    """`mm serve` with one Echo model loaded; `source`: another build's source tree to run instead."""
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    model = tmp / "echo-src"
+    model.mkdir(exist_ok=True)
+    (model / "weights.bin").write_bytes(b"\0" * 16)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+        (model / name).write_text("{}")
+    home = tmp / f"home-{label}"
+    env = {
+        "MODELMORA_PIPELINES__TXT2EMBED": "worker_pipelines:Echo",
+        "MODELMORA_ZYGOTE": "false",
+        "MODELMORA_TORCH_THREADS": "1",
+        "MODELMORA_LOG_LEVEL": "warning",
+        "PYTHONPATH": os.pathsep.join([*([source] if source else []), str(tests)]),
+    }
+    mm("install", str(model), "--id", "echo", "--task", "txt2embed", home=home, env=env)
+    command = None
+    if source:  # its own `modelmora` first on the path; the gRPC port set here (ServerProcess leaves it)
+        command = [sys.executable, "-m", "modelmora"]
+        env["MODELMORA_GRPC_PORT"] = str(free_port())
+    srv = ServerProcess(home, env, command=command).start(timeout_s=300)
+    if source:
+        srv.grpc_port = int(env["MODELMORA_GRPC_PORT"])
+    with httpx.Client(base_url=srv.url, timeout=600) as client:
+        client.post("/api/v1/models/echo/load").raise_for_status()
+    return srv
+
+
+async def _echo_grpc(port: int, n: int, concurrency: int) -> None:
+    import grpc  # a dev dependency, here only: a load generator in C that leaves the cores to the server
+
+    body = bytes(v1.InferRequest(model_id="echo", texts=[SENTENCE]))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        infer = channel.unary_unary("/modelmora.v1.InferenceService/Infer")
+        numbers = iter(range(n))
+
+        async def worker() -> None:
+            for _ in numbers:
+                await infer(body, timeout=120)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def _echo_rest(port: int, n: int, concurrency: int) -> None:
+    body = json.dumps({"input_data": {"text": SENTENCE}}).encode()
+    numbers = iter(range(n))
+
+    async def worker() -> None:
+        async with HttpConnection("127.0.0.1", port) as conn:
+            for _ in numbers:
+                await conn.post("/api/v1/infer/echo", body)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def echo_cpu(args: argparse.Namespace) -> None:
+    """Part 3: supervisor CPU ms per request, per protocol (and build)."""
+    concurrency = args.concurrency[0] if args.concurrency else 64
+    n = args.echo_requests
+
+    def measure(srv: ServerProcess, protocol: str, requests: int) -> tuple[float, float]:
+        before, t0 = _proc_cpu_s(srv.pid), time.perf_counter()
+        port_run = (srv.grpc_port, _echo_grpc) if protocol == "gRPC" else (srv.port, _echo_rest)
+        uvloop.run(port_run[1](port_run[0], requests, concurrency))
+        return (_proc_cpu_s(srv.pid) - before) / requests * 1e3, requests / (time.perf_counter() - t0)
+
+    with tempfile.TemporaryDirectory(prefix="mm-bench-echo-") as tmpdir:
+        builds = {"this build": echo_server(Path(tmpdir), "this", None)}
+        if args.baseline_src:
+            builds["baseline"] = echo_server(Path(tmpdir), "baseline", args.baseline_src)
+        results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        try:
+            for srv in builds.values():
+                for protocol in ("gRPC", "REST"):
+                    measure(srv, protocol, min(n, 500))  # warm-up
+            for i in range(args.rounds):
+                order = list(builds.items()) if i % 2 == 0 else list(reversed(builds.items()))
+                for protocol in ("gRPC", "REST"):
+                    for label, srv in order:
+                        results.setdefault((label, protocol), []).append(measure(srv, protocol, n))
+        finally:
+            for srv in builds.values():
+                srv.stop()
+    print(f"Echo pipeline, {n} requests per run, concurrency {concurrency}, {args.rounds} rounds")
+    print("| build | protocol | supervisor CPU ms/request (median; each run) | requests/s (median) |")
+    print("|---|---|---|---:|")
+    for (label, protocol), runs in sorted(results.items()):
+        cpu = ", ".join(f"{r[0]:.3f}" for r in runs)
+        median_cpu = statistics.median(r[0] for r in runs)
+        print(f"| {label} | {protocol} | {median_cpu:.3f} ({cpu}) | {statistics.median(r[1] for r in runs):.0f} |")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -510,8 +625,13 @@ def main() -> None:
         help="wait before each run until the machine is below this %% busy (100: never wait)",
     )
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--echo-requests", type=int, default=0, help="part 3 only: requests per run (0: parts 1-2)")
+    ap.add_argument("--baseline-src", default=None, help="part 3: another build's source tree to compare with")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    if args.echo_requests:
+        echo_cpu(args)
+        return
 
     def idle() -> None:
         if args.idle_below < 100:

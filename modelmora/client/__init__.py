@@ -1,7 +1,9 @@
 """The Python client of ModelMora's gRPC API: `AsyncClient` (asyncio) and `Client` (blocking), with
 the same methods: `embed` (a float32 numpy array), `generate` and `generate_stream`, `caption`,
-`generate_image` and `generate_image_stream`, `models`, `model`, `status`, `load`, `unload`;
-async jobs: `submit`, `wait`, `watch`, `job`, `cancel`, `job_result`.
+`generate_image` and `generate_image_stream`, `infer_stream` (many `StreamRequest`s over one
+stream, a `StreamAnswer` each); the registry: `models`, `model`, `update_settings`, `delete_model`;
+the runtime: `status`, `load`, `unload`; async jobs: `submit`, `wait`, `watch`, `job`, `cancel`,
+`job_result`.
 
 Every failure raises a `ClientError` (a subclass per gRPC status). UNAVAILABLE is retried as
 `RetryPolicy` says (`modelmora.client.retry` lists which calls are idempotent).
@@ -29,6 +31,7 @@ from .errors import (
 )
 from .jobs import FINAL_STATUSES, Job, JobMethods
 from .results import (
+    DeletedModel,
     GeneratedImage,
     ImageResult,
     ModelInfo,
@@ -42,6 +45,7 @@ from .results import (
     Token,
 )
 from .retry import RetryPolicy
+from .stream import StreamAnswer, StreamRequest
 
 __all__ = (
     "FINAL_STATUSES",
@@ -53,6 +57,7 @@ __all__ = (
     "Client",
     "ClientError",
     "DeadlineExceededError",
+    "DeletedModel",
     "GeneratedImage",
     "ImageInput",
     "ImageResult",
@@ -71,6 +76,8 @@ __all__ = (
     "RetryPolicy",
     "ServerStatus",
     "Status",
+    "StreamAnswer",
+    "StreamRequest",
     "TextResult",
     "Timing",
     "Token",

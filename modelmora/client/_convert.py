@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
+import numpy as np
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
@@ -35,10 +36,12 @@ from .results import (
 )
 
 __all__ = (
+    "embeddings",
     "error_for",
     "finish_reason",
     "from_exception",
     "image_result",
+    "infer_result",
     "model_info",
     "model_state",
     "server_status",
@@ -88,6 +91,24 @@ def image_result(response: v1.InferResponse) -> ImageResult:
         response.version,
         _timing(response.timing),
     )
+
+
+def embeddings(response: v1.InferResponse) -> np.ndarray:
+    """An embedding answer's rows: a float32 array of shape (inputs, dim)."""
+    e = response.embeddings
+    shape = tuple(int(n) for n in e.shape) if e is not None else ()
+    if e is None or len(shape) != 2 or len(e.data) != 4 * shape[0] * shape[1]:
+        raise error_for(Status.INTERNAL, "the server's answer has no well-formed embeddings")
+    return np.frombuffer(e.data, "<f4").astype(np.float32).reshape(shape)
+
+
+def infer_result(response: v1.InferResponse) -> np.ndarray | TextResult | ImageResult:
+    """Any task's answer as its direct call returns it: embeddings, texts or images."""
+    if response.embeddings is not None:
+        return embeddings(response)
+    if response.texts is not None:
+        return text_result(response)
+    return image_result(response)
 
 
 def model_info(message: v1.Model) -> ModelInfo:

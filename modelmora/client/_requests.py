@@ -18,6 +18,10 @@ __all__ = (
     "PilImage",
     "PriorityName",
     "ReturnMode",
+    "caption_request",
+    "embed_request",
+    "generation_request",
+    "image_request",
     "images",
     "priority",
     "refuse",
@@ -118,3 +122,80 @@ def return_mode(value: str) -> v1.ReturnMode:
     if mode is None:
         raise refuse(f"unknown return mode {value!r} (auto, inline, url)", "return_mode")
     return mode
+
+
+def embed_request(
+    model: str,
+    texts_: str | Sequence[str] | None,
+    images_: ImageInput | Sequence[ImageInput] | None,
+    normalize: bool,
+    version: str | None,
+    priority_: int | str | None,
+) -> v1.InferRequest:
+    """An embedding request (txt2embed or img2embed)."""
+    if (texts_ is None) == (images_ is None):
+        raise refuse("give texts or images (one of them)", "texts")
+    return v1.InferRequest(
+        model_id=model,
+        version=version or "",
+        texts=texts(texts_) if texts_ is not None else [],
+        images=images(images_) if images_ is not None else [],
+        embedding=v1.EmbeddingParameters(normalize=normalize),
+        priority=priority(priority_),
+    )
+
+
+def generation_request(
+    model: str,
+    prompt: str | Sequence[str],
+    version: str | None,
+    priority_: int | str | None,
+    parameters: dict[str, Any],
+) -> v1.InferRequest:
+    """A text generation request (txt2txt); `parameters`: those given (GenerationParameters' fields)."""
+    stop = parameters.pop("stop", None)
+    if stop is not None:
+        parameters["stop"] = texts(stop, "generation.stop")
+    return v1.InferRequest(
+        model_id=model,
+        version=version or "",
+        texts=texts(prompt),
+        generation=v1.GenerationParameters(**parameters),
+        priority=priority(priority_),
+    )
+
+
+def caption_request(
+    model: str,
+    images_: ImageInput | Sequence[ImageInput],
+    version: str | None,
+    priority_: int | str | None,
+    parameters: dict[str, Any],
+) -> v1.InferRequest:
+    """A captioning request (img2txt); `parameters`: those given (CaptionParameters' fields)."""
+    return v1.InferRequest(
+        model_id=model,
+        version=version or "",
+        images=images(images_),
+        caption=v1.CaptionParameters(**parameters),
+        priority=priority(priority_),
+    )
+
+
+def image_request(
+    model: str,
+    prompt: str | Sequence[str],
+    version: str | None,
+    priority_: int | str | None,
+    mode: str,
+    parameters: dict[str, Any],
+) -> v1.InferRequest:
+    """An image generation request (txt2img); `parameters`: those given (ImageGenerationParameters')."""
+    return v1.InferRequest(
+        model_id=model,
+        version=version or "",
+        texts=texts(prompt),
+        image_generation=v1.ImageGenerationParameters(**parameters),
+        priority=priority(priority_),
+        return_mode=return_mode(mode),
+    )

@@ -23,18 +23,21 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import numpy as np
-from grpclib.client import Channel, Stream
+from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.metadata import Deadline
 
 from .._proto.modelmora import v1
 from . import _requests as req
-from ._convert import error_for, from_exception, image_result, model_info, model_state, server_status, text_result
+from ._calls import Attempt, cancel_requests, optional, split_target, take_back
+from ._convert import embeddings, error_for, from_exception, image_result, text_result
 from ._requests import ImageInput, PriorityName, ReturnMode
 from .credentials import auth_metadata, tls_context
 from .jobs import JobMethods
-from .results import ImageResult, ModelInfo, ModelState, Progress, ServerStatus, TextResult, Token
+from .manage import ManageMethods
+from .results import ImageResult, Progress, TextResult, Token
 from .retry import RetryPolicy
+from .stream import StreamMethods
 
 __all__ = ("DEFAULT_TARGET", "AsyncClient")
 
@@ -44,58 +47,7 @@ T = TypeVar("T")
 E = TypeVar("E")
 
 
-class _Attempt:
-    """Stands in for the channel in a generated stub during one attempt, keeping the stream it opens:
-    its trailing metadata (the server's error code and field) and whether the request left."""
-
-    __slots__ = ("channel", "stream")
-
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
-        self.stream: Stream[Any, Any] | None = None
-
-    def request(self, *args: Any, **kwargs: Any) -> Stream[Any, Any]:
-        self.stream = self.channel.request(*args, **kwargs)
-        return self.stream
-
-    @property
-    def sent(self) -> bool:
-        """Whether the request's headers were written (grpclib sets `peer` once they are)."""
-        return self.stream is not None and self.stream.peer is not None
-
-    @property
-    def trailers(self) -> Mapping[str, str | bytes] | None:
-        return self.stream.trailing_metadata if self.stream is not None else None
-
-
-def _cancel_requests() -> tuple[asyncio.Task[Any] | None, int]:
-    task = asyncio.current_task()
-    return task, task.cancelling() if task is not None else 0
-
-
-def _take_back(task: asyncio.Task[Any] | None, cancels: int) -> None:
-    """grpclib ends a call on a lost connection or a passed deadline by cancelling the task that
-    waits on it and raising its own error instead of CancelledError, leaving the task's cancel
-    request behind: anyio's cancel scopes and asyncio's task groups would later take it for a
-    cancellation from outside. Take back the requests made during the failed step."""
-    if task is not None:
-        while task.cancelling() > cancels:
-            task.uncancel()
-
-
-def _split_target(target: str) -> tuple[str, int]:
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"target must be host:port (got {target!r})")
-    return host.strip("[]"), int(port)
-
-
-def _optional(**values: Any) -> dict[str, Any]:
-    """The keyword arguments that were given (None: the server's default)."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
-class AsyncClient(JobMethods):
+class AsyncClient(JobMethods, ManageMethods, StreamMethods):
     """ModelMora's gRPC API for asyncio code.
 
     Args:
@@ -123,7 +75,7 @@ class AsyncClient(JobMethods):
         cert_file: str | None = None,
         key_file: str | None = None,
     ) -> None:
-        self.host, self.port = _split_target(target)
+        self.host, self.port = split_target(target)
         self.target = target
         self.timeout = timeout
         self.retry = retry if retry is not None else RetryPolicy()
@@ -173,7 +125,7 @@ class AsyncClient(JobMethods):
         merged = {**self._auth, **self.metadata, **(metadata or {})}
         return deadline, merged or None
 
-    def _next_delay(self, exc: Exception, attempt: _Attempt, number: int, name: str, **how: Any) -> float:
+    def _next_delay(self, exc: Exception, attempt: Attempt, number: int, name: str, **how: Any) -> float:
         """The wait before the next attempt; raises the call's `ClientError` when there is none."""
         error = from_exception(exc, attempt.trailers, number)
         if error is None:
@@ -208,12 +160,12 @@ class AsyncClient(JobMethods):
         number = 0
         while True:
             number += 1
-            attempt = _Attempt(self._get_channel())
-            task, cancels = _cancel_requests()
+            attempt = Attempt(self._get_channel())
+            task, cancels = cancel_requests()
             try:
                 return await call(cast(Channel, attempt), deadline, md)
             except Exception as exc:
-                _take_back(task, cancels)
+                take_back(task, cancels)
                 delay = self._next_delay(exc, attempt, number, name, idempotent=idempotent, deadline=deadline)
             await asyncio.sleep(delay)
 
@@ -231,19 +183,19 @@ class AsyncClient(JobMethods):
         number = 0
         while True:
             number += 1
-            attempt = _Attempt(self._get_channel())
+            attempt = Attempt(self._get_channel())
             stub = v1.InferenceServiceStub(cast(Channel, attempt))
             events = cast(AsyncGenerator[v1.GenerateEvent], stub.generate(request, deadline=deadline, metadata=md))
             received = False
             try:
                 while True:
-                    task, cancels = _cancel_requests()  # each step may run in another task (Client)
+                    task, cancels = cancel_requests()  # each step may run in another task (Client)
                     try:
                         event = await anext(events)
                     except StopAsyncIteration:
                         return
                     except Exception:
-                        _take_back(task, cancels)
+                        take_back(task, cancels)
                         raise
                     received = True
                     yield convert(event)
@@ -278,41 +230,8 @@ class AsyncClient(JobMethods):
     ) -> np.ndarray:
         """Embeddings of `texts` (txt2embed) or `images` (img2embed): a float32 array of one row per
         input (a single text or image gives one row), unit-length rows when `normalize`."""
-        if (texts is None) == (images is None):
-            raise req.refuse("give texts or images (one of them)", "texts")
-        request = v1.InferRequest(
-            model_id=model,
-            version=version or "",
-            texts=req.texts(texts) if texts is not None else [],
-            images=req.images(images) if images is not None else [],
-            embedding=v1.EmbeddingParameters(normalize=normalize),
-            priority=req.priority(priority),
-        )
-        response = await self._infer(request, idempotent=True, timeout=timeout, metadata=metadata)
-        e = response.embeddings
-        shape = tuple(int(n) for n in e.shape) if e is not None else ()
-        if e is None or len(shape) != 2 or len(e.data) != 4 * shape[0] * shape[1]:
-            raise error_for(Status.INTERNAL, "the server's answer has no well-formed embeddings")
-        return np.frombuffer(e.data, "<f4").astype(np.float32).reshape(shape)
-
-    def _generation(
-        self,
-        model: str,
-        prompt: str | Sequence[str],
-        version: str | None,
-        priority: int | PriorityName | None,
-        parameters: dict[str, Any],
-    ) -> v1.InferRequest:
-        stop = parameters.pop("stop", None)
-        if stop is not None:
-            parameters["stop"] = req.texts(stop, "generation.stop")
-        return v1.InferRequest(
-            model_id=model,
-            version=version or "",
-            texts=req.texts(prompt),
-            generation=v1.GenerationParameters(**parameters),
-            priority=req.priority(priority),
-        )
+        request = req.embed_request(model, texts, images, normalize, version, priority)
+        return embeddings(await self._infer(request, idempotent=True, timeout=timeout, metadata=metadata))
 
     async def generate(
         self,
@@ -331,8 +250,8 @@ class AsyncClient(JobMethods):
     ) -> TextResult:
         """Text generation (txt2txt): one text per prompt. Unset parameters take the server's
         defaults (max_tokens 64, temperature 1.0: sampling; 0: greedy)."""
-        params = _optional(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
-        request = self._generation(model, prompt, version, priority, params)
+        params = optional(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+        request = req.generation_request(model, prompt, version, priority, params)
         return text_result(await self._infer(request, idempotent=True, timeout=timeout, metadata=metadata))
 
     def generate_stream(
@@ -352,8 +271,8 @@ class AsyncClient(JobMethods):
     ) -> AsyncIterator[Token | TextResult]:
         """`generate` as it happens: a `Token` per piece of new text (`index`: which prompt), then
         the `TextResult`. Leaving the loop early stops the generation on the server."""
-        params = _optional(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
-        request = self._generation(model, prompt, version, priority, params)
+        params = optional(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+        request = req.generation_request(model, prompt, version, priority, params)
 
         def convert(event: v1.GenerateEvent) -> Token | TextResult:
             if event.token is not None:
@@ -378,32 +297,9 @@ class AsyncClient(JobMethods):
         metadata: Mapping[str, str] | None = None,
     ) -> TextResult:
         """Captions (img2txt): one text per image (default greedy, max_tokens 30)."""
-        request = v1.InferRequest(
-            model_id=model,
-            version=version or "",
-            images=req.images(images),
-            caption=v1.CaptionParameters(**_optional(max_tokens=max_tokens, temperature=temperature, seed=seed)),
-            priority=req.priority(priority),
-        )
+        params = optional(max_tokens=max_tokens, temperature=temperature, seed=seed)
+        request = req.caption_request(model, images, version, priority, params)
         return text_result(await self._infer(request, idempotent=True, timeout=timeout, metadata=metadata))
-
-    def _image_generation(
-        self,
-        model: str,
-        prompt: str | Sequence[str],
-        version: str | None,
-        priority: int | PriorityName | None,
-        return_mode: ReturnMode,
-        parameters: dict[str, Any],
-    ) -> v1.InferRequest:
-        return v1.InferRequest(
-            model_id=model,
-            version=version or "",
-            texts=req.texts(prompt),
-            image_generation=v1.ImageGenerationParameters(**parameters),
-            priority=req.priority(priority),
-            return_mode=req.return_mode(return_mode),
-        )
 
     async def generate_image(
         self,
@@ -425,7 +321,7 @@ class AsyncClient(JobMethods):
         """Image generation (txt2img): one image per prompt, as PNG bytes (`return_mode="inline"`) or
         a result-store URL ("url"; "auto": the server's choice). Not idempotent: retried only when
         the request never left (see `retry`)."""
-        params = _optional(
+        params = optional(
             steps=steps,
             guidance_scale=guidance_scale,
             width=width,
@@ -433,7 +329,7 @@ class AsyncClient(JobMethods):
             seed=seed,
             negative_prompt=negative_prompt,
         )
-        request = self._image_generation(model, prompt, version, priority, return_mode, params)
+        request = req.image_request(model, prompt, version, priority, return_mode, params)
         return image_result(await self._infer(request, idempotent=False, timeout=timeout, metadata=metadata))
 
     def generate_image_stream(
@@ -454,7 +350,7 @@ class AsyncClient(JobMethods):
         metadata: Mapping[str, str] | None = None,
     ) -> AsyncIterator[Progress | ImageResult]:
         """`generate_image` as it happens: a `Progress` per denoising step, then the `ImageResult`."""
-        params = _optional(
+        params = optional(
             steps=steps,
             guidance_scale=guidance_scale,
             width=width,
@@ -462,7 +358,7 @@ class AsyncClient(JobMethods):
             seed=seed,
             negative_prompt=negative_prompt,
         )
-        request = self._image_generation(model, prompt, version, priority, return_mode, params)
+        request = req.image_request(model, prompt, version, priority, return_mode, params)
 
         def convert(event: v1.GenerateEvent) -> Progress | ImageResult:
             if event.progress is not None:
@@ -472,76 +368,3 @@ class AsyncClient(JobMethods):
             raise error_for(Status.INTERNAL, "the server sent an event of another task type")
 
         return self._generate(request, convert, idempotent=False, timeout=timeout, metadata=metadata)
-
-    # -- registry and management --------------------------------------------------------------
-
-    async def models(
-        self, task_type: str | None = None, *, timeout: float | None = None, metadata: Mapping[str, str] | None = None
-    ) -> list[ModelInfo]:
-        """Installed models, optionally of one task type ("txt2embed", "img2embed", "img2txt",
-        "txt2txt", "txt2img")."""
-        task = v1.TaskType.UNSPECIFIED
-        if task_type is not None:
-            try:
-                task = v1.TaskType[task_type.upper()]
-            except KeyError:
-                raise req.refuse(f"unknown task type {task_type!r}", "task_type") from None
-
-        async def call(channel: Channel, deadline: Deadline | None, md: dict[str, str] | None) -> v1.ListModelsResponse:
-            stub = v1.RegistryServiceStub(channel)
-            return await stub.list_models(v1.ListModelsRequest(task_type=task), deadline=deadline, metadata=md)
-
-        listed = await self._unary("ListModels", call, idempotent=True, timeout=timeout, metadata=metadata)
-        return [model_info(m) for m in listed.models]
-
-    async def model(
-        self, model_id: str, *, timeout: float | None = None, metadata: Mapping[str, str] | None = None
-    ) -> ModelInfo:
-        """One installed model."""
-
-        async def call(channel: Channel, deadline: Deadline | None, md: dict[str, str] | None) -> v1.Model:
-            stub = v1.RegistryServiceStub(channel)
-            return await stub.get_model(v1.GetModelRequest(model_id=model_id), deadline=deadline, metadata=md)
-
-        return model_info(await self._unary("GetModel", call, idempotent=True, timeout=timeout, metadata=metadata))
-
-    async def status(self, *, timeout: float | None = None, metadata: Mapping[str, str] | None = None) -> ServerStatus:
-        """The server's runtime: supervisor, memory budget, every model version's state."""
-
-        async def call(channel: Channel, deadline: Deadline | None, md: dict[str, str] | None) -> v1.ServerStatus:
-            stub = v1.ManagementServiceStub(channel)
-            return await stub.get_status(v1.GetStatusRequest(), deadline=deadline, metadata=md)
-
-        return server_status(await self._unary("GetStatus", call, idempotent=True, timeout=timeout, metadata=metadata))
-
-    async def load(
-        self,
-        model: str,
-        version: str | None = None,
-        *,
-        timeout: float | None = None,
-        metadata: Mapping[str, str] | None = None,
-    ) -> ModelState:
-        """Load and warm up a model version now (default: its active version); returns once ready."""
-
-        async def call(channel: Channel, deadline: Deadline | None, md: dict[str, str] | None) -> v1.ModelStatus:
-            message = v1.LoadModelRequest(model_id=model, version=version or "")
-            return await v1.ManagementServiceStub(channel).load_model(message, deadline=deadline, metadata=md)
-
-        return model_state(await self._unary("LoadModel", call, idempotent=True, timeout=timeout, metadata=metadata))
-
-    async def unload(
-        self,
-        model: str,
-        version: str | None = None,
-        *,
-        timeout: float | None = None,
-        metadata: Mapping[str, str] | None = None,
-    ) -> ModelState:
-        """Drain a model version's queue, stop its worker and give its memory back."""
-
-        async def call(channel: Channel, deadline: Deadline | None, md: dict[str, str] | None) -> v1.ModelStatus:
-            message = v1.UnloadModelRequest(model_id=model, version=version or "")
-            return await v1.ManagementServiceStub(channel).unload_model(message, deadline=deadline, metadata=md)
-
-        return model_state(await self._unary("UnloadModel", call, idempotent=True, timeout=timeout, metadata=metadata))

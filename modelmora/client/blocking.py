@@ -9,6 +9,8 @@ The client runs its own asyncio event loop on a thread of its own, so it works w
 calling thread has a loop running (Jupyter's does), from any number of threads at once. `close()`
 (or leaving the `with` block) closes the connection and ends the thread. Ctrl-C during a call
 cancels it. A streaming method returns an iterator; leaving it early stops the call on the server.
+`infer_stream` iterates its requests on the client's thread: pass a list, or a generator that does
+not block.
 """
 
 from __future__ import annotations
@@ -171,6 +173,9 @@ class Client:
     generate_image_stream = _blocking_stream(AsyncClient.generate_image_stream)
     models = _blocking(AsyncClient.models)
     model = _blocking(AsyncClient.model)
+    update_settings = _blocking(AsyncClient.update_settings)
+    delete_model = _blocking(AsyncClient.delete_model)
+    infer_stream = _blocking_stream(AsyncClient.infer_stream)
     status = _blocking(AsyncClient.status)
     load = _blocking(AsyncClient.load)
     unload = _blocking(AsyncClient.unload)

@@ -24,7 +24,7 @@ from grpclib.metadata import Deadline
 
 from .._proto.modelmora import v1
 from . import _requests as req
-from ._convert import error_for, from_exception, image_result, text_result
+from ._convert import error_for, from_exception, infer_result
 from ._requests import ImageInput, PriorityName, ReturnMode
 from .results import ImageResult, ModelInfo, TextResult
 
@@ -264,11 +264,6 @@ class JobMethods:
         async def call(channel: Channel, deadline: Deadline | None, md: dict[str, str] | None) -> v1.InferResponse:
             return await v1.JobServiceStub(channel).get_job_result(request, deadline=deadline, metadata=md)
 
-        response = await self._unary("GetJobResult", call, idempotent=True, timeout=timeout, metadata=metadata)
-        if response.embeddings is not None:
-            e = response.embeddings
-            shape = tuple(int(n) for n in e.shape)
-            return np.frombuffer(e.data, "<f4").astype(np.float32).reshape(shape)
-        if response.texts is not None:
-            return text_result(response)
-        return image_result(response)
+        return infer_result(
+            await self._unary("GetJobResult", call, idempotent=True, timeout=timeout, metadata=metadata)
+        )

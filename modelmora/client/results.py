@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .._proto.modelmora import v1
 
 __all__ = (
+    "DeletedModel",
     "GeneratedImage",
     "ImageResult",
     "ModelInfo",
@@ -120,6 +121,14 @@ class ModelInfo:
     active_version: str
     versions: tuple[ModelVersion, ...]
     settings: ModelSettings
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedModel:
+    """A model removed from the registry, with the versions whose files were deleted."""
+
+    model_id: str
+    versions: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,10 @@ Which calls are idempotent (running one twice leaves the server as running it on
 | `generate_stream` | yes, until its first event arrives | before the first event |
 | `generate_image`, `generate_image_stream` | no: each run stores a new result (and costs a full
   denoising) | only when the request was never sent (no connection) |
+| `infer_stream` | its requests may have run | not retried |
 | `models`, `model`, `status` | yes: reads | always |
+| `update_settings` | yes: it replaces the settings with the same ones | always |
+| `delete_model` | no: a second run answers NOT_FOUND | only when the request was never sent |
 | `load`, `unload` | yes: they set a state | always |
 | `submit` | yes: it sends an idempotency key, so a retry answers the same job | always |
 | `job`, `wait`, `job_result`, `cancel` | yes: reads, and a cancel sets a state | always |

@@ -20,6 +20,8 @@ from serverproc import ServerProcess, mm
 from tiny_models import build_blip, build_clip, build_gpt2, build_sd
 
 MINILM = "minilm"
+SPARE = "spare"
+"""A second MiniLM, which the registry tests change and delete."""
 BUILDERS = {"gpt2": build_gpt2, "blip": build_blip, "clip": build_clip, "sd": build_sd}
 
 
@@ -33,6 +35,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Itera
     src = tmp_path_factory.mktemp("client-models")
     home = tmp_path_factory.mktemp("client-home")
     mm("install", str(minilm_path), "--id", MINILM, "--task", "txt2embed", home=home)
+    mm("install", str(minilm_path), "--id", SPARE, "--task", "txt2embed", home=home)  # to delete
     for name, build in BUILDERS.items():
         mm("install", str(build(src / name)), "--id", name, home=home)
     srv = ServerProcess(home, {"MODELMORA_TORCH_THREADS": "1"}).start()

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from modelmora.client import Client, ModelState, NotFoundError, TextResult, Token
+from modelmora.client import Client, ModelState, NotFoundError, StreamRequest, TextResult, Token
 
 from serverproc import ServerProcess
 
@@ -90,3 +90,18 @@ def test_a_dropped_client_ends_its_thread(target: str) -> None:
     del client
     gc.collect()
     assert client_threads() == before
+
+
+def test_infer_stream_and_registry_calls(target: str) -> None:
+    requests = [StreamRequest.embed(f"r{i}", MINILM, f"sentence {i}") for i in range(20)]
+    requests.append(StreamRequest.embed("bad", "nope", "x"))
+    with Client(target, timeout=120) as client:
+        answers = {a.request_id: a for a in client.infer_stream(requests)}
+        single = client.embed(MINILM, "sentence 3")
+        settings = client.update_settings(MINILM, max_wait_ms=1.5).settings
+        client.update_settings(MINILM)  # back to the defaults
+        with pytest.raises(NotFoundError):
+            client.delete_model("nope")
+    assert len(answers) == 21 and isinstance(answers["bad"].error, NotFoundError)
+    assert np.allclose(answers["r3"].value(), single, atol=1e-5)  # type: ignore[arg-type]
+    assert settings.max_wait_ms == 1.5

@@ -5,23 +5,30 @@ status; errors as the `ClientError` family with the server's code and field; dea
 from __future__ import annotations
 
 import io
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from client.conftest import SPARE
 from modelmora.client import (
     AsyncClient,
     ClientError,
     DeadlineExceededError,
+    DeletedModel,
     GeneratedImage,
     ImageResult,
     InvalidArgumentError,
     NotFoundError,
+    PriorityName,
     Progress,
     Status,
+    StreamAnswer,
+    StreamRequest,
     TextResult,
     Token,
 )
@@ -128,8 +135,8 @@ async def test_registry_and_management(target: str) -> None:
         loaded = await client.load(MINILM)
         status = await client.status()
         unloaded = await client.unload(MINILM)
-    assert sorted(m.id for m in models) == ["blip", "clip", "gpt2", MINILM, "sd"]
-    assert [m.id for m in embedders] == [MINILM]
+    assert sorted(m.id for m in models if m.id != SPARE) == ["blip", "clip", "gpt2", MINILM, "sd"]
+    assert [m.id for m in embedders if m.id != SPARE] == [MINILM]
     assert (info.task_type, info.active_version, info.versions[0].version) == ("txt2embed", "1.0.0", "1.0.0")
     assert info.versions[0].files > 0 and info.settings.pinned is None
     assert (loaded.model_id, loaded.state, loaded.task_type) == (MINILM, "ready", "txt2embed")
@@ -168,3 +175,82 @@ async def test_deadline_exceeded_is_a_client_error(target: str) -> None:
     for err in (during.value, before.value):
         assert err.status == Status.DEADLINE_EXCEEDED and err.attempts == 1 and isinstance(err, TimeoutError)
         assert isinstance(err, ClientError)
+
+
+async def test_update_settings_and_delete_model(target: str) -> None:
+    async with AsyncClient(target, timeout=180) as client:
+        updated = await client.update_settings(SPARE, max_batch_size=8, keep_alive="5m", pinned=False)
+        assert (await client.model(SPARE)).settings == updated.settings
+        reset = await client.update_settings(SPARE)  # nothing given: every setting back to the default
+        with pytest.raises(InvalidArgumentError) as bad:
+            await client.update_settings(SPARE, keep_alive="soon")
+        await client.load(SPARE)
+        deleted = await client.delete_model(SPARE)
+        with pytest.raises(NotFoundError) as gone:
+            await client.model(SPARE)
+        with pytest.raises(NotFoundError) as again:
+            await client.delete_model(SPARE)
+        with pytest.raises(NotFoundError):
+            await client.update_settings(SPARE, max_batch_size=4)
+    assert updated.id == SPARE and updated.task_type == "txt2embed"
+    assert (updated.settings.max_batch_size, updated.settings.keep_alive, updated.settings.pinned) == (8, "5m", False)
+    assert reset.settings.max_batch_size is None and reset.settings.keep_alive is None
+    assert bad.value.field == "settings.keep_alive" and bad.value.message.startswith("settings.keep_alive: ")
+    assert deleted == DeletedModel(SPARE, ("1.0.0",))
+    assert gone.value.code == again.value.code == "model_not_found" and again.value.attempts == 1
+
+
+async def test_infer_stream_answers_every_request_once(target: str) -> None:
+    texts = [f"sentence number {i}" for i in range(200)]
+    priorities: list[PriorityName | None] = ["critical", "high", "normal", "low", None]
+    requests = [
+        StreamRequest.embed(f"e{i}", MINILM, t, normalize=True, priority=priorities[i % 5], timeout_s=120)
+        for i, t in enumerate(texts)
+    ]
+    requests.insert(100, StreamRequest.embed("missing", "nope", "x"))
+    requests.append(StreamRequest.generate("g", "gpt2", "once upon a time", max_tokens=6, temperature=0))
+
+    async def slowly() -> AsyncIterator[StreamRequest]:  # an async source, sending as it produces
+        for r in requests:
+            yield r
+
+    async with AsyncClient(target, timeout=300) as client:
+        answers = [a async for a in client.infer_stream(slowly())]
+        direct = await client.embed(MINILM, texts[:3], normalize=True)
+        whole = await client.generate("gpt2", "once upon a time", max_tokens=6, temperature=0)
+    assert all(isinstance(a, StreamAnswer) for a in answers)
+    ids = [a.request_id for a in answers]
+    assert len(ids) == len(set(ids)) == 202
+    by_id = {a.request_id: a for a in answers}
+    missing = by_id["missing"]
+    assert not missing.ok and isinstance(missing.error, NotFoundError) and missing.error.code == "model_not_found"
+    with pytest.raises(NotFoundError):
+        missing.value()
+    rows = np.concatenate([np.asarray(by_id[f"e{i}"].value()) for i in range(3)])
+    assert rows.shape == (3, 384) and np.allclose(rows, direct, atol=1e-5)
+    assert all(by_id[f"e{i}"].ok for i in range(200))
+    generated = by_id["g"].value()
+    assert isinstance(generated, TextResult) and generated.text == whole.text
+
+
+async def test_infer_stream_refuses_bad_requests_and_leaving_early_withdraws_the_rest(target: str) -> None:
+    with pytest.raises(InvalidArgumentError) as no_id:
+        StreamRequest.embed("", MINILM, "x")
+    assert no_id.value.field == "request_id" and no_id.value.attempts == 0
+    async with AsyncClient(target, timeout=300) as client:
+        with pytest.raises(TypeError, match="StreamRequest"):
+            async for _ in client.infer_stream([StreamRequest.embed("ok", MINILM, "x"), "not a request"]):  # type: ignore[list-item]
+                pass
+        await client.load(MINILM)
+        before = next(m for m in (await client.status()).models if m.model_id == MINILM)
+        many = [StreamRequest.embed(str(i), MINILM, ["w " * 200] * 4) for i in range(300)]
+        async for answer in client.infer_stream(many):
+            assert answer.ok
+            break  # the call is cancelled: the requests still queued are withdrawn
+        for _ in range(600):  # a safety net, not a performance bound
+            after = next(m for m in (await client.status()).models if m.model_id == MINILM)
+            if after.queue_depth == 0 and not after.busy and after.raw.cancelled > before.raw.cancelled:
+                break
+            await anyio.sleep(0.05)
+    assert after.queue_depth == 0 and after.raw.cancelled > before.raw.cancelled
+    assert after.served - before.served < 300  # the withdrawn requests never ran

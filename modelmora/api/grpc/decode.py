@@ -15,7 +15,7 @@ from grpclib.metadata import Deadline
 from ..._proto.modelmora import v1
 from ...errors import DeadlineExceeded, InvalidInput
 from ...images import ImageRef, Pixels
-from ...observability import TraceContext, incoming
+from ...observability import TraceContext
 from ...security import ANONYMOUS, Identity
 from ...service import (
     CaptionParameters,
@@ -29,6 +29,7 @@ from ...service import (
     TextInput,
     convert,
 )
+from .calls import call_trace
 
 __all__ = ("PARAMETERS", "decode_call", "parameters_name")
 
@@ -56,8 +57,10 @@ def decode_call(
     stream: bool = False,
     metadata: Any = None,
     identity: Identity = ANONYMOUS,
+    trace: TraceContext | None = None,
 ) -> InferCall:
-    """The core's call for one request message; `deadline` is the gRPC call's, `identity` its caller's.
+    """The core's call for one request message; `deadline` is the gRPC call's, `identity` its caller's,
+    `trace` its trace context (None: from the call's `metadata`).
 
     Raises:
         InvalidInput: a field is wrong (named as the core names it).
@@ -80,16 +83,9 @@ def decode_call(
         stream=stream,
         return_mode=_return_mode(req.return_mode),
         protocol="grpc",
-        trace=_trace(metadata),
+        trace=trace if trace is not None else call_trace(metadata),
         identity=identity,
     )
-
-
-def _trace(metadata: Any) -> TraceContext:
-    """The caller's W3C trace context from the call's `traceparent` / `tracestate` metadata."""
-    if not metadata:
-        return incoming(None)
-    return incoming(metadata.get("traceparent"), metadata.get("tracestate"))
 
 
 def _parameters(req: v1.InferRequest) -> Any:

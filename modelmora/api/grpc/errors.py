@@ -4,8 +4,8 @@ code and its field; anything else is INTERNAL with a trace id, its text only in 
 A field is named as a path in the request message (`texts[3]`, `generation.max_tokens`): the core
 names fields as JSON paths of the REST envelope, translated here. The status message starts with
 the field ("texts[3]: text of ... characters exceeds ..."); the trailing metadata carries
-`modelmora-error-code` (REST's `error.code`), `modelmora-error-field` and, where retrying later
-makes sense, `retry-after` (seconds).
+`modelmora-error-code` (REST's `error.code`), `modelmora-error-field`, where retrying later
+makes sense `retry-after` (seconds), and the call's `traceparent` when it has a trace.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from grpclib.server import Stream
 
 from ..._proto.modelmora import v1
 from ...errors import ModelMoraError
+from ...observability import TraceContext
 
 __all__ = ("error_message", "internal_error", "proto_field", "send_error")
 
@@ -54,23 +55,34 @@ def error_message(exc: ModelMoraError, parameters: str | None = None) -> v1.Erro
     )
 
 
-async def send_error(stream: Stream[object, object], exc: ModelMoraError, parameters: str | None = None) -> None:
-    """End the call with the error's status, message and metadata."""
+async def send_error(
+    stream: Stream[object, object],
+    exc: ModelMoraError,
+    parameters: str | None = None,
+    trace: TraceContext | None = None,
+) -> None:
+    """End the call with the error's status, message and metadata (and `trace`'s `traceparent`)."""
     error = error_message(exc, parameters)
     metadata = {"modelmora-error-code": error.code}
     if error.field:
         metadata["modelmora-error-field"] = error.field
     if error.retry_after_s is not None:
         metadata["retry-after"] = str(max(1, round(error.retry_after_s)))
+    if trace is not None:
+        metadata["traceparent"] = trace.traceparent
     await stream.send_trailing_metadata(status=Status(error.status), status_message=error.message, metadata=metadata)
 
 
-async def internal_error(stream: Stream[object, object], method: str, exc: BaseException) -> None:
-    """End the call with INTERNAL and a trace id; the exception goes to the log only."""
-    trace_id = uuid.uuid4().hex
+async def internal_error(
+    stream: Stream[object, object], method: str, exc: BaseException, trace: TraceContext | None = None
+) -> None:
+    """End the call with INTERNAL and its trace id (a new id without `trace`); the exception goes to
+    the log only."""
+    trace_id = trace.trace_id if trace is not None else uuid.uuid4().hex
     log.error("unhandled_error", trace_id=trace_id, method=method, exc_info=exc)
+    metadata = {"modelmora-error-code": "internal_error"}
+    if trace is not None:
+        metadata["traceparent"] = trace.traceparent
     await stream.send_trailing_metadata(
-        status=Status.INTERNAL,
-        status_message=f"internal error (trace id {trace_id})",
-        metadata={"modelmora-error-code": "internal_error"},
+        status=Status.INTERNAL, status_message=f"internal error (trace id {trace_id})", metadata=metadata
     )

@@ -8,7 +8,7 @@ requests and stops its running ones, exactly as a REST disconnect does.
 
 from __future__ import annotations
 
-import uuid
+from typing import Any, cast
 
 import anyio
 import structlog
@@ -17,12 +17,13 @@ from grpclib.server import Stream
 
 from ..._proto.modelmora import v1
 from ...errors import InvalidInput, ModelMoraError, RateLimited
-from ...security import Identity, Permit
+from ...security import Permit
 from ...service import InferenceService, InferResult
-from .calls import Calls
+from .calls import CallContext, Calls
 from .decode import decode_call, parameters_name
 from .encode import event_message, infer_response
 from .errors import error_message
+from .wire import corked, infer_response_bytes, infer_stream_answer_bytes
 
 __all__ = ("InferenceServicer",)
 
@@ -54,16 +55,19 @@ class InferenceServicer:
             assert req is not None  # grpclib: a unary call has its message
             context.parameters = parameters_name(req)
             result = await self.service.infer(
-                decode_call(req, stream.deadline, metadata=stream.metadata, identity=context.identity)
+                decode_call(req, stream.deadline, identity=context.identity, trace=context.trace)
             )
-            await stream.send_message(infer_response(result, req.request_id, self.base_url))
+            answer = infer_response_bytes(result, req.request_id, self.base_url)
+            with corked(stream):  # headers, answer and trailers in one write
+                await stream.send_message(cast(Any, answer))
+                await context.finish(stream)
 
     async def generate(self, stream: Stream[v1.InferRequest, v1.GenerateEvent]) -> None:
         async with self.calls.guard(stream, "Generate") as context:  # type: ignore[arg-type]
             req = await stream.recv_message()
             assert req is not None
             context.parameters = parameters_name(req)
-            call = decode_call(req, stream.deadline, stream=True, metadata=stream.metadata, identity=context.identity)
+            call = decode_call(req, stream.deadline, stream=True, identity=context.identity, trace=context.trace)
             events = await self.service.open_stream(call)
             try:
                 async for item in events:
@@ -77,14 +81,15 @@ class InferenceServicer:
 
     async def infer_stream(self, stream: Stream[v1.InferRequest, v1.InferStreamResponse]) -> None:
         """Requests run concurrently as they arrive; each answer goes out when ready (one writer at
-        a time). A request id still in flight on this stream is refused, so each is answered once."""
+        a time). A request id still in flight on this stream is refused, so each is answered once.
+        Every request of the stream belongs to the call's trace."""
         async with self.calls.guard(stream, "InferStream") as context:  # type: ignore[arg-type]
             sending = anyio.Lock()
             in_flight: set[str] = set()
 
-            async def answer(response: v1.InferStreamResponse) -> None:
+            async def answer(response: v1.InferStreamResponse | bytes) -> None:
                 async with sending:
-                    await stream.send_message(response)
+                    await stream.send_message(cast(Any, response))  # a message, or one encoded already
 
             async def refuse(req: v1.InferRequest, exc: ModelMoraError) -> None:
                 await answer(v1.InferStreamResponse(request_id=req.request_id, error=error_message(exc)))
@@ -92,7 +97,7 @@ class InferenceServicer:
             async def run(req: v1.InferRequest) -> None:
                 rid = req.request_id
                 try:
-                    response = await self._one(req, stream, context.identity)
+                    response = await self._one(req, stream, context)
                     await answer(response)
                 finally:
                     in_flight.discard(rid)
@@ -113,21 +118,21 @@ class InferenceServicer:
                         tg.start_soon(run, req)
 
     async def _one(
-        self, req: v1.InferRequest, stream: Stream[v1.InferRequest, v1.InferStreamResponse], identity: Identity
-    ) -> v1.InferStreamResponse:
-        """One request of an InferStream: its answer, or its error (the stream goes on)."""
+        self, req: v1.InferRequest, stream: Stream[v1.InferRequest, v1.InferStreamResponse], context: CallContext
+    ) -> v1.InferStreamResponse | bytes:
+        """One request of an InferStream: its answer (encoded), or its error (the stream goes on)."""
         rid = req.request_id
         parameters = None
         try:
             parameters = parameters_name(req)
             result = await self.service.infer(
-                decode_call(req, stream.deadline, metadata=stream.metadata, identity=identity)
+                decode_call(req, stream.deadline, identity=context.identity, trace=context.trace)
             )
-            return v1.InferStreamResponse(request_id=rid, response=infer_response(result, rid, self.base_url))
+            return infer_stream_answer_bytes(result, rid, self.base_url)
         except ModelMoraError as exc:
             return v1.InferStreamResponse(request_id=rid, error=error_message(exc, parameters))
         except Exception as exc:
-            trace_id = uuid.uuid4().hex
+            trace_id = context.trace.trace_id
             log.error("unhandled_error", trace_id=trace_id, method="InferStream", exc_info=exc)
             error = v1.Error(status=13, code="internal_error", message=f"internal error (trace id {trace_id})")
             return v1.InferStreamResponse(request_id=rid, error=error)

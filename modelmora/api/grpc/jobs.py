@@ -159,7 +159,7 @@ class JobServicer:
             assert msg is not None
             req = msg.request or v1.InferRequest()
             context.parameters = parameters_name(req)
-            call = decode_call(req, None, metadata=stream.metadata)  # validates the fields as Infer does
+            call = decode_call(req, None, trace=context.trace)  # validates the fields as Infer does
             key = msg.idempotency_key or None
             if key is not None and len(key) > 255:
                 raise InvalidInput("idempotency_key must be at most 255 characters", field="idempotency_key")

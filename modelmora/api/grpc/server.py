@@ -23,6 +23,7 @@ from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.health.v1 import health_pb2
+from grpclib.protocol import H2Protocol
 from grpclib.reflection.service import ServerReflection
 from grpclib.reflection.v1 import reflection_pb2
 from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
@@ -39,6 +40,7 @@ from .health import HealthServicer
 from .inference import InferenceServicer
 from .jobs import JobServicer
 from .models import ManagementServicer, RegistryServicer
+from .wire import CoalescingProtocol
 
 __all__ = ("GrpcListener", "LimitedCodec", "descriptors")
 
@@ -46,10 +48,16 @@ log = structlog.get_logger("modelmora.api.grpc")
 
 
 class LimitedCodec(ProtoCodec):
-    """Protobuf (and betterproto2) messages, refusing received messages over `max_bytes`."""
+    """Protobuf (and betterproto2) messages, refusing received messages over `max_bytes`; an answer
+    given as bytes is already encoded (`wire.infer_response_bytes`) and goes out as it is."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if type(message) is bytes:
+            return message
+        return super().encode(message, message_type)
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         if len(data) > self.max_bytes:
@@ -73,6 +81,14 @@ class _Guarded:
 
     def __mapping__(self) -> dict[str, Any]:
         return self.mapping
+
+
+class _Server(Server):
+    """grpclib's server, its connections over `CoalescingProtocol` (one socket write per loop turn)."""
+
+    def _protocol_factory(self) -> H2Protocol:
+        made = super()._protocol_factory()
+        return CoalescingProtocol(made.handler, made.config, made.h2_config)
 
 
 def descriptors() -> descriptor_pool.DescriptorPool:
@@ -137,7 +153,7 @@ class GrpcListener:
         """Serve until `until()` returns (or this task is cancelled), then stop gracefully: calls
         started from then on get UNAVAILABLE, running ones end or are cancelled when `forced()`
         returns (default: after `shutdown_grace_s`)."""
-        server = Server(self.handlers, codec=LimitedCodec(self.service.settings.grpc_max_message_bytes))
+        server = _Server(self.handlers, codec=LimitedCodec(self.service.settings.grpc_max_message_bytes))
         await server.start(sock=self.sock, ssl=self.ssl)
         task_status.started()
         try:
