@@ -45,7 +45,7 @@ from .results import (
     Token,
 )
 from .retry import RetryPolicy
-from .stream import StreamAnswer, StreamRequest
+from .stream import StreamAnswer, StreamMethods, StreamRequest
 
 __all__ = (
     "FINAL_STATUSES",
@@ -77,6 +77,7 @@ __all__ = (
     "ServerStatus",
     "Status",
     "StreamAnswer",
+    "StreamMethods",
     "StreamRequest",
     "TextResult",
     "Timing",

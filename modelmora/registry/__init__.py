@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from .active import activate
-from .cache import CacheEntry, DownloadCache
+from .cache import CacheEntry, DownloadCache, place
 from .catalog import CatalogEntry, CatalogFile, ModelCatalog, load_catalog, merge_metadata
 from .checksums import FileVerifier, hash_files, sha256_file
 from .install import TASKS, detect_task, install, uninstall
@@ -63,6 +63,7 @@ __all__ = (
     "open_store",
     "parse_metadata",
     "parse_source",
+    "place",
     "read_lock",
     "render_lock",
     "semver_key",

@@ -80,7 +80,7 @@ def test_one_client_serves_many_threads(target: str) -> None:
 async def test_works_where_an_event_loop_is_running(target: str) -> None:
     """As in a notebook: the caller's thread runs a loop; the client uses its own."""
     with Client(target, timeout=120) as client:
-        assert [m.id for m in client.models("txt2embed")] == [MINILM]
+        assert MINILM in [m.id for m in client.models("txt2embed")]  # (and "spare", unless a test deleted it)
 
 
 def test_a_dropped_client_ends_its_thread(target: str) -> None:
