@@ -32,7 +32,7 @@ REACHED_THROUGH_THEIR_MODULE: dict[str, frozenset[str]] = {
     # that module's own concern, used as `package.module.NAME`.
     "modelmora.images": frozenset({"data_uri_payload", "decode_base64"}),
     "modelmora.ipc": frozenset({"MAX_FRAME_BYTES", "Arrays", "Blobs", "split", "itemsize", "ALIGN", "HEADER_BYTES"}),
-    "modelmora.jobs": frozenset({"COLUMNS", "PENDING", "encoder", "record"}),
+    "modelmora.jobs": frozenset({"COLUMNS", "PENDING", "encoder", "record", "idempotent"}),
     "modelmora.lifecycle": frozenset({"SpawnedProcess", "DEFAULT_PRELOAD", "ForkedProcess", "ZygoteClient"}),
     "modelmora.registry": frozenset(
         {"MODEL_ID_RE", "MAX_PARAMS_BYTES", "SCHEMA_VERSION", "SEMVER_RE", "LOCK_FORMAT", "CATALOG_FORMAT"}
