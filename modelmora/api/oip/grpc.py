@@ -10,6 +10,7 @@ Errors end the call with the error's gRPC status and a message naming the tensor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -22,12 +23,13 @@ from grpclib.server import Stream
 
 from ..._proto import inference as pb
 from ...errors import DeadlineExceeded, InvalidInput, ModelMoraError, RateLimited
+from ...observability import current_trace
 from ...security import ANONYMOUS, Identity
 from ...service import InferCall, InferenceService
 from ...tasks import TaskType
 from ..grpc import Calls, current_permit
 from .models import EXTENSIONS, SERVER_NAME, model_metadata, model_ready, repository_index, server_version
-from .tensors import InputTensor, describe_field, infer_call, output_tensors, pack_bytes
+from .tensors import GRPC_PROTOCOL, InputTensor, describe_field, infer_call, output_tensors, pack_bytes
 
 __all__ = ("OipServicer", "grpc_error")
 
@@ -67,10 +69,7 @@ def _bounded(call: InferCall, deadline: Deadline | None) -> InferCall:
     remaining = deadline.time_remaining()
     if remaining <= 0:
         raise DeadlineExceeded("the call's deadline passed before the request was queued")
-    timeout_s = min(call.timeout_s or math.inf, remaining)
-    return InferCall(
-        call.model_id, call.inputs, call.parameters, call.version, call.priority, timeout_s, return_mode="inline"
-    )
+    return dataclasses.replace(call, timeout_s=min(call.timeout_s or math.inf, remaining))
 
 
 class OipServicer:
@@ -169,7 +168,15 @@ class OipServicer:
         parameters = {key: _value(p) for key, p in req.parameters.items()}
         outputs = [o.name for o in req.outputs]
         call = infer_call(
-            req.model_name, req.model_version or None, TaskType(rec.task), _inputs(req), outputs, parameters
+            req.model_name,
+            req.model_version or None,
+            TaskType(rec.task),
+            _inputs(req),
+            outputs,
+            parameters,
+            protocol=GRPC_PROTOCOL,
+            trace=current_trace(),  # the call's, as `Calls.guard` found it
+            identity=_caller(),
         )
         result = await self.service.infer(_bounded(call, deadline))
         tensors = output_tensors(result)

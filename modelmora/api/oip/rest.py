@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import base64
 import re
-import uuid
+import time
 from typing import Any
 
 import anyio
@@ -41,10 +41,10 @@ from ...errors import (
 from ...service import InferenceService
 from ...tasks import TaskType
 from ..rest.body import decode
-from ..rest.edge import identity_of
+from ..rest.edge import identity_of, trace_of
 from ..rest.errors import EndpointNotFound, MethodNotAllowed, refusal_headers
 from .models import EXTENSIONS, SERVER_NAME, model_metadata, model_ready, repository_index, server_version
-from .tensors import InputTensor, OutputTensor, describe_field, infer_call, output_tensors
+from .tensors import REST_PROTOCOL, InputTensor, OutputTensor, describe_field, infer_call, output_tensors
 
 __all__ = ("HEADER_LENGTH", "PREFIX", "create_oip_app", "error_response")
 
@@ -166,12 +166,27 @@ def _json_data(tensor: OutputTensor) -> list[Any]:
 
 
 async def _infer(service: InferenceService, scope: Scope, receive: Receive, name: str, version: str | None) -> Response:
-    body, header_length = await _read(scope, receive, service)
-    head, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
-    req = decode(_infer_decoder, head)
+    trace, t0 = trace_of(scope), time.perf_counter()
+    try:
+        body, header_length = await _read(scope, receive, service)
+        head, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
+        req = decode(_infer_decoder, head)
+    except ModelMoraError as exc:  # refused before the core saw it: counted here, as the native API counts it
+        service.record.failed("", "", REST_PROTOCOL, exc, time.perf_counter() - t0, trace)
+        raise
     rec = await service.cached_model(name)
     outputs = [o.name for o in req.outputs or []]
-    call = infer_call(name, version, TaskType(rec.task), _inputs(req, binary), outputs, req.parameters)
+    call = infer_call(
+        name,
+        version,
+        TaskType(rec.task),
+        _inputs(req, binary),
+        outputs,
+        req.parameters,
+        protocol=REST_PROTOCOL,
+        trace=trace,
+        identity=identity_of(scope),
+    )
 
     async def gone() -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -265,7 +280,7 @@ def create_oip_app(service: InferenceService) -> ASGIApp:
         except ModelMoraError as exc:
             response = error_response(exc)
         except Exception as exc:
-            response = _unexpected(scope.get("path", ""), exc)
+            response = _unexpected(scope.get("path", ""), exc, trace_of(scope).trace_id)
         await response(scope, receive, send)
 
     return app
@@ -275,7 +290,7 @@ def _not_allowed(allowed: str) -> Response:
     return error_response(MethodNotAllowed(f"method not allowed here; use {allowed}", allow=allowed))
 
 
-def _unexpected(path: str, exc: BaseException) -> Response:
-    trace_id = uuid.uuid4().hex
+def _unexpected(path: str, exc: BaseException, trace_id: str) -> Response:
+    """A 500 naming the trace id (the request's) under which `exc` is logged."""
     log.error("unhandled_error", trace_id=trace_id, path=path, exc_info=exc)
     return _json({"error": f"internal error (trace id {trace_id})"}, 500)

@@ -27,12 +27,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import InvalidInput, ModelMoraError
+from ...observability import TraceContext
+from ...security import ANONYMOUS, Identity
 from ...service import Embeddings, ImageData, Images, InferCall, InferResult, Priority, TextInput, Texts
 from ...tasks import TaskType
 
 __all__ = (
+    "GRPC_PROTOCOL",
     "INPUTS",
     "OUTPUTS",
+    "REST_PROTOCOL",
     "RESERVED_PARAMETERS",
     "InputTensor",
     "OutputTensor",
@@ -43,6 +47,11 @@ __all__ = (
     "pack_bytes",
     "unpack_bytes",
 )
+
+REST_PROTOCOL = "oip-rest"
+"""The `protocol` label, in the metrics, of the requests that come by the REST form (`/v2`)."""
+GRPC_PROTOCOL = "oip-grpc"
+"""The `protocol` label of the requests that come by the gRPC form (`inference.GRPCInferenceService`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +177,13 @@ def infer_call(
     inputs: list[InputTensor],
     outputs: list[str],
     parameters: dict[str, Any],
+    *,
+    protocol: str,
+    trace: TraceContext | None,
+    identity: Identity = ANONYMOUS,
 ) -> InferCall:
-    """The core's call for a request to a model of `task`.
+    """The core's call for a request to a model of `task`, by `protocol` (`REST_PROTOCOL`,
+    `GRPC_PROTOCOL`: its metrics' label), in the request's `trace` context, from `identity`.
 
     Raises:
         InvalidInput: a tensor or a parameter is wrong for this model.
@@ -205,7 +219,18 @@ def infer_call(
             timeout_s = _timeout_s(value)
         elif key not in RESERVED_PARAMETERS:
             task_parameters[key] = value
-    return InferCall(model, call_inputs, task_parameters, version, priority, timeout_s, return_mode="inline")
+    return InferCall(
+        model,
+        call_inputs,
+        task_parameters,
+        version,
+        priority,
+        timeout_s,
+        return_mode="inline",
+        protocol=protocol,
+        trace=trace,
+        identity=identity,
+    )
 
 
 def output_tensors(result: InferResult) -> list[OutputTensor]:

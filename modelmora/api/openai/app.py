@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ...errors import ClientGone, ModelMoraError
 from ...registry import ModelRecord
 from ...service import InferenceService
+from ..rest.edge import trace_of
 from ..rest.errors import EndpointNotFound, MethodNotAllowed
 from .completions import Completions
 from .embeddings import embeddings
@@ -109,7 +110,7 @@ def create_openai_app(service: InferenceService) -> ASGIApp:
         except ModelMoraError as exc:
             response = error_response(exc)
         except Exception as exc:
-            response = unexpected(scope.get("path", ""), exc)
+            response = unexpected(scope.get("path", ""), exc, trace_of(scope).trace_id)
         await response(scope, receive, send)
 
     return app

@@ -5,6 +5,7 @@ event response."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -14,13 +15,17 @@ import msgspec
 from starlette.types import Receive, Scope, Send
 
 from ...errors import ClientGone, InvalidInput, ModelMoraError
+from ...observability import TraceContext
 from ...registry import ModelRecord
-from ...service import InferCall, InferenceService, InferResult, Priority
+from ...security import ANONYMOUS, Identity
+from ...service import InferCall, InferenceService, InferResult, Priority, ReturnMode
 from ...tasks import TaskType
 from ..rest.body import decode, read_body
+from ..rest.edge import identity_of, trace_of
 
 __all__ = (
     "PRIORITY_HEADER",
+    "PROTOCOL",
     "TIMEOUT_HEADER",
     "VERSION_HEADER",
     "EventStream",
@@ -37,6 +42,8 @@ T = TypeVar("T")
 
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
 
+PROTOCOL = "openai"
+"""The `protocol` label of this front end's requests in the metrics."""
 PRIORITY_HEADER = "x-modelmora-priority"
 """A request's priority class: 1 (critical) to 4 (low), or its name (the body's `priority` wins)."""
 TIMEOUT_HEADER = "x-modelmora-timeout-seconds"
@@ -47,9 +54,29 @@ VERSION_HEADER = "x-modelmora-version"
 
 @dataclass(frozen=True, slots=True)
 class Options:
+    """What every core call of one request shares: our options, the request's trace context and
+    its caller."""
+
     priority: Priority
     timeout_s: float | None
     version: str | None
+    trace: TraceContext | None = None
+    identity: Identity = ANONYMOUS
+
+    def call(self, model: str, inputs: Any, parameters: Any, return_mode: ReturnMode = "auto") -> InferCall:
+        """The core's call for `inputs`, labelled with this front end's protocol."""
+        return InferCall(
+            model,
+            inputs,
+            parameters,
+            self.version,
+            self.priority,
+            self.timeout_s,
+            return_mode=return_mode,
+            protocol=PROTOCOL,
+            trace=self.trace,
+            identity=self.identity,
+        )
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -85,21 +112,24 @@ def options(scope: Scope, body: Any) -> Options:
         if not 0 < timeout_s <= 86400:
             raise InvalidInput(f"header {TIMEOUT_HEADER}: {text!r} is not a number of seconds in (0, 86400]")
     version = body.version or _header(scope, VERSION_HEADER.encode()) or None
-    return Options(parsed, timeout_s, version)
+    return Options(parsed, timeout_s, version, trace_of(scope), identity_of(scope))
 
 
 async def read_request(
     scope: Scope, receive: Receive, decoder: msgspec.json.Decoder[T], service: InferenceService
 ) -> T:
     """The decoded JSON body (400/413/415 as the native API, fields named as JSON paths of this body;
-    an unknown field is named itself)."""
+    an unknown field is named itself). A refusal is counted here, as the native API counts one: the
+    core never sees the request."""
     settings = service.settings
-    body = await read_body(scope, receive, settings.max_body_bytes, settings.body_read_timeout_s)
+    t0 = time.perf_counter()
     try:
+        body = await read_body(scope, receive, settings.max_body_bytes, settings.body_read_timeout_s)
         return decode(decoder, body)
-    except InvalidInput as exc:
-        if exc.field is not None and (m := _UNKNOWN.match(exc.message)) is not None:
+    except ModelMoraError as exc:
+        if isinstance(exc, InvalidInput) and exc.field is not None and (m := _UNKNOWN.match(exc.message)):
             exc.field = f"{exc.field}.{m['name']}"
+        service.record.failed("", "", PROTOCOL, exc, time.perf_counter() - t0, trace_of(scope))
         raise
 
 

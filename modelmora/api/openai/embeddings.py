@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope
 
 from ...errors import InvalidInput, ModelMoraError
 from ...lifecycle import TensorData
-from ...service import Embeddings, ImageInput, InferCall, InferenceService, TextInput
+from ...service import Embeddings, ImageInput, InferenceService, TextInput
 from ...tasks import TaskType
 from .calls import options, read_request, served_model, until_disconnect
 from .errors import Fields
@@ -95,7 +95,7 @@ async def embeddings(service: InferenceService, scope: Scope, receive: Receive) 
         items = _inputs(req.input)
         rec = await served_model(service, req.model, _TASKS, "/v1/embeddings")
         inputs = TextInput(items) if rec.task == TaskType.TXT2EMBED else ImageInput(items)
-        call = InferCall(req.model, inputs, None, opts.version, opts.priority, opts.timeout_s)
+        call = opts.call(req.model, inputs, None)
         result = await service.infer(call, gone=lambda: until_disconnect(receive))
         assert isinstance(result.output, Embeddings)
         data = _data(result.output.vectors, req.dimensions, req.encoding_format)

@@ -67,8 +67,9 @@ def error_response(exc: ModelMoraError) -> Response:
     )
 
 
-def unexpected(path: str, exc: BaseException) -> Response:
-    trace_id = uuid.uuid4().hex
+def unexpected(path: str, exc: BaseException, trace_id: str | None = None) -> Response:
+    """A 500 naming the trace id under which `exc` is logged (the request's, else a new one)."""
+    trace_id = trace_id or uuid.uuid4().hex
     log.error("unhandled_error", trace_id=trace_id, path=path, exc_info=exc)
     body = ErrorBody(ErrorDetail(f"internal error (trace id {trace_id})", "server_error", None, "internal_error"))
     return Response(_encoder.encode(body), status_code=500, media_type="application/json")

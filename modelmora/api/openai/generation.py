@@ -54,7 +54,7 @@ def plan(
     seed = params.get("seed")
 
     def call(texts: list[str], extra: dict[str, Any]) -> InferCall:
-        return InferCall(model, TextInput(texts), {**params, **extra}, opts.version, opts.priority, opts.timeout_s)
+        return opts.call(model, TextInput(texts), {**params, **extra})
 
     if seed is None or n == 1:
         texts = [p for p in prompts for _ in range(n)]

@@ -63,7 +63,7 @@ async def generate_images(service: InferenceService, scope: Scope, receive: Rece
         def call(count: int, seed: int | None) -> InferCall:
             seeded = params if seed is None else {**params, "seed": seed}
             inputs = TextInput([req.prompt] * count)
-            return InferCall(req.model, inputs, seeded, opts.version, opts.priority, opts.timeout_s, return_mode=mode)
+            return opts.call(req.model, inputs, seeded, mode)
 
         if req.seed is None or req.n == 1:
             calls = [call(req.n, req.seed)]

@@ -20,7 +20,7 @@ from ...security import ANONYMOUS, Gate, Permit
 from ...security import Scope as AuthScope
 from ..access import RestAccess
 from .cors import Cors
-from .edge import HEADERS_KEY, IDENTITY_KEY, RequestHeaders
+from .edge import HEADERS_KEY, IDENTITY_KEY, RequestHeaders, traced
 from .errors import ErrorEncoder, error_response
 from .infer import INFER_PREFIX, InferHandler
 
@@ -100,7 +100,7 @@ class ApiEntry:
                 await self.infer(scope, receive, send, model_id, ANONYMOUS, headers)
             else:
                 scope[HEADERS_KEY] = headers
-                await self._route(scope, receive, send)
+                await self._route(scope, receive, send, headers)
             return
         permit = await self._admit(scope, receive, send, model_id, headers)
         if permit is None:
@@ -111,14 +111,18 @@ class ApiEntry:
             else:
                 scope[HEADERS_KEY] = headers
                 scope[IDENTITY_KEY] = permit.identity
-                await self._route(scope, receive, send)
+                await self._route(scope, receive, send, headers)
         finally:
             permit.release()
 
-    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A drop-in protocol's path to its front end; anything else to Starlette."""
+    async def _route(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders) -> None:
+        """A drop-in protocol's path to its front end, in the request's trace context (`traced`);
+        anything else to Starlette."""
         front = self.front_end(scope["path"])
-        await (front.app if front is not None else self.app)(scope, receive, send)
+        if front is None:
+            await self.app(scope, receive, send)
+        else:
+            await traced(front.app, scope, receive, send, headers)
 
     async def _admit(
         self, scope: Scope, receive: Receive, send: Send, model_id: str | None, headers: RequestHeaders
