@@ -14,7 +14,7 @@ prometheus_client's registry. Failures, loads and other rare events look their l
 
 Label values: `model` is a model id the registry knows ("" for a request refused before its model
 was found: an unknown id never becomes a label), `task` its task type, `protocol` the front end
-("rest", "grpc", ...), `outcome` "ok", "cancelled" or the error's code ("queue_full",
+("rest", "grpc", "openai", "oip-rest", "oip-grpc"), `outcome` "ok", "cancelled" or the error's code ("queue_full",
 "deadline_exceeded", "invalid_input", ...).
 """
 
