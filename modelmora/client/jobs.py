@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -24,6 +24,7 @@ from grpclib.metadata import Deadline
 
 from .._proto.modelmora import v1
 from . import _requests as req
+from ._calls import ClientCalls
 from ._convert import error_for, from_exception, infer_result
 from ._requests import ImageInput, PriorityName, ReturnMode
 from .results import ImageResult, ModelInfo, TextResult
@@ -93,26 +94,10 @@ def _job_id(job: Job | str) -> str:
     return job.id if isinstance(job, Job) else job
 
 
-class JobMethods:
+class JobMethods(ClientCalls):
     """The job calls of `AsyncClient` (its base)."""
 
     if TYPE_CHECKING:
-
-        async def _unary(
-            self,
-            name: str,
-            call: Callable[[Channel, Deadline | None, dict[str, str] | None], Awaitable[T]],
-            *,
-            idempotent: bool,
-            timeout: float | None,
-            metadata: Mapping[str, str] | None,
-        ) -> T: ...
-
-        def _options(
-            self, timeout: float | None, metadata: Mapping[str, str] | None
-        ) -> tuple[Deadline | None, dict[str, str] | None]: ...
-
-        def _get_channel(self) -> Channel: ...
 
         async def model(
             self, model_id: str, *, timeout: float | None = None, metadata: Mapping[str, str] | None = None
