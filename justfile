@@ -20,7 +20,7 @@ typecheck:
 # Tests with coverage; `just pytest -m "not slow"` is the quick loop (CI runs them all).
 pytest *ARGS:
     coverage erase
-    pytest --cov --cov-report=term-missing:skip-covered {{ARGS}}
+    pytest --cov --cov-report=term-missing:skip-covered --durations=25 {{ARGS}}
 
 # Format and fix what ruff can.
 fmt:

@@ -126,8 +126,10 @@ def test_a_replica_dies_and_the_other_claims_its_entries(
     texts: dict[str, str] = {}
 
     def submit(servers: list[ServerProcess], numbers: range) -> None:
-        def one(i: int) -> tuple[str, str]:  # 0.5 s each, 4 at a time per server: the kill finds some running
-            return _submit(servers[i % len(servers)], f"job-{i}", 0.5), f"job-{i}"
+        def one(i: int) -> tuple[str, str]:  # the first half 0.5 s each, 4 at a time per server: the
+            # kill finds some running; the second half (to the survivor, after the kill) quick
+            sleep_s = 0.5 if i < JOBS // 2 else 0.05
+            return _submit(servers[i % len(servers)], f"job-{i}", sleep_s), f"job-{i}"
 
         with ThreadPoolExecutor(8) as pool:
             texts.update(pool.map(one, numbers))
